@@ -1,0 +1,228 @@
+//! The endpoint table: an immutable snapshot per service, swapped whole on every update.
+//!
+//! Readers on the connection path `load` the current snapshot without locking. Each endpoint's
+//! live-connection counter lives outside the snapshot and is carried over by address, so a
+//! balancer keeps seeing the load of connections opened under an older snapshot.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use arc_swap::ArcSwap;
+use embassy_plugin_api::{Endpoint, EndpointView};
+
+/// Where an upstream lives: an address ready to connect, or a name resolved at connect time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    Socket(SocketAddr),
+    Named(String),
+}
+
+impl UpstreamAddr {
+    /// Reads `host:port` (`[v6]:port` for IPv6).
+    pub fn parse(text: &str) -> Option<UpstreamAddr> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(UpstreamAddr::Socket(addr));
+        }
+        let (host, port) = text.rsplit_once(':')?;
+        let valid_host = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        (valid_host && port.parse::<u16>().is_ok_and(|p| p > 0))
+            .then(|| UpstreamAddr::Named(text.to_string()))
+    }
+}
+
+impl std::fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAddr::Socket(addr) => addr.fmt(f),
+            UpstreamAddr::Named(name) => f.write_str(name),
+        }
+    }
+}
+
+/// One endpoint of a snapshot.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addr: UpstreamAddr,
+    /// Live connections to this address, shared across snapshots.
+    pub active: Arc<AtomicU64>,
+}
+
+/// An immutable snapshot of a service's endpoints, with the views balancers pick over.
+#[derive(Debug, Default)]
+pub struct EndpointSet {
+    upstreams: Vec<Upstream>,
+    // Views point into `upstreams[i].active`; both live and die with this snapshot.
+    views: Vec<EndpointView>,
+}
+
+impl EndpointSet {
+    pub fn len(&self) -> usize {
+        self.upstreams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.upstreams.is_empty()
+    }
+
+    pub fn upstreams(&self) -> &[Upstream] {
+        &self.upstreams
+    }
+
+    /// What balancers see: one view per upstream, same order.
+    pub fn views(&self) -> &[EndpointView] {
+        &self.views
+    }
+}
+
+/// The result of applying a full set: what changed, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SetChange {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Addresses that could not be parsed and were left out.
+    pub rejected: Vec<String>,
+}
+
+impl SetChange {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.rejected.is_empty()
+    }
+}
+
+/// A service's current endpoints: the snapshot plus the counters carried across snapshots.
+#[derive(Debug, Default)]
+pub struct ServiceEndpoints {
+    current: ArcSwap<EndpointSet>,
+    /// Touched only when a new set arrives, never on the connection path.
+    counters: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+impl ServiceEndpoints {
+    /// The current snapshot; holding it keeps its counters alive.
+    #[inline]
+    pub fn load(&self) -> Arc<EndpointSet> {
+        self.current.load_full()
+    }
+
+    /// Replaces the whole set. Start-up and every later update come through here.
+    pub fn replace(&self, endpoints: &[Endpoint]) -> SetChange {
+        let mut counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut change = SetChange::default();
+        let mut upstreams = Vec::with_capacity(endpoints.len());
+        let mut weights = Vec::with_capacity(endpoints.len());
+        let mut next_counters = HashMap::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let address = endpoint.address.as_str();
+            let Some(addr) = UpstreamAddr::parse(address) else {
+                change.rejected.push(address.to_string());
+                continue;
+            };
+            if next_counters.contains_key(address) {
+                continue; // the same instance listed twice would skew balancing
+            }
+            let active = match counters.get(address) {
+                Some(counter) => Arc::clone(counter),
+                None => {
+                    change.added.push(address.to_string());
+                    Arc::new(AtomicU64::new(0))
+                }
+            };
+            next_counters.insert(address.to_string(), Arc::clone(&active));
+            upstreams.push(Upstream { addr, active });
+            weights.push(endpoint.weight.max(1));
+        }
+        change.removed = counters
+            .keys()
+            .filter(|address| !next_counters.contains_key(*address))
+            .cloned()
+            .collect();
+        change.removed.sort();
+        *counters = next_counters;
+        let views = upstreams
+            .iter()
+            .zip(weights)
+            // SAFETY: each view points into an `Arc` owned by the same `EndpointSet`.
+            .map(|(upstream, weight)| unsafe {
+                EndpointView::new(Arc::as_ptr(&upstream.active), weight, true)
+            })
+            .collect();
+        self.current
+            .store(Arc::new(EndpointSet { upstreams, views }));
+        change
+    }
+}
+
+/// Counts one connection against an upstream for as long as it lives.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<AtomicU64>);
+
+impl ActiveGuard {
+    pub fn new(counter: &Arc<AtomicU64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(Arc::clone(counter))
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints(addresses: &[&str]) -> Vec<Endpoint> {
+        addresses.iter().map(|a| Endpoint::new(*a)).collect()
+    }
+
+    #[test]
+    fn counters_survive_a_new_snapshot() {
+        let service = ServiceEndpoints::default();
+        service.replace(&endpoints(&["127.0.0.1:1", "127.0.0.1:2"]));
+        let old = service.load();
+        let _guard = ActiveGuard::new(&old.upstreams()[1].active);
+        let change = service.replace(&endpoints(&["127.0.0.1:2", "127.0.0.1:3"]));
+        assert_eq!(change.added, vec!["127.0.0.1:3"]);
+        assert_eq!(change.removed, vec!["127.0.0.1:1"]);
+        let new = service.load();
+        assert_eq!(
+            new.views()[0].active_connections(),
+            1,
+            "127.0.0.1:2 keeps its count"
+        );
+        assert_eq!(new.views()[1].active_connections(), 0);
+        drop(_guard);
+        assert_eq!(new.views()[0].active_connections(), 0);
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected_and_duplicates_collapsed() {
+        let service = ServiceEndpoints::default();
+        let change = service.replace(&endpoints(&[
+            "127.0.0.1:1",
+            "nonsense",
+            "127.0.0.1:1",
+            "db.local:5432",
+            "[::1]:80",
+            "x:0",
+        ]));
+        assert_eq!(change.rejected, vec!["nonsense", "x:0"]);
+        let set = service.load();
+        let addrs: Vec<String> = set.upstreams().iter().map(|u| u.addr.to_string()).collect();
+        assert_eq!(addrs, vec!["127.0.0.1:1", "db.local:5432", "[::1]:80"]);
+    }
+}

@@ -1,0 +1,126 @@
+//! The connection path: accept, pick, connect, copy.
+//!
+//! The balancer is asked once per connection, in the listener's own accept loop, so a
+//! round-robin counter is never contended across worker threads. Connecting and copying run
+//! in a task per connection; a failed connect moves on to the next endpoints of the same
+//! snapshot without asking the balancer again.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    io::copy_bidirectional_with_sizes,
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::{
+    endpoints::{ActiveGuard, EndpointSet, UpstreamAddr},
+    service::Service,
+};
+
+/// How many endpoints one connection tries before giving up.
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+/// Copy buffer per direction; large enough for bulk transfers, small enough for many idle
+/// connections.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// Serves `listener` until `shutdown` fires; connections are spawned on `connections` so a
+/// graceful stop can wait for them.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    service: Arc<Service>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (client, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let snapshot = service.endpoints.load();
+        let first = match service.pick(&snapshot) {
+            Ok(Some(index)) => index,
+            Ok(None) => {
+                warn!(%peer, endpoints = snapshot.len(), "no endpoint available, closing connection");
+                continue;
+            }
+            Err(error) => {
+                warn!(%peer, %error, "balancer failed, closing connection");
+                continue;
+            }
+        };
+        let span = info_span!("conn", %peer);
+        connections
+            .spawn(forward(client, snapshot, first, service.connect_timeout).instrument(span));
+    }
+    info!("listener closed");
+}
+
+/// Connects to an upstream (starting at `first`) and copies both ways until both sides close.
+async fn forward(
+    mut client: TcpStream,
+    snapshot: Arc<EndpointSet>,
+    first: usize,
+    connect_timeout: Duration,
+) {
+    let Some((mut upstream, _active, addr)) = connect(&snapshot, first, connect_timeout).await
+    else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    match copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await
+    {
+        Ok((sent, received)) => debug!(upstream = %addr, sent, received, "connection closed"),
+        Err(error) => debug!(upstream = %addr, %error, "connection ended with an error"),
+    }
+}
+
+/// Tries up to [`MAX_CONNECT_ATTEMPTS`] endpoints, starting at `first`.
+async fn connect(
+    snapshot: &EndpointSet,
+    first: usize,
+    connect_timeout: Duration,
+) -> Option<(TcpStream, ActiveGuard, String)> {
+    let upstreams = snapshot.upstreams();
+    for upstream in upstreams
+        .iter()
+        .cycle()
+        .skip(first)
+        .take(MAX_CONNECT_ATTEMPTS.min(upstreams.len()))
+    {
+        // Counted from the attempt on, so least-conn sees a burst of new connections at once.
+        let active = ActiveGuard::new(&upstream.active);
+        let attempt = match &upstream.addr {
+            UpstreamAddr::Socket(addr) => timeout(connect_timeout, TcpStream::connect(*addr)).await,
+            UpstreamAddr::Named(name) => {
+                timeout(connect_timeout, TcpStream::connect(name.as_str())).await
+            }
+        };
+        match attempt {
+            Ok(Ok(stream)) => return Some((stream, active, upstream.addr.to_string())),
+            Ok(Err(error)) => warn!(%error, upstream = %upstream.addr, "connect failed"),
+            Err(_) => {
+                warn!(upstream = %upstream.addr, timeout = ?connect_timeout, "connect timed out")
+            }
+        }
+    }
+    warn!("no upstream accepted the connection, closing it");
+    None
+}
+
+/// The address a listener for `port` binds on `bind`.
+pub fn listen_addr(bind: std::net::IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(bind, port)
+}

@@ -1,0 +1,19 @@
+//! Embassy's proxy engine.
+//!
+//! It parses service descriptors, keeps each service's endpoints as an immutable snapshot
+//! swapped whole, and runs the connection path (accept, pick, connect, copy). It never loads
+//! a library and never talks to Docker or a discovery backend: the host feeds it endpoint
+//! sets and balancers.
+
+pub mod balancer;
+pub mod descriptor;
+pub mod endpoints;
+pub mod forward;
+pub mod listener;
+pub mod service;
+
+pub use balancer::Picker;
+pub use descriptor::{DescriptorError, ServiceDescriptor};
+pub use endpoints::{EndpointSet, ServiceEndpoints};
+pub use listener::ListenerError;
+pub use service::Service;

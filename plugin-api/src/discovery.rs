@@ -1,0 +1,166 @@
+//! Discovery: a backend pushes whole endpoint sets to the host.
+//!
+//! Async does not cross this boundary: each plugin carries its own copy of any runtime, so a
+//! discovery plugin runs its I/O on threads it owns and talks to the host only through the
+//! [`EndpointSink`], which the host implements and which may be called from any thread.
+
+use std::{fmt, sync::Arc};
+
+use abi_stable::{
+    sabi_trait,
+    sabi_trait::TD_Opaque,
+    std_types::{RArc, RBox, RResult, RStr, RString, RVec},
+    StableAbi,
+};
+
+use crate::{Endpoint, Options, PluginError};
+
+/// Transport protocol of a service.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// `tcp` or `udp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a discovery instance is opened: `--discovery URI` plus `--discovery-opt KEY=VALUE`.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct DiscoveryConfig {
+    pub uri: RString,
+    pub options: Options,
+}
+
+/// One service to follow.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct WatchRequest {
+    /// An etcd key prefix, a Consul service name, a key of the services file...
+    pub service: RString,
+    /// Keep only instances that carry every one of these.
+    pub tags: RVec<RString>,
+    pub protocol: Protocol,
+    /// The descriptor's options.
+    pub options: Options,
+}
+
+/// The state of the backend as a plugin sees it.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendHealth {
+    /// Talking to the backend normally.
+    Reachable,
+    /// The backend cannot be reached; the host keeps serving the last known endpoints.
+    Unreachable,
+    /// The backend answered with something unusable (bad file, bad document).
+    Invalid,
+}
+
+/// Where a discovery plugin sends what it learns, implemented by the host.
+#[sabi_trait]
+pub trait EndpointSink: Send + Sync {
+    /// The complete, current set of endpoints for the watched service.
+    fn update(&self, endpoints: RVec<Endpoint>);
+
+    /// A change in the backend's state, with a one-line reason. Call on changes, not per retry.
+    #[sabi(last_prefix_field)]
+    fn report(&self, health: BackendHealth, detail: RStr<'_>);
+}
+
+/// The sink a plugin receives: cheap to clone into the plugin's threads.
+pub type EndpointSinkBox = EndpointSink_TO<'static, RArc<()>>;
+
+/// A watch in progress; stopping or dropping it ends the watch.
+#[sabi_trait]
+pub trait WatchHandle: Send + Sync {
+    /// Ends the watch; the sink is not called after this returns.
+    #[sabi(last_prefix_field)]
+    fn stop(&mut self);
+}
+
+pub type WatchHandleBox = WatchHandle_TO<'static, RBox<()>>;
+
+/// An open discovery backend: one per `--discovery` URI, shared by every watch.
+#[sabi_trait]
+pub trait Discovery: Send + Sync {
+    #[sabi(last_prefix_field)]
+    fn watch(
+        &self,
+        request: WatchRequest,
+        sink: EndpointSinkBox,
+    ) -> RResult<WatchHandleBox, PluginError>;
+}
+
+pub type DiscoveryBox = Discovery_TO<'static, RBox<()>>;
+
+/// What a discovery plugin author implements; [`crate::export_discovery!`] does the rest.
+pub trait DiscoveryPlugin: Send + Sync + Sized + 'static {
+    /// The plugin's name.
+    const NAME: &'static str;
+    /// URI schemes served (`file`, `etcd`, ...).
+    const SCHEMES: &'static [&'static str];
+    /// One line for `embassy plugins`.
+    const DESCRIPTION: &'static str;
+    /// What a watch returns; dropping it must stop the watch.
+    type Watch: Send + Sync + 'static;
+
+    /// Opens the backend named by `config.uri`.
+    fn open(config: &DiscoveryConfig) -> Result<Self, PluginError>;
+
+    /// Starts following `request`, pushing sets through `sink` from the plugin's own threads.
+    fn watch(&self, request: WatchRequest, sink: HostSink) -> Result<Self::Watch, PluginError>;
+}
+
+/// The host's sink as plugin code holds it: `Clone`, `Send`, `Sync`.
+#[derive(Clone)]
+pub struct HostSink {
+    inner: Arc<EndpointSinkBox>,
+}
+
+impl HostSink {
+    /// Wraps the sink the host handed over.
+    pub fn new(inner: EndpointSinkBox) -> Self {
+        HostSink {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Wraps any Rust implementation of the sink (host side, tests).
+    pub fn from_impl<S: EndpointSink + 'static>(sink: S) -> Self {
+        HostSink {
+            inner: Arc::new(EndpointSink_TO::from_ptr(RArc::new(sink), TD_Opaque)),
+        }
+    }
+
+    /// The complete, current set of endpoints.
+    pub fn update(&self, endpoints: Vec<Endpoint>) {
+        self.inner.update(endpoints.into());
+    }
+
+    /// A change in the backend's state.
+    pub fn report(&self, health: BackendHealth, detail: &str) {
+        self.inner.report(health, detail.into());
+    }
+}
+
+impl fmt::Debug for HostSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HostSink")
+    }
+}
