@@ -1,0 +1,10 @@
+//! The Embassy daemon: command line, plugin loading, and the supervisor that turns service
+//! requests into listeners fed by discovery watches.
+//!
+//! `main.rs` stays thin: parse, set up logging, load plugins, dispatch to [`run`].
+
+pub mod cli;
+pub mod plugins;
+pub mod run;
+pub mod sink;
+pub mod supervisor;

@@ -1,0 +1,402 @@
+//! Harness for Embassy's end-to-end tests: the real `embassy` binary, real plugin libraries
+//! copied into a plugin directory, real TCP upstreams on loopback.
+//!
+//! Every wait here is bounded; a test that waits too long fails with what it saw.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Where the workspace's build outputs are, built once per test process.
+pub struct Artifacts {
+    /// `target/<profile>`: the binary and the plugin libraries.
+    pub profile_dir: PathBuf,
+    /// The changed-contract fixture workspace's outputs.
+    pub fixtures_dir: PathBuf,
+}
+
+impl Artifacts {
+    pub fn embassy(&self) -> PathBuf {
+        self.profile_dir.join("embassy")
+    }
+
+    /// A plugin library of the workspace by crate name, e.g. `embassy-plugin-file`.
+    pub fn library(&self, krate: &str) -> PathBuf {
+        self.profile_dir
+            .join(format!("lib{}.so", krate.replace('-', "_")))
+    }
+
+    /// A library of the changed-contract fixture workspace, e.g. `not-a-plugin`.
+    pub fn fixture_library(&self, krate: &str) -> PathBuf {
+        self.fixtures_dir
+            .join(format!("lib{}.so", krate.replace('-', "_")))
+    }
+}
+
+/// The standard plugins: round robin, least connections, file discovery.
+pub const STANDARD_PLUGINS: &[&str] = &[
+    "embassy-plugin-round-robin",
+    "embassy-plugin-least-conn",
+    "embassy-plugin-file",
+];
+
+/// Builds the binary and every plugin library (cargo is a no-op when they are fresh).
+pub fn artifacts() -> &'static Artifacts {
+    static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+    ARTIFACTS.get_or_init(|| {
+        build().unwrap_or_else(|error| panic!("building the artifacts failed: {error:#}"))
+    })
+}
+
+fn build() -> Result<Artifacts> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    // This test binary lives in target/<profile>/deps.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("profile dir")?
+        .to_path_buf();
+    let target_dir = profile_dir.parent().context("target dir")?.to_path_buf();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => bail!("cannot tell the build profile from {}", exe.display()),
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut packages = vec!["embassy-host", "embassy-fixture-panicking-balancer"];
+    packages.extend(STANDARD_PLUGINS);
+    let mut main = Command::new(&cargo);
+    main.current_dir(&root)
+        .args(["build", "--profile", profile, "--target-dir"])
+        .arg(&target_dir);
+    for package in packages {
+        main.args(["-p", package]);
+    }
+    run_cargo(main)?;
+    let fixtures_target = target_dir.join("fixtures");
+    let mut fixtures = Command::new(&cargo);
+    fixtures
+        .current_dir(root.join("tests/fixtures/changed-contract"))
+        .args(["build", "--target-dir"])
+        .arg(&fixtures_target);
+    run_cargo(fixtures)?;
+    Ok(Artifacts {
+        profile_dir,
+        fixtures_dir: fixtures_target.join("debug"),
+    })
+}
+
+fn run_cargo(mut command: Command) -> Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A temporary plugin directory holding copies of the given libraries.
+pub fn plugin_dir(libraries: &[PathBuf]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for library in libraries {
+        let name = library.file_name().expect("library file name");
+        std::fs::copy(library, dir.path().join(name))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", library.display()));
+    }
+    dir
+}
+
+/// The standard plugins, plus `extra` libraries, in a fresh plugin directory.
+pub fn standard_plugin_dir(extra: &[PathBuf]) -> tempfile::TempDir {
+    let a = artifacts();
+    let mut libraries: Vec<PathBuf> = STANDARD_PLUGINS.iter().map(|p| a.library(p)).collect();
+    libraries.extend_from_slice(extra);
+    plugin_dir(&libraries)
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A real TCP server on loopback: greets each connection with `<name>\n`, then echoes.
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    pub fn start(name: &str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (greeting, count, stopped) = (
+            format!("{name}\n"),
+            Arc::clone(&accepted),
+            Arc::clone(&stop),
+        );
+        thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let greeting = greeting.clone();
+                        thread::spawn(move || serve_echo(stream, &greeting));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Upstream {
+            name: name.to_string(),
+            addr,
+            accepted,
+            stop,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve_echo(mut stream: TcpStream, greeting: &str) {
+    let _ = stream.set_nonblocking(false);
+    if stream.write_all(greeting.as_bytes()).is_err() {
+        return;
+    }
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stream.write_all(&buffer[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    // The client half-closed: answer with our own FIN after the echo.
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// A client connection through the proxy, knowing which upstream greeted it.
+pub struct Client {
+    pub upstream: String,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    /// Connects to 127.0.0.1:`port` and reads the upstream's greeting.
+    pub fn connect(port: u16) -> Result<Client> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("connection closed before any upstream answered");
+        }
+        Ok(Client {
+            upstream: line.trim_end().to_string(),
+            reader,
+        })
+    }
+
+    /// Sends `data` and reads back the echo.
+    pub fn echo(&mut self, data: &[u8]) -> Result<Vec<u8>> {
+        self.reader.get_mut().write_all(data)?;
+        let mut back = vec![0u8; data.len()];
+        self.reader.read_exact(&mut back)?;
+        Ok(back)
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.reader.get_mut()
+    }
+}
+
+/// Opens `n` connections one after another and counts them per upstream.
+pub fn distribution(port: u16, n: usize) -> Result<HashMap<String, usize>> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let client = Client::connect(port)?;
+        *counts.entry(client.upstream).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+/// Writes a services file atomically (write then rename), as an operator's tooling would.
+pub fn write_services(path: &Path, json: &serde_json::Value) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(json).expect("json")).expect("write services");
+    std::fs::rename(&tmp, path).expect("rename services");
+}
+
+/// A running `embassy` process; killed when dropped.
+pub struct Embassy {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Embassy {
+    /// Starts `embassy` with `args`, logging to an in-memory buffer (and the test's stderr).
+    pub fn start<I, S>(args: I) -> Embassy
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut child = Command::new(artifacts().embassy())
+            .args(args)
+            .env_remove("DISCOVERY")
+            .env("EMBASSY_LOG", "info,embassy_core=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn embassy");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[embassy] {line}");
+                sink.lock().expect("log").push(line);
+            }
+        });
+        Embassy { child, log }
+    }
+
+    /// Waits until a log line contains `needle`; fails with the log so far.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                return Ok(line);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "embassy exited ({status}) before logging {needle:?}:\n{}",
+                    self.log().join("\n")
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no log line with {needle:?} within {timeout:?}:\n{}",
+                    self.log().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Lines logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// Lines logged so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log()
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("embassy did not exit within {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Embassy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `embassy` with `args` to completion: (exit code, stdout, stderr).
+pub fn run_embassy<I, S>(args: I) -> (i32, String, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let output = Command::new(artifacts().embassy())
+        .args(args)
+        .env_remove("DISCOVERY")
+        .output()
+        .expect("run embassy");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    condition()
+}

@@ -1,0 +1,108 @@
+//! The command line, parsed into typed configuration.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+use embassy_core::{descriptor::parse_duration, ServiceDescriptor};
+
+/// Where plugins are looked for unless `--plugin-dir` or `EMBASSY_PLUGIN_DIR` says otherwise.
+pub const DEFAULT_PLUGIN_DIR: &str = "/usr/lib/embassy/plugins";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "embassy",
+    version,
+    about = "A service proxy for Docker containers: listens on local ports and balances every \
+             connection over endpoints found in a discovery backend",
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    after_help = "Descriptors: <SERVICE>[<TAG>,..];<PORT>/<PROTO>[;key=value..]\n  \
+                  e.g. 'web;8080/tcp', '/services/prod/app1/80[prod,app1];80/tcp', \
+                  'redis.master[prod];6379/tcp;balancer=least-conn'\n\
+                  Run 'embassy check DESCRIPTOR' to see how one is read."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// Directory of plugin libraries (*.so); every one is loaded.
+    #[arg(long, global = true, env = "EMBASSY_PLUGIN_DIR", default_value = DEFAULT_PLUGIN_DIR, value_name = "DIR")]
+    pub plugin_dir: PathBuf,
+
+    /// More logging (-v debug, -vv trace); EMBASSY_LOG=<filter> overrides.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default when no command is given).
+    Run(RunArgs),
+    /// List the plugins found in --plugin-dir; exits 1 if any file failed to load.
+    Plugins {
+        /// One JSON object per line instead of columns.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate descriptors and explain how each is read; exits 1 if any is invalid.
+    Check {
+        #[arg(required = true, value_name = "DESCRIPTOR")]
+        descriptors: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// A service to proxy (repeatable), e.g. 'web;8080/tcp'.
+    #[arg(short, long = "service", value_name = "DESCRIPTOR", value_parser = parse_descriptor)]
+    pub services: Vec<ServiceDescriptor>,
+
+    /// Discovery backend, chosen among the plugins by URI scheme, e.g.
+    /// file:///etc/embassy/services.json, etcd://127.0.0.1:2379, consul://127.0.0.1:8500.
+    #[arg(long, env = "DISCOVERY", value_name = "URI")]
+    pub discovery: Option<String>,
+
+    /// An option for the discovery plugin (repeatable), e.g. poll_interval=250ms.
+    #[arg(long = "discovery-opt", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub discovery_options: Vec<(String, String)>,
+
+    /// Address the listeners bind.
+    #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
+    pub bind: IpAddr,
+
+    /// Balancer plugin for services whose descriptor names none.
+    #[arg(long, default_value = "round-robin", value_name = "NAME")]
+    pub balancer: String,
+
+    /// Also read descriptors from Embassy's own environment variables with this prefix
+    /// (the inside-the-container mode); an empty prefix turns this off.
+    #[arg(long, default_value = "BACKEND_", value_name = "PREFIX")]
+    pub prefix: String,
+
+    /// Upstream connect timeout (a descriptor's connect_timeout overrides it).
+    #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long open connections may take to finish.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub grace_period: Duration,
+}
+
+fn parse_descriptor(text: &str) -> Result<ServiceDescriptor, String> {
+    text.parse().map_err(|error| format!("{error}"))
+}
+
+fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 500ms, 3s or 1m"))
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}

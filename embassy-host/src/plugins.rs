@@ -1,0 +1,358 @@
+//! Loading plugin libraries from a directory, each checked on its own.
+//!
+//! abi_stable's `RootModule::load_from_*` caches one module per interface type in a static,
+//! which would make every balancer library after the first resolve to the first. Each file is
+//! therefore opened through its own library header (`lib_header_from_path`, then
+//! `init_root_module`), which checks the abi_stable version, the contract version and the
+//! layout of everything reachable from the root module. Libraries are never unloaded.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use abi_stable::{
+    library::{lib_header_from_path, LibraryError},
+    std_types::{RStr, RVec, Tuple2},
+};
+use embassy_plugin_api::{
+    module::PLUGIN_API_VERSION, BalancerBox, BalancerConfig, DiscoveryBox, DiscoveryConfig,
+    HostLogger, LogLevel, PluginKind, PluginModRef,
+};
+use serde::Serialize;
+use thiserror::Error;
+use tracing::{debug, error, info, trace, warn};
+
+/// Why one file in the plugin directory was not registered.
+#[derive(Debug, Error)]
+pub enum PluginLoadError {
+    #[error("{path}: not a loadable shared library: {reason}")]
+    NotALibrary { path: PathBuf, reason: String },
+    #[error("{path}: not an Embassy plugin (it exports no abi_stable root module)")]
+    NotAPlugin { path: PathBuf },
+    #[error("{path}: incompatible plugin: built against plugin-api {plugin_api}, this host has plugin-api {host_api}: {summary}")]
+    Incompatible {
+        path: PathBuf,
+        plugin_api: String,
+        host_api: &'static str,
+        summary: String,
+        /// abi_stable's full report (often hundreds of lines), logged with --verbose.
+        detail: String,
+    },
+    #[error("{path}: plugin failed to initialise: {reason}")]
+    InitFailed { path: PathBuf, reason: String },
+    #[error("{path}: plugin name '{name}' is already taken by {}", first.display())]
+    DuplicateName {
+        path: PathBuf,
+        name: String,
+        first: PathBuf,
+    },
+    #[error("{path}: URI scheme '{scheme}://' is already served by {}", first.display())]
+    DuplicateScheme {
+        path: PathBuf,
+        scheme: String,
+        first: PathBuf,
+    },
+}
+
+/// Why the directory itself could not be read.
+#[derive(Debug, Error)]
+#[error("cannot read plugin directory {}: {source}", dir.display())]
+pub struct PluginDirError {
+    pub dir: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Why a plugin could not provide what was asked of it.
+#[derive(Debug, Error)]
+pub enum PluginUseError {
+    #[error("no balancer plugin named '{name}' (loaded: {available})")]
+    UnknownBalancer { name: String, available: String },
+    #[error("no discovery plugin serves '{scheme}://' (loaded: {available})")]
+    UnknownScheme { scheme: String, available: String },
+    #[error("{uri:?} is not a URI of the form scheme://...")]
+    NotAUri { uri: String },
+    #[error("plugin '{plugin}': {message}")]
+    Plugin { plugin: String, message: String },
+}
+
+/// A registered plugin.
+#[derive(Clone, Serialize)]
+pub struct LoadedPlugin {
+    pub name: String,
+    pub kind: &'static str,
+    pub version: String,
+    pub schemes: Vec<String>,
+    pub description: String,
+    pub path: PathBuf,
+    #[serde(skip)]
+    module: PluginModRef,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Every plugin that loaded, by name and scheme.
+#[derive(Debug, Default)]
+pub struct PluginRegistry {
+    plugins: Vec<LoadedPlugin>,
+}
+
+impl PluginRegistry {
+    /// Loads every `*.so` (`*.dylib` on macOS) in `dir`, in file-name order. Files that fail
+    /// are returned as errors beside the registry; the others are registered.
+    pub fn load_dir(dir: &Path) -> Result<(PluginRegistry, Vec<PluginLoadError>), PluginDirError> {
+        let read = |source| PluginDirError {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+            .map_err(read)?
+            .map(|entry| entry.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(read)?;
+        paths.sort();
+        let mut registry = PluginRegistry::default();
+        let mut errors = Vec::new();
+        for path in paths {
+            let is_library = path
+                .extension()
+                .is_some_and(|ext| ext == std::env::consts::DLL_EXTENSION);
+            if !is_library || !path.is_file() {
+                trace!(path = %path.display(), "not a shared library, skipped");
+                continue;
+            }
+            match registry.register(&path) {
+                Ok(()) => {}
+                Err(error) => errors.push(error),
+            }
+        }
+        Ok((registry, errors))
+    }
+
+    fn register(&mut self, path: &Path) -> Result<(), PluginLoadError> {
+        let module = open(path)?;
+        let metadata = (module.metadata())();
+        let plugin = LoadedPlugin {
+            name: metadata.name.to_string(),
+            kind: metadata.kind.as_str(),
+            version: metadata.version.to_string(),
+            schemes: metadata.schemes.iter().map(|s| s.to_string()).collect(),
+            description: metadata.description.to_string(),
+            path: path.to_path_buf(),
+            module,
+        };
+        if let Some(first) = self.plugins.iter().find(|p| p.name == plugin.name) {
+            return Err(PluginLoadError::DuplicateName {
+                path: plugin.path,
+                name: plugin.name,
+                first: first.path.clone(),
+            });
+        }
+        for scheme in &plugin.schemes {
+            if let Some(first) = self.plugins.iter().find(|p| p.schemes.contains(scheme)) {
+                return Err(PluginLoadError::DuplicateScheme {
+                    path: plugin.path.clone(),
+                    scheme: scheme.clone(),
+                    first: first.path.clone(),
+                });
+            }
+        }
+        (module.install_logger())(HostLogger {
+            max_level: host_max_level(),
+            log: host_log,
+        });
+        info!(
+            plugin = %plugin.name,
+            kind = plugin.kind,
+            version = %plugin.version,
+            path = %plugin.path.display(),
+            "plugin loaded"
+        );
+        self.plugins.push(plugin);
+        Ok(())
+    }
+
+    pub fn plugins(&self) -> &[LoadedPlugin] {
+        &self.plugins
+    }
+
+    /// A new balancer instance for one service.
+    pub fn new_balancer(
+        &self,
+        name: &str,
+        config: BalancerConfig,
+    ) -> Result<BalancerBox, PluginUseError> {
+        let plugin = self
+            .plugins
+            .iter()
+            .find(|p| p.name == name && p.kind == PluginKind::Balancer.as_str())
+            .ok_or_else(|| PluginUseError::UnknownBalancer {
+                name: name.to_string(),
+                available: self.names(PluginKind::Balancer),
+            })?;
+        (plugin.module.new_balancer())(config)
+            .into_result()
+            .map_err(|error| PluginUseError::Plugin {
+                plugin: plugin.name.clone(),
+                message: error.to_string(),
+            })
+    }
+
+    /// Opens the discovery backend `uri` with the plugin serving its scheme.
+    pub fn open_discovery(
+        &self,
+        uri: &str,
+        options: &[(String, String)],
+    ) -> Result<DiscoveryBox, PluginUseError> {
+        let scheme = uri
+            .split_once("://")
+            .map(|(scheme, _)| scheme)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| PluginUseError::NotAUri {
+                uri: uri.to_string(),
+            })?;
+        let plugin = self
+            .plugins
+            .iter()
+            .find(|p| p.schemes.iter().any(|s| s == scheme))
+            .ok_or_else(|| PluginUseError::UnknownScheme {
+                scheme: scheme.to_string(),
+                available: self.names(PluginKind::Discovery),
+            })?;
+        let config = DiscoveryConfig {
+            uri: uri.into(),
+            options: options
+                .iter()
+                .map(|(k, v)| Tuple2(k.as_str().into(), v.as_str().into()))
+                .collect::<RVec<_>>(),
+        };
+        (plugin.module.open_discovery())(config)
+            .into_result()
+            .map_err(|error| PluginUseError::Plugin {
+                plugin: plugin.name.clone(),
+                message: error.to_string(),
+            })
+    }
+
+    fn names(&self, kind: PluginKind) -> String {
+        let names: Vec<String> = self
+            .plugins
+            .iter()
+            .filter(|p| p.kind == kind.as_str())
+            .map(|p| match p.schemes.as_slice() {
+                [] => p.name.clone(),
+                schemes => format!("{} ({})", p.name, schemes.join(", ")),
+            })
+            .collect();
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    }
+}
+
+/// Opens one library and checks it against this host's contract.
+fn open(path: &Path) -> Result<PluginModRef, PluginLoadError> {
+    let header = lib_header_from_path(path).map_err(|error| match error {
+        LibraryError::GetSymbolError { .. } => PluginLoadError::NotAPlugin {
+            path: path.to_path_buf(),
+        },
+        LibraryError::OpenError { err, .. } => PluginLoadError::NotALibrary {
+            path: path.to_path_buf(),
+            reason: err.to_string(),
+        },
+        other => incompatible(path, "unknown".to_string(), &other),
+    })?;
+    let plugin_api = header.version_strings().version.to_string();
+    header
+        .init_root_module::<PluginModRef>()
+        .map_err(|error| match error {
+            LibraryError::RootModule { err, .. } => PluginLoadError::InitFailed {
+                path: path.to_path_buf(),
+                reason: err.to_string(),
+            },
+            other => incompatible(path, plugin_api, &other),
+        })
+}
+
+fn incompatible(path: &Path, plugin_api: String, error: &LibraryError) -> PluginLoadError {
+    let detail = error.to_string();
+    PluginLoadError::Incompatible {
+        path: path.to_path_buf(),
+        plugin_api,
+        host_api: PLUGIN_API_VERSION,
+        summary: summarize(&detail),
+        detail,
+    }
+}
+
+/// Condenses abi_stable's report (`Error:<what>` / `Expected:` / `<a>` / `Found:` / `<b>`
+/// blocks among hundreds of layout lines) into one line of its distinct findings.
+fn summarize(report: &str) -> String {
+    let lines: Vec<&str> = report.lines().map(str::trim).collect();
+    let mut findings: Vec<String> = Vec::new();
+    for (index, line) in lines.iter().enumerate() {
+        let Some(what) = line.strip_prefix("Error:") else {
+            continue;
+        };
+        let finding = match lines.get(index + 1..index + 5) {
+            Some(["Expected:", expected, "Found:", found]) => {
+                format!("{what} (expected {expected}, found {found})")
+            }
+            _ => what.to_string(),
+        };
+        if !findings.contains(&finding) {
+            findings.push(finding);
+        }
+    }
+    if findings.is_empty() {
+        return lines
+            .into_iter()
+            .find(|l| !l.is_empty())
+            .unwrap_or("layout mismatch")
+            .to_string();
+    }
+    findings.truncate(4);
+    findings.join("; ")
+}
+
+/// Logs a load error: one line, plus abi_stable's full report at debug level.
+pub fn log_load_error(error: &PluginLoadError) {
+    error!("{error}; other plugins are unaffected");
+    if let PluginLoadError::Incompatible { detail, .. } = error {
+        debug!("full compatibility report:\n{detail}");
+    }
+}
+
+fn host_max_level() -> LogLevel {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::TRACE => LogLevel::Trace,
+        LevelFilter::DEBUG => LogLevel::Debug,
+        LevelFilter::INFO => LogLevel::Info,
+        LevelFilter::WARN => LogLevel::Warn,
+        _ => LogLevel::Error,
+    }
+}
+
+/// The logging callback handed to every plugin.
+extern "C" fn host_log(level: LogLevel, plugin: RStr<'_>, target: RStr<'_>, message: RStr<'_>) {
+    let (plugin, target, message) = (plugin.as_str(), target.as_str(), message.as_str());
+    match level {
+        LogLevel::Error => error!(target: "plugin", plugin, module = target, "{message}"),
+        LogLevel::Warn => warn!(target: "plugin", plugin, module = target, "{message}"),
+        LogLevel::Info => info!(target: "plugin", plugin, module = target, "{message}"),
+        LogLevel::Debug => debug!(target: "plugin", plugin, module = target, "{message}"),
+        LogLevel::Trace => trace!(target: "plugin", plugin, module = target, "{message}"),
+    }
+}

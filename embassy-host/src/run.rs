@@ -1,0 +1,193 @@
+//! The three commands: run the proxy, list plugins, check descriptors.
+
+use std::{process::ExitCode, sync::Arc};
+
+use anyhow::{bail, Context};
+use embassy_core::ServiceDescriptor;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use crate::{
+    cli::RunArgs,
+    plugins::{log_load_error, PluginRegistry},
+    supervisor::{ServeDefaults, Supervisor},
+};
+
+/// Exit code for a usage error (sysexits' EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+/// A service request and where it came from, for error messages.
+#[derive(Debug)]
+pub struct Request {
+    pub descriptor: ServiceDescriptor,
+    pub origin: String,
+}
+
+/// Descriptors from `--service` and from variables with `prefix` in `vars` (bad ones logged).
+pub fn requests(args: &RunArgs, vars: impl Iterator<Item = (String, String)>) -> Vec<Request> {
+    let mut requests: Vec<Request> = args
+        .services
+        .iter()
+        .map(|descriptor| Request {
+            descriptor: descriptor.clone(),
+            origin: "--service".to_string(),
+        })
+        .collect();
+    if args.prefix.is_empty() {
+        return requests;
+    }
+    let mut vars: Vec<(String, String)> = vars
+        .filter(|(name, _)| name.starts_with(&args.prefix))
+        .collect();
+    vars.sort();
+    for (name, value) in vars {
+        match value.parse::<ServiceDescriptor>() {
+            Ok(descriptor) => requests.push(Request {
+                descriptor,
+                origin: name,
+            }),
+            Err(error) => {
+                error!(variable = %name, value = %value, "invalid service descriptor: {error}")
+            }
+        }
+    }
+    requests
+}
+
+/// Runs the proxy until SIGTERM or SIGINT.
+pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let requests = requests(&args, std::env::vars());
+    if requests.is_empty() {
+        bail!(
+            "nothing to serve: give --service DESCRIPTOR or set {}NAME=DESCRIPTOR variables",
+            args.prefix
+        );
+    }
+    let Some(uri) = args.discovery.as_deref() else {
+        bail!("no discovery backend: give --discovery URI (or DISCOVERY=URI), e.g. file:///etc/embassy/services.json");
+    };
+    let discovery = plugins
+        .open_discovery(uri, &args.discovery_options)
+        .with_context(|| format!("cannot open discovery backend {uri}"))?;
+    info!(%uri, "discovery backend open");
+    let mut supervisor = Supervisor::new(
+        Arc::new(plugins),
+        discovery,
+        ServeDefaults {
+            bind: args.bind,
+            balancer: args.balancer.clone(),
+            connect_timeout: args.connect_timeout,
+        },
+    );
+    let mut failures = 0;
+    for request in &requests {
+        if let Err(error) = supervisor.add(&request.descriptor, &request.origin).await {
+            failures += 1;
+            error!(service = %request.descriptor, origin = %request.origin, "cannot serve: {error}");
+        }
+    }
+    if supervisor.is_empty() {
+        bail!("no service could be served ({failures} failed, see above)");
+    }
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let signal = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    info!(signal, grace = ?args.grace_period, "stopping: no new connections");
+    let left = supervisor.shutdown(args.grace_period).await;
+    if left > 0 {
+        warn!(
+            connections = left,
+            "grace period over, closing the connections still open"
+        );
+    }
+    info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `embassy plugins`: one line (or JSON object) per plugin.
+pub fn list_plugins(
+    plugins: &PluginRegistry,
+    json: bool,
+    failed: usize,
+) -> anyhow::Result<ExitCode> {
+    for plugin in plugins.plugins() {
+        if json {
+            println!("{}", serde_json::to_string(plugin)?);
+        } else {
+            let schemes = if plugin.schemes.is_empty() {
+                "-".to_string()
+            } else {
+                plugin.schemes.join(",")
+            };
+            println!(
+                "{:<16} {:<10} {:<8} {:<12} {}",
+                plugin.name,
+                plugin.kind,
+                plugin.version,
+                schemes,
+                plugin.path.display()
+            );
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `embassy check`: explains each descriptor.
+pub fn check(descriptors: &[String]) -> ExitCode {
+    let mut invalid = 0;
+    for text in descriptors {
+        match text.parse::<ServiceDescriptor>() {
+            Ok(d) => {
+                let kind = if d.is_key_prefix() {
+                    "etcd key prefix"
+                } else {
+                    "service name"
+                };
+                let tags = if d.tags.is_empty() {
+                    "none".to_string()
+                } else {
+                    d.tags.join(", ")
+                };
+                println!("ok: {d}");
+                println!("  service:  {} ({kind})", d.service);
+                println!("  tags:     {tags}");
+                println!("  listens:  port {}/{}", d.port, d.protocol);
+                for (key, value) in &d.options {
+                    println!("  option:   {key}={value}");
+                }
+            }
+            Err(error) => {
+                invalid += 1;
+                println!("invalid: {text:?}: {error}");
+            }
+        }
+    }
+    if invalid == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Loads the plugin directory, logging each file that failed.
+pub fn load_plugins(dir: &std::path::Path) -> anyhow::Result<(PluginRegistry, usize)> {
+    let (registry, errors) = PluginRegistry::load_dir(dir).with_context(|| {
+        format!(
+            "set --plugin-dir or EMBASSY_PLUGIN_DIR to the directory holding the plugin libraries"
+        )
+    })?;
+    for error in &errors {
+        log_load_error(error);
+    }
+    if registry.plugins().is_empty() {
+        warn!(dir = %dir.display(), "no plugin loaded");
+    }
+    Ok((registry, errors.len()))
+}

@@ -1,0 +1,234 @@
+//! The desired state: which listeners exist, for which service, on whose behalf.
+//!
+//! A listener is keyed by address, port and protocol. The same descriptor requested again
+//! (another container, another variable) shares the listener and its watch; the last owner
+//! to leave tears both down. A port held for a *different* service is an error for the
+//! newcomer and no disturbance for the holder.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use abi_stable::{sabi_trait::TD_Opaque, std_types::RArc};
+use embassy_core::{
+    forward::serve_tcp, listener::bind_tcp, ListenerError, Service, ServiceDescriptor,
+};
+use embassy_plugin_api::{
+    discovery::EndpointSink_TO, BalancerConfig, DiscoveryBox, Protocol, WatchHandleBox,
+    WatchRequest,
+};
+use thiserror::Error;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, info_span, Instrument};
+
+use crate::{
+    plugins::{PluginRegistry, PluginUseError},
+    sink::ServiceSink,
+};
+
+/// Why a service could not be served.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Listener(#[from] ListenerError),
+    #[error(transparent)]
+    Plugin(#[from] PluginUseError),
+    #[error("port {port}/{protocol} is already serving {holder}")]
+    PortHeld {
+        port: u16,
+        protocol: Protocol,
+        holder: String,
+    },
+    #[error("cannot watch the service: {0}")]
+    Watch(String),
+    #[error("udp proxying is not available yet")]
+    UdpUnsupported,
+}
+
+/// Settings that apply to every service.
+#[derive(Debug, Clone)]
+pub struct ServeDefaults {
+    pub bind: IpAddr,
+    pub balancer: String,
+    pub connect_timeout: Duration,
+}
+
+type ListenKey = (SocketAddr, Protocol);
+
+struct Active {
+    service: Arc<Service>,
+    owners: BTreeSet<String>,
+    stop: CancellationToken,
+    watch: WatchHandleBox,
+}
+
+/// Owns every listener and watch.
+pub struct Supervisor {
+    plugins: Arc<PluginRegistry>,
+    discovery: DiscoveryBox,
+    defaults: ServeDefaults,
+    active: HashMap<ListenKey, Active>,
+    listeners: TaskTracker,
+    connections: TaskTracker,
+}
+
+impl Supervisor {
+    pub fn new(
+        plugins: Arc<PluginRegistry>,
+        discovery: DiscoveryBox,
+        defaults: ServeDefaults,
+    ) -> Self {
+        Supervisor {
+            plugins,
+            discovery,
+            defaults,
+            active: HashMap::new(),
+            listeners: TaskTracker::new(),
+            connections: TaskTracker::new(),
+        }
+    }
+
+    /// Serves `descriptor` on behalf of `owner` (a container, a variable, the command line).
+    pub async fn add(
+        &mut self,
+        descriptor: &ServiceDescriptor,
+        owner: &str,
+    ) -> Result<(), ServeError> {
+        let addr = SocketAddr::new(self.defaults.bind, descriptor.port);
+        let key = (addr, descriptor.protocol);
+        if let Some(active) = self.active.get_mut(&key) {
+            if active.service.descriptor != *descriptor {
+                return Err(ServeError::PortHeld {
+                    port: descriptor.port,
+                    protocol: descriptor.protocol,
+                    holder: active.service.descriptor.to_string(),
+                });
+            }
+            active.owners.insert(owner.to_string());
+            return Ok(());
+        }
+        if descriptor.protocol == Protocol::Udp {
+            return Err(ServeError::UdpUnsupported);
+        }
+        let balancer_name = descriptor
+            .option("balancer")
+            .unwrap_or(&self.defaults.balancer);
+        let balancer = self.plugins.new_balancer(
+            balancer_name,
+            BalancerConfig {
+                service: descriptor.service.as_str().into(),
+                options: options_of(descriptor),
+            },
+        )?;
+        let listener = bind_tcp(addr).await?;
+        let service = Arc::new(Service::new(
+            descriptor.clone(),
+            Box::new(balancer),
+            self.defaults.connect_timeout,
+        ));
+        let sink =
+            EndpointSink_TO::from_ptr(RArc::new(ServiceSink::new(Arc::clone(&service))), TD_Opaque);
+        let request = WatchRequest {
+            service: descriptor.service.as_str().into(),
+            tags: descriptor.tags.iter().map(|t| t.as_str().into()).collect(),
+            protocol: descriptor.protocol,
+            options: options_of(descriptor),
+        };
+        let watch = self
+            .discovery
+            .watch(request, sink)
+            .into_result()
+            .map_err(|error| ServeError::Watch(error.to_string()))?;
+        let stop = CancellationToken::new();
+        let span = info_span!("listener", service = %descriptor, %addr);
+        span.in_scope(|| {
+            info!(
+                balancer = balancer_name,
+                endpoints = service.endpoints.load().len(),
+                "listening"
+            )
+        });
+        self.listeners.spawn(
+            serve_tcp(
+                listener,
+                Arc::clone(&service),
+                stop.clone(),
+                self.connections.clone(),
+            )
+            .instrument(span),
+        );
+        self.active.insert(
+            key,
+            Active {
+                service,
+                owners: BTreeSet::from([owner.to_string()]),
+                stop,
+                watch,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops `owner`'s claim on `descriptor`; the last owner closes the listener and the watch.
+    /// Connections already open continue until they end.
+    pub fn remove(&mut self, descriptor: &ServiceDescriptor, owner: &str) {
+        let key = (
+            SocketAddr::new(self.defaults.bind, descriptor.port),
+            descriptor.protocol,
+        );
+        let Some(active) = self.active.get_mut(&key) else {
+            return;
+        };
+        if active.service.descriptor != *descriptor {
+            return;
+        }
+        active.owners.remove(owner);
+        if active.owners.is_empty() {
+            if let Some(mut active) = self.active.remove(&key) {
+                active.stop.cancel();
+                active.watch.stop();
+                info!(service = %descriptor, "listener released");
+            }
+        }
+    }
+
+    /// How many listeners are open.
+    pub fn len(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty()
+    }
+
+    /// Stops accepting everywhere, then waits up to `grace` for open connections to finish.
+    /// Returns how many connections were still open when the grace period ran out.
+    pub async fn shutdown(mut self, grace: Duration) -> usize {
+        for (_, mut active) in self.active.drain() {
+            active.stop.cancel();
+            active.watch.stop();
+        }
+        self.listeners.close();
+        self.listeners.wait().await;
+        self.connections.close();
+        let open = self.connections.len();
+        if open > 0 {
+            info!(connections = open, grace = ?grace, "waiting for open connections to finish");
+        }
+        match tokio::time::timeout(grace, self.connections.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.connections.len(),
+        }
+    }
+}
+
+fn options_of(descriptor: &ServiceDescriptor) -> embassy_plugin_api::Options {
+    descriptor
+        .options
+        .iter()
+        .map(|(k, v)| abi_stable::std_types::Tuple2(k.as_str().into(), v.as_str().into()))
+        .collect()
+}

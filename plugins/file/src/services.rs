@@ -1,0 +1,255 @@
+//! The services file's format, parsed with errors that point at the bad entry.
+
+use std::collections::BTreeMap;
+
+use embassy_plugin_api::{Endpoint, Protocol, WatchRequest};
+use serde_json::Value;
+
+/// One endpoint as the file lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    endpoint: Endpoint,
+    /// `None`: serves both protocols.
+    protocol: Option<Protocol>,
+}
+
+/// The parsed content of a services file.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ServicesFile {
+    services: BTreeMap<String, Vec<Entry>>,
+}
+
+impl ServicesFile {
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    pub fn contains(&self, service: &str) -> bool {
+        self.services.contains_key(service)
+    }
+
+    /// The endpoints of `request.service` carrying every requested tag and serving its protocol.
+    pub fn endpoints_for(&self, request: &WatchRequest) -> Vec<Endpoint> {
+        let Some(entries) = self.services.get(request.service.as_str()) else {
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .filter(|entry| entry.protocol.is_none_or(|p| p == request.protocol))
+            .filter(|entry| {
+                request
+                    .tags
+                    .iter()
+                    .all(|tag| entry.endpoint.tags.contains(tag))
+            })
+            .map(|entry| entry.endpoint.clone())
+            .collect()
+    }
+}
+
+/// Parses the whole file; any bad entry makes the file invalid (so the last good one stays).
+pub fn parse_services(bytes: &[u8]) -> Result<ServicesFile, String> {
+    let root: Value =
+        serde_json::from_slice(bytes).map_err(|error| format!("invalid JSON: {error}"))?;
+    let Value::Object(map) = root else {
+        return Err("expected a JSON object mapping service names to endpoint lists".into());
+    };
+    let mut services = BTreeMap::new();
+    for (name, list) in map {
+        let Value::Array(items) = list else {
+            return Err(format!("service {name:?}: expected a list of endpoints"));
+        };
+        let entries = items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                parse_entry(item)
+                    .map_err(|error| format!("service {name:?}, endpoint {}: {error}", index + 1))
+            })
+            .collect::<Result<_, _>>()?;
+        services.insert(name, entries);
+    }
+    Ok(ServicesFile { services })
+}
+
+fn parse_entry(item: &Value) -> Result<Entry, String> {
+    let object = match item {
+        Value::String(address) => {
+            return Ok(Entry {
+                endpoint: Endpoint::new(check_address(address)?),
+                protocol: None,
+            })
+        }
+        Value::Object(object) => object,
+        other => {
+            return Err(format!(
+                "expected \"host:port\" or an object, found {other}"
+            ))
+        }
+    };
+    if let Some(unknown) = object
+        .keys()
+        .find(|k| !matches!(k.as_str(), "address" | "tags" | "weight" | "proto"))
+    {
+        return Err(format!(
+            "unknown field {unknown:?} (known: address, tags, weight, proto)"
+        ));
+    }
+    let address = match object.get("address") {
+        Some(Value::String(address)) => check_address(address)?,
+        Some(other) => return Err(format!("\"address\" must be a string, found {other}")),
+        None => return Err("missing \"address\"".into()),
+    };
+    let tags = match object.get("tags") {
+        None => Vec::new(),
+        Some(Value::Array(tags)) => tags
+            .iter()
+            .map(|tag| {
+                tag.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("tag {tag} is not a string"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => return Err(format!("\"tags\" must be a list of strings, found {other}")),
+    };
+    let weight = match object.get("weight") {
+        None => 1,
+        Some(value) => value
+            .as_u64()
+            .and_then(|w| u32::try_from(w).ok())
+            .filter(|&w| w > 0)
+            .ok_or_else(|| format!("\"weight\" must be a whole number from 1, found {value}"))?,
+    };
+    let protocol = match object.get("proto").map(|p| p.as_str()) {
+        None => None,
+        Some(Some("tcp")) => Some(Protocol::Tcp),
+        Some(Some("udp")) => Some(Protocol::Udp),
+        Some(_) => {
+            return Err(format!(
+                "\"proto\" must be \"tcp\" or \"udp\", found {}",
+                object["proto"]
+            ))
+        }
+    };
+    let mut endpoint = Endpoint::new(address).with_tags(tags);
+    endpoint.weight = weight;
+    Ok(Entry { endpoint, protocol })
+}
+
+fn check_address(address: &str) -> Result<&str, String> {
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(address)
+        }
+        _ => Err(format!("address {address:?} is not host:port")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(service: &str, tags: &[&str], protocol: Protocol) -> WatchRequest {
+        WatchRequest {
+            service: service.into(),
+            tags: tags.iter().map(|t| (*t).into()).collect(),
+            protocol,
+            options: Default::default(),
+        }
+    }
+
+    /// Parses `json` and lists the addresses for `service`/`tags`/tcp, or `error: ...`.
+    fn check(json: &str, service: &str, tags: &[&str], expected: &str) {
+        let actual = match parse_services(json.as_bytes()) {
+            Ok(file) => file
+                .endpoints_for(&request(service, tags, Protocol::Tcp))
+                .iter()
+                .map(|e| e.address.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            Err(error) => format!("error: {error}"),
+        };
+        assert_eq!(actual, expected, "{json}");
+    }
+
+    #[test]
+    fn formats_and_filters() {
+        check(
+            r#"{"web": ["127.0.0.1:1", "127.0.0.1:2"]}"#,
+            "web",
+            &[],
+            "127.0.0.1:1 127.0.0.1:2",
+        );
+        check(r#"{"web": ["127.0.0.1:1"]}"#, "other", &[], "");
+        check(
+            r#"{"web": ["127.0.0.1:1", {"address": "127.0.0.1:2", "tags": ["prod", "a"]}, {"address": "127.0.0.1:3", "tags": ["prod"]}]}"#,
+            "web",
+            &["prod", "a"],
+            "127.0.0.1:2",
+        );
+        check(
+            r#"{"dns": [{"address": "127.0.0.1:1", "proto": "udp"}, "127.0.0.1:2"]}"#,
+            "dns",
+            &[],
+            "127.0.0.1:2",
+        );
+        check(
+            r#"{"web": [{"address": "db.local:5432", "weight": 3}]}"#,
+            "web",
+            &[],
+            "db.local:5432",
+        );
+    }
+
+    #[test]
+    fn broken_files_name_the_entry() {
+        check(
+            "{",
+            "web",
+            &[],
+            "error: invalid JSON: EOF while parsing an object at line 1 column 1",
+        );
+        check(
+            "[]",
+            "web",
+            &[],
+            "error: expected a JSON object mapping service names to endpoint lists",
+        );
+        check(
+            r#"{"web": "127.0.0.1:1"}"#,
+            "web",
+            &[],
+            "error: service \"web\": expected a list of endpoints",
+        );
+        check(
+            r#"{"web": ["127.0.0.1"]}"#,
+            "web",
+            &[],
+            "error: service \"web\", endpoint 1: address \"127.0.0.1\" is not host:port",
+        );
+        check(r#"{"web": ["127.0.0.1:1", {"adress": "x:1"}]}"#, "web", &[], "error: service \"web\", endpoint 2: unknown field \"adress\" (known: address, tags, weight, proto)");
+        check(
+            r#"{"web": [{"tags": []}]}"#,
+            "web",
+            &[],
+            "error: service \"web\", endpoint 1: missing \"address\"",
+        );
+        check(
+            r#"{"web": [{"address": "a:1", "weight": 0}]}"#,
+            "web",
+            &[],
+            "error: service \"web\", endpoint 1: \"weight\" must be a whole number from 1, found 0",
+        );
+        check(r#"{"web": [{"address": "a:1", "proto": "sctp"}]}"#, "web", &[], "error: service \"web\", endpoint 1: \"proto\" must be \"tcp\" or \"udp\", found \"sctp\"");
+        check(
+            r#"{"web": [7]}"#,
+            "web",
+            &[],
+            "error: service \"web\", endpoint 1: expected \"host:port\" or an object, found 7",
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! The TCP connection path end to end: real binary, real plugin libraries, real upstreams.
+
+use std::{
+    io::{Read, Write},
+    net::Shutdown,
+    time::Duration,
+};
+
+use embassy_tests::*;
+use serde_json::json;
+
+const START: Duration = Duration::from_secs(20);
+
+/// Starts Embassy serving `web` on a free port from a services file listing `addresses`.
+fn serve(
+    addresses: &[String],
+    extra_args: &[&str],
+    extra_plugins: &[std::path::PathBuf],
+) -> (Embassy, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let services = dir.path().join("services.json");
+    write_services(&services, &json!({ "web": addresses }));
+    let plugins = standard_plugin_dir(extra_plugins);
+    let port = free_port();
+    let mut args = vec![
+        "--plugin-dir".to_string(),
+        plugins.path().display().to_string(),
+        "--discovery".to_string(),
+        format!("file://{}", services.display()),
+        "--service".to_string(),
+        format!("web;{port}/tcp"),
+    ];
+    args.extend(extra_args.iter().map(|s| s.to_string()));
+    let mut embassy = Embassy::start(&args);
+    embassy
+        .wait_for_log("listening", START)
+        .expect("embassy listens");
+    // The plugin directory may go once loaded: libraries are mapped, never reloaded.
+    drop(plugins);
+    (embassy, port, dir)
+}
+
+fn addresses(upstreams: &[&Upstream]) -> Vec<String> {
+    upstreams.iter().map(|u| u.addr.to_string()).collect()
+}
+
+#[test]
+fn round_robin_spreads_300_connections_evenly() {
+    let (a, b, c) = (
+        Upstream::start("a"),
+        Upstream::start("b"),
+        Upstream::start("c"),
+    );
+    let (_embassy, port, _dir) = serve(&addresses(&[&a, &b, &c]), &[], &[]);
+    let counts = distribution(port, 300).expect("300 connections through the proxy");
+    assert_eq!(counts.get("a"), Some(&100), "{counts:?}");
+    assert_eq!(counts.get("b"), Some(&100), "{counts:?}");
+    assert_eq!(counts.get("c"), Some(&100), "{counts:?}");
+}
+
+#[test]
+fn data_passes_intact_both_ways_with_half_close() {
+    let a = Upstream::start("a");
+    let (_embassy, port, _dir) = serve(&addresses(&[&a]), &[], &[]);
+    let mut client = Client::connect(port).expect("connect");
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    // Write everything, half-close, then read the echo to EOF: the FIN must cross the proxy
+    // both ways for this to end.
+    let mut writer = client.stream().try_clone().expect("clone");
+    let sent = payload.clone();
+    let writing = std::thread::spawn(move || {
+        writer.write_all(&sent).expect("write");
+        writer.shutdown(Shutdown::Write).expect("half close");
+    });
+    let mut echoed = Vec::new();
+    client
+        .stream()
+        .read_to_end(&mut echoed)
+        .expect("read to EOF");
+    writing.join().expect("writer");
+    assert_eq!(echoed.len(), payload.len());
+    assert!(echoed == payload, "echo differs from what was sent");
+}
+
+#[test]
+fn a_refusing_endpoint_is_skipped() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut list = addresses(&[&a, &b]);
+    list.insert(1, dead.clone());
+    let (embassy, port, _dir) = serve(&list, &[], &[]);
+    let counts = distribution(port, 30).expect("every client gets through");
+    assert_eq!(counts.values().sum::<usize>(), 30);
+    assert!(
+        counts.get("a").copied().unwrap_or(0) >= 10 && counts.get("b").copied().unwrap_or(0) >= 10,
+        "{counts:?}"
+    );
+    assert!(
+        embassy
+            .log_lines("connect failed")
+            .iter()
+            .any(|l| l.contains(&dead)),
+        "the refused endpoint is named in the log"
+    );
+}
+
+#[test]
+fn least_conn_sends_new_connections_to_idle_endpoints() {
+    let (a, b, c) = (
+        Upstream::start("a"),
+        Upstream::start("b"),
+        Upstream::start("c"),
+    );
+    let (mut embassy, port, dir) = serve(&addresses(&[&a]), &["--balancer", "least-conn"], &[]);
+    // Five long-lived connections pile up on the only endpoint...
+    let mut held: Vec<Client> = (0..5)
+        .map(|_| Client::connect(port).expect("connect"))
+        .collect();
+    assert!(held.iter().all(|c| c.upstream == "a"));
+    // ...then two idle endpoints appear.
+    write_services(
+        &dir.path().join("services.json"),
+        &json!({ "web": addresses(&[&a, &b, &c]) }),
+    );
+    embassy
+        .wait_for_log(&c.addr.to_string(), Duration::from_secs(5))
+        .expect("update seen");
+    let counts = distribution(port, 20).expect("new connections");
+    assert_eq!(
+        counts.get("a"),
+        None,
+        "new connections avoid the loaded endpoint: {counts:?}"
+    );
+    assert!(
+        counts.get("b").is_some() && counts.get("c").is_some(),
+        "both idle endpoints used: {counts:?}"
+    );
+    // The held connections still work.
+    for client in &mut held {
+        assert_eq!(client.echo(b"still here").expect("echo"), b"still here");
+    }
+}
+
+#[test]
+fn a_panicking_balancer_fails_one_connection_not_the_host() {
+    let a = Upstream::start("a");
+    let fixture = artifacts().library("embassy-fixture-panicking-balancer");
+    let (mut embassy, port, _dir) =
+        serve(&addresses(&[&a]), &["--balancer", "panicking"], &[fixture]);
+    for round in 0..3 {
+        // The fixture panics on even-numbered picks and answers on odd ones.
+        assert!(
+            Client::connect(port).is_err(),
+            "round {round}: the panicking pick closes the connection"
+        );
+        let client = Client::connect(port).expect("the next connection works");
+        assert_eq!(client.upstream, "a");
+    }
+    assert!(embassy.is_running(), "host survived the panics");
+    assert!(
+        !embassy
+            .log_lines("plugin panicked: fixture panic on pick")
+            .is_empty(),
+        "the panic is reported"
+    );
+}
+
+#[test]
+fn sigterm_stops_accepting_and_lets_open_connections_finish() {
+    let a = Upstream::start("a");
+    let (mut embassy, port, _dir) = serve(&addresses(&[&a]), &["--grace-period", "20s"], &[]);
+    let mut open = Client::connect(port).expect("connect");
+    embassy.signal(libc::SIGTERM);
+    embassy
+        .wait_for_log("stopping", Duration::from_secs(5))
+        .expect("stop logged");
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_err()),
+        "the listener closes"
+    );
+    assert_eq!(
+        open.echo(b"in flight")
+            .expect("open connection still served"),
+        b"in flight"
+    );
+    assert!(embassy.is_running(), "waits for the open connection");
+    drop(open);
+    let status = embassy
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits once the connection ends");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn grace_period_bounds_the_wait() {
+    let a = Upstream::start("a");
+    let (mut embassy, port, _dir) = serve(&addresses(&[&a]), &["--grace-period", "300ms"], &[]);
+    let _open = Client::connect(port).expect("connect");
+    embassy.signal(libc::SIGINT);
+    let status = embassy
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after the grace period");
+    assert!(status.success(), "{status}");
+    assert!(!embassy.log_lines("grace period over").is_empty());
+}
