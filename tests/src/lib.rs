@@ -291,14 +291,25 @@ impl Embassy {
             .expect("spawn embassy");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
+        Embassy::collect(stderr, Arc::clone(&log));
+        Embassy { child, log }
+    }
+
+    /// Wraps a child started by the test itself (with a piped stderr).
+    pub fn adopt(mut child: Child) -> Embassy {
+        let stderr = child.stderr.take().expect("stderr must be piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        Embassy::collect(stderr, Arc::clone(&log));
+        Embassy { child, log }
+    }
+
+    fn collect(stderr: std::process::ChildStderr, log: Arc<Mutex<Vec<String>>>) {
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[embassy] {line}");
-                sink.lock().expect("log").push(line);
+                log.lock().expect("log").push(line);
             }
         });
-        Embassy { child, log }
     }
 
     /// Waits until a log line contains `needle`; fails with the log so far.

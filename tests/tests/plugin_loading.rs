@@ -1,0 +1,173 @@
+//! Loading plugin libraries: bad files are refused one by one with a clear error naming them,
+//! and the host goes on with the rest.
+
+use std::time::Duration;
+
+use embassy_tests::*;
+use serde_json::json;
+
+/// A plugin dir with the standard plugins plus: a text file named like a library, a real
+/// shared library that is no plugin, and a plugin built against a changed contract.
+fn mixed_plugin_dir() -> tempfile::TempDir {
+    let a = artifacts();
+    let dir = standard_plugin_dir(&[
+        a.fixture_library("changed-contract-plugin"),
+        a.fixture_library("not-a-plugin"),
+    ]);
+    std::fs::write(dir.path().join("libgarbage.so"), "this is not an ELF file")
+        .expect("write garbage");
+    std::fs::write(
+        dir.path().join("README.txt"),
+        "not a library: skipped silently",
+    )
+    .expect("write readme");
+    dir
+}
+
+#[test]
+fn bad_libraries_get_one_clear_error_each_and_the_host_serves() {
+    let plugins = mixed_plugin_dir();
+    let upstream = Upstream::start("a");
+    let dir = tempfile::tempdir().expect("temp");
+    let services = dir.path().join("services.json");
+    write_services(&services, &json!({ "web": [upstream.addr.to_string()] }));
+    let port = free_port();
+    let mut embassy = Embassy::start([
+        "--plugin-dir".to_string(),
+        plugins.path().display().to_string(),
+        "--discovery".to_string(),
+        format!("file://{}", services.display()),
+        "--service".to_string(),
+        format!("web;{port}/tcp"),
+    ]);
+    embassy
+        .wait_for_log("listening", Duration::from_secs(20))
+        .expect("host starts");
+
+    let changed = embassy.log_lines("libchanged_contract_plugin.so");
+    assert_eq!(
+        changed.len(),
+        1,
+        "one line for the incompatible plugin: {changed:?}"
+    );
+    assert!(
+        changed[0].contains("incompatible plugin: built against plugin-api 1.0.0"),
+        "{}",
+        changed[0]
+    );
+    assert!(
+        changed[0].contains("mismatched type (expected PluginMetadata, found RString)"),
+        "{}",
+        changed[0]
+    );
+    let not_plugin = embassy.log_lines("libnot_a_plugin.so");
+    assert_eq!(not_plugin.len(), 1, "{not_plugin:?}");
+    assert!(
+        not_plugin[0].contains("not an Embassy plugin"),
+        "{}",
+        not_plugin[0]
+    );
+    let garbage = embassy.log_lines("libgarbage.so");
+    assert_eq!(garbage.len(), 1, "{garbage:?}");
+    assert!(
+        garbage[0].contains("not a loadable shared library"),
+        "{}",
+        garbage[0]
+    );
+    assert!(
+        embassy.log_lines("README.txt").is_empty(),
+        "non-library files are not errors"
+    );
+
+    let client = Client::connect(port).expect("served through the valid plugins");
+    assert_eq!(client.upstream, "a");
+}
+
+#[test]
+fn plugins_lists_one_line_per_plugin_and_fails_on_bad_files() {
+    let plugins = mixed_plugin_dir();
+    let (code, stdout, stderr) = run_embassy([
+        "plugins",
+        "--plugin-dir",
+        &plugins.path().display().to_string(),
+    ]);
+    let lines: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let summary: Vec<String> = lines.iter().map(|f| f[..4].join(" ")).collect();
+    assert_eq!(
+        summary,
+        vec![
+            "file discovery 0.1.0 file",
+            "least-conn balancer 0.1.0 -",
+            "round-robin balancer 0.1.0 -"
+        ],
+        "{stdout}"
+    );
+    assert_eq!(code, 1, "bad files make the listing fail");
+    assert!(stderr.contains("libgarbage.so"), "{stderr}");
+}
+
+#[test]
+fn plugins_json() {
+    let plugins = standard_plugin_dir(&[]);
+    let (code, stdout, _) = run_embassy([
+        "plugins",
+        "--json",
+        "--plugin-dir",
+        &plugins.path().display().to_string(),
+    ]);
+    assert_eq!(code, 0);
+    let file: serde_json::Value = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("one JSON object per line"))
+        .find(|v| v["name"] == "file")
+        .expect("file plugin listed");
+    assert_eq!(file["kind"], "discovery");
+    assert_eq!(file["schemes"], json!(["file"]));
+    assert!(file["path"]
+        .as_str()
+        .is_some_and(|p| p.ends_with("libembassy_plugin_file.so")));
+}
+
+#[test]
+fn two_libraries_of_one_kind_load_side_by_side_and_a_duplicate_name_is_refused() {
+    let a = artifacts();
+    let plugins = standard_plugin_dir(&[a.library("embassy-fixture-panicking-balancer")]);
+    // The same round-robin library under a second file name: same plugin name.
+    std::fs::copy(
+        a.library("embassy-plugin-round-robin"),
+        plugins.path().join("libzz_copy.so"),
+    )
+    .expect("copy");
+    let (_, stdout, stderr) = run_embassy([
+        "plugins",
+        "--plugin-dir",
+        &plugins.path().display().to_string(),
+    ]);
+    let names: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["panicking", "file", "least-conn", "round-robin"],
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("libzz_copy.so: plugin name 'round-robin' is already taken by"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_plugin_dir_is_a_clear_error() {
+    let (code, _, stderr) =
+        run_embassy(["plugins", "--plugin-dir", "/nonexistent/embassy-plugins"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cannot read plugin directory /nonexistent/embassy-plugins"),
+        "{stderr}"
+    );
+}
