@@ -178,11 +178,9 @@ pub fn check(descriptors: &[String]) -> ExitCode {
 
 /// Loads the plugin directory, logging each file that failed.
 pub fn load_plugins(dir: &std::path::Path) -> anyhow::Result<(PluginRegistry, usize)> {
-    let (registry, errors) = PluginRegistry::load_dir(dir).with_context(|| {
-        format!(
-            "set --plugin-dir or EMBASSY_PLUGIN_DIR to the directory holding the plugin libraries"
-        )
-    })?;
+    let (registry, errors) = PluginRegistry::load_dir(dir).context(
+        "set --plugin-dir or EMBASSY_PLUGIN_DIR to the directory holding the plugin libraries",
+    )?;
     for error in &errors {
         log_load_error(error);
     }

@@ -132,7 +132,7 @@ fn least_conn_sends_new_connections_to_idle_endpoints() {
         "new connections avoid the loaded endpoint: {counts:?}"
     );
     assert!(
-        counts.get("b").is_some() && counts.get("c").is_some(),
+        counts.contains_key("b") && counts.contains_key("c"),
         "both idle endpoints used: {counts:?}"
     );
     // The held connections still work.

@@ -184,10 +184,9 @@ impl DiscoveryPlugin for FileDiscovery {
         let poller = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("embassy-file-discovery".into())
-            .spawn(move || loop {
-                match stopped.recv_timeout(interval) {
-                    Err(RecvTimeoutError::Timeout) => poller.poll(),
-                    _ => break,
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                    poller.poll();
                 }
             })
             .map_err(|error| {
