@@ -79,7 +79,11 @@ fn build() -> Result<Artifacts> {
         None => bail!("cannot tell the build profile from {}", exe.display()),
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut packages = vec!["embassy-host", "embassy-fixture-panicking-balancer"];
+    let mut packages = vec![
+        "embassy-host",
+        "embassy-fixture-panicking-balancer",
+        "embassy-fixture-scheme-clash",
+    ];
     packages.extend(STANDARD_PLUGINS);
     let mut main = Command::new(&cargo);
     main.current_dir(&root)

@@ -148,9 +148,14 @@ fn tags_select_instances() {
 fn a_service_missing_from_the_file_refuses_until_it_appears() {
     let a = Upstream::start("a");
     let mut s = start(json!({ "other": [a.addr.to_string()] }), "web;PORT/tcp");
-    s.embassy
+    let line = s
+        .embassy
         .wait_for_log("service not in the services file", Duration::from_secs(5))
         .expect("warned");
+    assert!(
+        line.contains("plugin=\"file\""),
+        "plugin logs reach the host's log under the plugin's name: {line}"
+    );
     assert!(
         Client::connect(s.port).is_err(),
         "no endpoint: the connection is closed"

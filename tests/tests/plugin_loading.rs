@@ -162,6 +162,34 @@ fn two_libraries_of_one_kind_load_side_by_side_and_a_duplicate_name_is_refused()
 }
 
 #[test]
+fn a_second_plugin_claiming_a_scheme_is_refused_naming_both_files() {
+    let a = artifacts();
+    // File-name order decides: the fixture sorts before the real file plugin and wins.
+    let plugins = standard_plugin_dir(&[a.library("embassy-fixture-scheme-clash")]);
+    let (code, stdout, stderr) = run_embassy([
+        "plugins",
+        "--plugin-dir",
+        &plugins.path().display().to_string(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("scheme-clash ")),
+        "{stdout}"
+    );
+    assert!(!stdout.lines().any(|l| l.starts_with("file ")), "{stdout}");
+    let line = stderr
+        .lines()
+        .find(|l| {
+            l.contains("libembassy_plugin_file.so: URI scheme 'file://' is already served by")
+        })
+        .unwrap_or_else(|| panic!("no clash error in:\n{stderr}"));
+    assert!(
+        line.contains("libembassy_fixture_scheme_clash.so"),
+        "{line}"
+    );
+}
+
+#[test]
 fn a_missing_plugin_dir_is_a_clear_error() {
     let (code, _, stderr) =
         run_embassy(["plugins", "--plugin-dir", "/nonexistent/embassy-plugins"]);
