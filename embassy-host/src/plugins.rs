@@ -170,6 +170,12 @@ impl PluginRegistry {
             max_level: host_max_level(),
             log: host_log,
         });
+        #[cfg(feature = "compat-test-next-minor")]
+        info!(
+            plugin = %plugin.name,
+            next_minor_probe = ?module.next_minor_probe().map(|probe| probe()),
+            "field appended in the next minor contract version"
+        );
         info!(
             plugin = %plugin.name,
             kind = plugin.kind,

@@ -87,6 +87,8 @@ pub fn balancer_module<P: BalancerPlugin>(version: &'static str) -> PluginModRef
         install_logger,
         new_balancer: new_balancer::<P>,
         open_discovery: not_a_discovery,
+        #[cfg(feature = "compat-test-next-minor")]
+        next_minor_probe,
     }
     .leak_into_prefix()
 }
@@ -105,6 +107,8 @@ pub fn discovery_module<P: DiscoveryPlugin>(version: &'static str) -> PluginModR
         install_logger,
         new_balancer: not_a_balancer,
         open_discovery: open_discovery::<P>,
+        #[cfg(feature = "compat-test-next-minor")]
+        next_minor_probe,
     }
     .leak_into_prefix()
 }
@@ -115,6 +119,11 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, PluginEr
         Ok(result) => result.into(),
         Err(payload) => RResult::RErr(PluginError::from_panic(payload.as_ref())),
     }
+}
+
+#[cfg(feature = "compat-test-next-minor")]
+extern "C" fn next_minor_probe() -> u32 {
+    11
 }
 
 extern "C" fn metadata() -> PluginMetadata {

@@ -7,9 +7,12 @@
 //! [`export_balancer!`] or [`export_discovery!`]; the glue in [`export`] catches panics at
 //! every entry point so that none unwinds across the boundary.
 //!
-//! Compatibility: the root module and every `#[sabi_trait]` are prefix types. A later 1.x
-//! may only append fields or methods after the ones marked `last_prefix_field`, so a plugin
-//! built against 1.0 keeps loading into a 1.y host.
+//! Compatibility: the root module and every `#[sabi_trait]` are prefix types, and a later 1.x
+//! may only append fields or methods after the ones marked `last_prefix_field`. abi_stable's
+//! load-time check accepts a library with *more* trailing members than the host expects, so a
+//! plugin built against 1.y loads into a 1.x host for y >= x; a host built against a newer minor
+//! refuses older plugins ("too many fields"), unless it keeps the older root-module type as a
+//! fallback interface (see ARCHITECTURE.md). Both directions are covered by the tests.
 
 pub mod balancer;
 pub mod discovery;

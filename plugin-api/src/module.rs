@@ -48,15 +48,18 @@ pub struct PluginMetadata {
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
-#[sabi(missing_field(panic))]
 pub struct PluginMod {
     pub metadata: extern "C" fn() -> PluginMetadata,
     /// Routes the plugin's `tracing` output to the host; called once, right after loading.
     pub install_logger: extern "C" fn(HostLogger),
     pub new_balancer: extern "C" fn(BalancerConfig) -> RResult<BalancerBox, PluginError>,
-    /// Fields added in later 1.x versions go after this one; the host sees them as `Option`.
+    /// Fields added in later 1.x versions go after this one; the host reads them as `Option`
+    /// (`None` from a library built against an older 1.x).
     #[sabi(last_prefix_field)]
     pub open_discovery: extern "C" fn(DiscoveryConfig) -> RResult<DiscoveryBox, PluginError>,
+    /// What a field appended in 1.1 looks like; see the `compat-test-next-minor` feature.
+    #[cfg(feature = "compat-test-next-minor")]
+    pub next_minor_probe: extern "C" fn() -> u32,
 }
 
 impl RootModule for PluginModRef {

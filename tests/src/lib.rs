@@ -23,7 +23,8 @@ use anyhow::{bail, Context, Result};
 pub struct Artifacts {
     /// `target/<profile>`: the binary and the plugin libraries.
     pub profile_dir: PathBuf,
-    /// The changed-contract fixture workspace's outputs.
+    /// Outputs of the fixture workspaces built against other contracts
+    /// (`tests/fixtures/changed-contract`, `tests/fixtures/next-minor`).
     pub fixtures_dir: PathBuf,
 }
 
@@ -38,7 +39,12 @@ impl Artifacts {
             .join(format!("lib{}.so", krate.replace('-', "_")))
     }
 
-    /// A library of the changed-contract fixture workspace, e.g. `not-a-plugin`.
+    /// The real host built against the next minor contract (`tests/fixtures/next-minor`).
+    pub fn next_minor_embassy(&self) -> PathBuf {
+        self.fixtures_dir.join("embassy-next-minor")
+    }
+
+    /// A library of a fixture workspace, e.g. `not-a-plugin`.
     pub fn fixture_library(&self, krate: &str) -> PathBuf {
         self.fixtures_dir
             .join(format!("lib{}.so", krate.replace('-', "_")))
@@ -94,12 +100,17 @@ fn build() -> Result<Artifacts> {
     }
     run_cargo(main)?;
     let fixtures_target = target_dir.join("fixtures");
-    let mut fixtures = Command::new(&cargo);
-    fixtures
-        .current_dir(root.join("tests/fixtures/changed-contract"))
-        .args(["build", "--target-dir"])
-        .arg(&fixtures_target);
-    run_cargo(fixtures)?;
+    for fixture in [
+        "tests/fixtures/changed-contract",
+        "tests/fixtures/next-minor",
+    ] {
+        let mut build = Command::new(&cargo);
+        build
+            .current_dir(root.join(fixture))
+            .args(["build", "--target-dir"])
+            .arg(&fixtures_target);
+        run_cargo(build)?;
+    }
     Ok(Artifacts {
         profile_dir,
         fixtures_dir: fixtures_target.join("debug"),

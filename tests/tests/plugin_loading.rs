@@ -189,6 +189,103 @@ fn a_second_plugin_claiming_a_scheme_is_refused_naming_both_files() {
     );
 }
 
+/// Serves `web` through `balancer` with Embassy binary `embassy` and the given plugin dir.
+fn serve_through(
+    embassy: &std::path::Path,
+    plugins: &std::path::Path,
+    balancer: &str,
+) -> (Embassy, u16, Upstream, tempfile::TempDir) {
+    let upstream = Upstream::start("a");
+    let dir = tempfile::tempdir().expect("temp");
+    let services = dir.path().join("services.json");
+    write_services(&services, &json!({ "web": [upstream.addr.to_string()] }));
+    let port = free_port();
+    let child = std::process::Command::new(embassy)
+        .args([
+            "--plugin-dir",
+            &plugins.display().to_string(),
+            "--balancer",
+            balancer,
+        ])
+        .args(["--discovery", &format!("file://{}", services.display())])
+        .args(["--service", &format!("web;{port}/tcp")])
+        .env("EMBASSY_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut embassy = Embassy::adopt(child);
+    embassy
+        .wait_for_log("listening", Duration::from_secs(20))
+        .expect("listening");
+    (embassy, port, upstream, dir)
+}
+
+#[test]
+fn a_plugin_built_against_the_next_minor_contract_loads_into_this_host() {
+    let a = artifacts();
+    let plugins = standard_plugin_dir(&[a.fixture_library("next-minor-plugin")]);
+    let (embassy, port, _upstream, _dir) =
+        serve_through(&a.embassy(), plugins.path(), "next-minor");
+    assert!(embassy.log_lines("ERROR").is_empty(), "{:?}", embassy.log());
+    assert_eq!(
+        Client::connect(port)
+            .expect("served through the 1.1 plugin")
+            .upstream,
+        "a"
+    );
+}
+
+/// abi_stable's load-time check lets a library carry *more* trailing prefix fields than the
+/// host expects, never fewer: a host built against a newer minor refuses older plugins. The
+/// refusal must be one clear line per file, and the host must go on with what it can load.
+#[test]
+fn a_host_built_against_the_next_minor_refuses_older_plugins_clearly() {
+    let a = artifacts();
+    let plugins = standard_plugin_dir(&[a.fixture_library("next-minor-plugin")]);
+    // The file plugin is refused, so no discovery: `plugins` shows what loads.
+    let output = std::process::Command::new(a.next_minor_embassy())
+        .args([
+            "plugins",
+            "--plugin-dir",
+            &plugins.path().display().to_string(),
+        ])
+        .output()
+        .expect("run next-minor host");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert_eq!(
+        stdout
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect::<Vec<_>>(),
+        vec!["next-minor"],
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("next_minor_probe=Some(11)"),
+        "the appended field is readable: {stderr}"
+    );
+    for library in [
+        "libembassy_plugin_file.so",
+        "libembassy_plugin_round_robin.so",
+        "libembassy_plugin_least_conn.so",
+    ] {
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains(library) && l.contains("ERROR"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{library}: {stderr}");
+        assert!(
+            lines[0].contains("incompatible plugin")
+                && lines[0].contains("too many fields (expected 5, found 4)"),
+            "{}",
+            lines[0]
+        );
+    }
+}
+
 #[test]
 fn a_missing_plugin_dir_is_a_clear_error() {
     let (code, _, stderr) =
