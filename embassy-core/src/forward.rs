@@ -8,7 +8,6 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
-    io::copy_bidirectional_with_sizes,
     net::{TcpListener, TcpStream},
     time::timeout,
 };
@@ -16,15 +15,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
+    copy::{copy_bidirectional, CopyMode},
     endpoints::{ActiveGuard, EndpointSet, UpstreamAddr},
     service::Service,
 };
 
 /// How many endpoints one connection tries before giving up.
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
-/// Copy buffer per direction; large enough for bulk transfers, small enough for many idle
-/// connections.
-const COPY_BUFFER: usize = 64 * 1024;
 
 /// Serves `listener` until `shutdown` fires; connections are spawned on `connections` so a
 /// graceful stop can wait for them.
@@ -61,27 +58,37 @@ pub async fn serve_tcp(
             }
         };
         let span = info_span!("conn", %peer);
-        connections
-            .spawn(forward(client, snapshot, first, service.connect_timeout).instrument(span));
+        let path = Path {
+            snapshot,
+            first,
+            connect_timeout: service.connect_timeout,
+            copy_mode: service.copy_mode,
+        };
+        connections.spawn(forward(client, path).instrument(span));
     }
     info!("listener closed");
 }
 
-/// Connects to an upstream (starting at `first`) and copies both ways until both sides close.
-async fn forward(
-    mut client: TcpStream,
+/// What the accept loop decided for one connection.
+struct Path {
+    /// The snapshot the pick was made on; kept for the connection's life.
     snapshot: Arc<EndpointSet>,
     first: usize,
     connect_timeout: Duration,
-) {
-    let Some((mut upstream, _active, addr)) = connect(&snapshot, first, connect_timeout).await
+    copy_mode: CopyMode,
+}
+
+/// Connects to an upstream (starting at the picked one) and copies both ways until both sides
+/// close.
+async fn forward(mut client: TcpStream, path: Path) {
+    let Some((mut upstream, _active, addr)) =
+        connect(&path.snapshot, path.first, path.connect_timeout).await
     else {
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    match copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await
-    {
+    match copy_bidirectional(&mut client, &mut upstream, path.copy_mode).await {
         Ok((sent, received)) => debug!(upstream = %addr, sent, received, "connection closed"),
         Err(error) => debug!(upstream = %addr, %error, "connection ended with an error"),
     }

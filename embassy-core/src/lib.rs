@@ -6,6 +6,7 @@
 //! sets and balancers.
 
 pub mod balancer;
+pub mod copy;
 pub mod descriptor;
 pub mod endpoints;
 pub mod forward;

@@ -6,6 +6,7 @@ use embassy_plugin_api::PluginError;
 
 use crate::{
     balancer::Picker,
+    copy::CopyMode,
     descriptor::{parse_duration, ServiceDescriptor},
     endpoints::{EndpointSet, ServiceEndpoints},
 };
@@ -19,6 +20,8 @@ pub struct Service {
     pub endpoints: ServiceEndpoints,
     picker: Box<dyn Picker>,
     pub connect_timeout: Duration,
+    /// How connections of this service move their bytes.
+    pub copy_mode: CopyMode,
 }
 
 impl Service {
@@ -38,6 +41,7 @@ impl Service {
             endpoints: ServiceEndpoints::default(),
             picker,
             connect_timeout,
+            copy_mode: CopyMode::best(),
         }
     }
 

@@ -3,7 +3,7 @@
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Args, Parser, Subcommand};
-use embassy_core::{descriptor::parse_duration, ServiceDescriptor};
+use embassy_core::{copy::CopyMode, descriptor::parse_duration, ServiceDescriptor};
 
 /// Where plugins are looked for unless `--plugin-dir` or `EMBASSY_PLUGIN_DIR` says otherwise.
 pub const DEFAULT_PLUGIN_DIR: &str = "/usr/lib/embassy/plugins";
@@ -86,6 +86,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = parse_duration_arg)]
     pub connect_timeout: Duration,
 
+    /// How bytes are moved: `splice` (zero-copy through a pipe, Linux) or `userspace`
+    /// (read/write through a buffer).
+    #[arg(long = "copy", default_value = default_copy(), value_name = "MODE", value_parser = parse_copy_mode)]
+    pub copy_mode: CopyMode,
+
     /// On SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration_arg)]
     pub grace_period: Duration,
@@ -93,6 +98,22 @@ pub struct RunArgs {
 
 fn parse_descriptor(text: &str) -> Result<ServiceDescriptor, String> {
     text.parse().map_err(|error| format!("{error}"))
+}
+
+fn default_copy() -> &'static str {
+    match CopyMode::best() {
+        CopyMode::Splice => "splice",
+        CopyMode::Userspace => "userspace",
+    }
+}
+
+fn parse_copy_mode(text: &str) -> Result<CopyMode, String> {
+    match text {
+        "splice" if CopyMode::best() == CopyMode::Splice => Ok(CopyMode::Splice),
+        "splice" => Err("splice is only available on Linux".to_string()),
+        "userspace" => Ok(CopyMode::Userspace),
+        _ => Err(format!("{text:?} is not 'splice' or 'userspace'")),
+    }
 }
 
 fn parse_duration_arg(text: &str) -> Result<Duration, String> {

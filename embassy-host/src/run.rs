@@ -77,6 +77,7 @@ pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitC
             bind: args.bind,
             balancer: args.balancer.clone(),
             connect_timeout: args.connect_timeout,
+            copy_mode: args.copy_mode,
         },
     );
     let mut failures = 0;

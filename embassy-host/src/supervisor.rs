@@ -14,7 +14,8 @@ use std::{
 
 use abi_stable::{sabi_trait::TD_Opaque, std_types::RArc};
 use embassy_core::{
-    forward::serve_tcp, listener::bind_tcp, ListenerError, Service, ServiceDescriptor,
+    copy::CopyMode, forward::serve_tcp, listener::bind_tcp, ListenerError, Service,
+    ServiceDescriptor,
 };
 use embassy_plugin_api::{
     discovery::EndpointSink_TO, BalancerConfig, DiscoveryBox, Protocol, WatchHandleBox,
@@ -54,6 +55,7 @@ pub struct ServeDefaults {
     pub bind: IpAddr,
     pub balancer: String,
     pub connect_timeout: Duration,
+    pub copy_mode: CopyMode,
 }
 
 type ListenKey = (SocketAddr, Protocol);
@@ -124,11 +126,13 @@ impl Supervisor {
             },
         )?;
         let listener = bind_tcp(addr).await?;
-        let service = Arc::new(Service::new(
+        let mut service = Service::new(
             descriptor.clone(),
             Box::new(balancer),
             self.defaults.connect_timeout,
-        ));
+        );
+        service.copy_mode = self.defaults.copy_mode;
+        let service = Arc::new(service);
         let sink =
             EndpointSink_TO::from_ptr(RArc::new(ServiceSink::new(Arc::clone(&service))), TD_Opaque);
         let request = WatchRequest {

@@ -286,6 +286,8 @@ pub fn write_services(path: &Path, json: &serde_json::Value) {
 pub struct Embassy {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Reads stderr until the process closes it.
+    reader: Option<thread::JoinHandle<()>>,
 }
 
 impl Embassy {
@@ -306,25 +308,28 @@ impl Embassy {
             .expect("spawn embassy");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
-        Embassy::collect(stderr, Arc::clone(&log));
-        Embassy { child, log }
+        let reader = Some(Embassy::collect(stderr, Arc::clone(&log)));
+        Embassy { child, log, reader }
     }
 
     /// Wraps a child started by the test itself (with a piped stderr).
     pub fn adopt(mut child: Child) -> Embassy {
         let stderr = child.stderr.take().expect("stderr must be piped");
         let log = Arc::new(Mutex::new(Vec::new()));
-        Embassy::collect(stderr, Arc::clone(&log));
-        Embassy { child, log }
+        let reader = Some(Embassy::collect(stderr, Arc::clone(&log)));
+        Embassy { child, log, reader }
     }
 
-    fn collect(stderr: std::process::ChildStderr, log: Arc<Mutex<Vec<String>>>) {
+    fn collect(
+        stderr: std::process::ChildStderr,
+        log: Arc<Mutex<Vec<String>>>,
+    ) -> thread::JoinHandle<()> {
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[embassy] {line}");
                 log.lock().expect("log").push(line);
             }
-        });
+        })
     }
 
     /// Waits until a log line contains `needle`; fails with the log so far.
@@ -375,6 +380,10 @@ impl Embassy {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
+                // Everything it logged is in `log` once the reader reaches end of file.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
                 return Ok(status);
             }
             if Instant::now() > deadline {
@@ -382,6 +391,16 @@ impl Embassy {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Descriptors the process has open now.
+    pub fn open_descriptors(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |dir| dir.count())
     }
 
     /// True while the process runs.
