@@ -5,7 +5,7 @@ use std::{process::ExitCode, sync::Arc};
 use anyhow::{bail, Context};
 use embassy_core::ServiceDescriptor;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     cli::RunArgs,
@@ -54,8 +54,29 @@ pub fn requests(args: &RunArgs, vars: impl Iterator<Item = (String, String)>) ->
     requests
 }
 
+/// Raises the soft open-file limit to the hard one: a proxy holds two descriptors per
+/// connection, and the usual soft default (1024) would cap it at about 500.
+pub fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let from = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                debug!(from, to = limit.rlim_max, "open-file limit raised");
+            }
+        }
+    }
+}
+
 /// Runs the proxy until SIGTERM or SIGINT.
 pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitCode> {
+    raise_open_file_limit();
     let requests = requests(&args, std::env::vars());
     if requests.is_empty() {
         bail!(
