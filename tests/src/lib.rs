@@ -297,7 +297,16 @@ impl Embassy {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut child = Command::new(artifacts().embassy())
+        Embassy::start_binary(&artifacts().embassy(), args)
+    }
+
+    /// Starts the Embassy binary at `binary` (e.g. one built against another contract).
+    pub fn start_binary<I, S>(binary: &Path, args: I) -> Embassy
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let child = Command::new(binary)
             .args(args)
             .env_remove("DISCOVERY")
             .env("EMBASSY_LOG", "info,embassy_core=debug")
@@ -305,11 +314,8 @@ impl Embassy {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn embassy");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let reader = Some(Embassy::collect(stderr, Arc::clone(&log)));
-        Embassy { child, log, reader }
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
+        Embassy::adopt(child)
     }
 
     /// Wraps a child started by the test itself (with a piped stderr).
@@ -414,6 +420,51 @@ impl Drop for Embassy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Embassy running on the `file` discovery plugin, with the services file it reads.
+pub struct FileBacked {
+    pub embassy: Embassy,
+    /// The services file; rewrite it with [`write_services`].
+    pub services: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FileBacked {
+    /// Writes `services` to a fresh services file and starts the default binary with
+    /// `--plugin-dir plugins --discovery file://...` and `args` (the `--service`s and other
+    /// options); returns once a log line contains `ready` (e.g. "listening").
+    pub fn start(
+        services: &serde_json::Value,
+        plugins: &Path,
+        args: &[String],
+        ready: &str,
+    ) -> FileBacked {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("services.json");
+        write_services(&path, services);
+        let mut all = vec![
+            "--plugin-dir".to_string(),
+            plugins.display().to_string(),
+            "--discovery".to_string(),
+            format!("file://{}", path.display()),
+        ];
+        all.extend_from_slice(args);
+        let mut embassy = Embassy::start(&all);
+        embassy
+            .wait_for_log(ready, Duration::from_secs(20))
+            .expect("embassy starts");
+        FileBacked {
+            embassy,
+            services: path,
+            _dir: dir,
+        }
+    }
+}
+
+/// `--service DESCRIPTOR` as arguments.
+pub fn service_arg(descriptor: impl Into<String>) -> [String; 2] {
+    ["--service".to_string(), descriptor.into()]
 }
 
 /// Runs `embassy` with `args` to completion: (exit code, stdout, stderr).

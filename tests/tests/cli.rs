@@ -111,26 +111,20 @@ fn backend_variables_in_embassys_own_environment_are_served() {
 #[test]
 fn a_port_already_taken_is_named_and_the_other_services_still_run() {
     let a = Upstream::start("a");
-    let dir = tempfile::tempdir().expect("temp");
-    let services = dir.path().join("services.json");
-    write_services(&services, &json!({ "web": [a.addr.to_string()] }));
     let plugins = standard_plugin_dir(&[]);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken_port = taken.local_addr().expect("addr").port();
     let port = free_port();
-    let mut embassy = Embassy::start([
-        "--plugin-dir".to_string(),
-        plugins.path().display().to_string(),
-        "--discovery".to_string(),
-        format!("file://{}", services.display()),
-        "--service".to_string(),
-        format!("web;{taken_port}/tcp"),
-        "--service".to_string(),
-        format!("web;{port}/tcp"),
-    ]);
-    let line = embassy
-        .wait_for_log("cannot serve", Duration::from_secs(20))
-        .expect("error logged");
+    let mut args: Vec<String> = service_arg(format!("web;{taken_port}/tcp")).into();
+    args.extend(service_arg(format!("web;{port}/tcp")));
+    let mut proxy = FileBacked::start(
+        &json!({ "web": [a.addr.to_string()] }),
+        plugins.path(),
+        &args,
+        "cannot serve",
+    );
+    let embassy = &mut proxy.embassy;
+    let line = embassy.log_lines("cannot serve").remove(0);
     assert!(
         line.contains(&format!("port 127.0.0.1:{taken_port} is already in use")),
         "{line}"

@@ -7,36 +7,21 @@ use embassy_tests::*;
 use serde_json::json;
 
 struct Setup {
-    embassy: Embassy,
+    proxy: FileBacked,
     port: u16,
-    services: std::path::PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 fn start(initial: serde_json::Value, service: &str) -> Setup {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let services = dir.path().join("services.json");
-    write_services(&services, &initial);
     let plugins = standard_plugin_dir(&[]);
     let port = free_port();
-    let mut embassy = Embassy::start([
-        "--plugin-dir".to_string(),
-        plugins.path().display().to_string(),
-        "--discovery".to_string(),
-        format!("file://{}", services.display()),
+    let mut args: Vec<String> = service_arg(service.replace("PORT", &port.to_string())).into();
+    args.extend([
         "--discovery-opt".to_string(),
         "poll_interval=100ms".to_string(),
-        "--service".to_string(),
-        service.replace("PORT", &port.to_string()),
     ]);
-    embassy
-        .wait_for_log("listening", Duration::from_secs(20))
-        .expect("listening");
     Setup {
-        embassy,
+        proxy: FileBacked::start(&initial, plugins.path(), &args, "listening"),
         port,
-        services,
-        _dir: dir,
     }
 }
 
@@ -67,14 +52,15 @@ fn edits_add_and_remove_endpoints_for_new_connections_only() {
 
     // Replace a by c.
     write_services(
-        &s.services,
+        &s.proxy.services,
         &json!({ "web": [b.addr.to_string(), c.addr.to_string()] }),
     );
     assert!(
         reaches(s.port, "c"),
         "the added endpoint receives new connections"
     );
-    s.embassy
+    s.proxy
+        .embassy
         .wait_for_log("removed", Duration::from_secs(5))
         .expect("removal logged");
     let counts = distribution(s.port, 20).expect("connections");
@@ -96,8 +82,9 @@ fn edits_add_and_remove_endpoints_for_new_connections_only() {
 fn a_broken_file_keeps_the_last_good_endpoints() {
     let a = Upstream::start("a");
     let mut s = start(json!({ "web": [a.addr.to_string()] }), "web;PORT/tcp");
-    std::fs::write(&s.services, "{ \"web\": [ \"127.0.0.1:1\", ").expect("write broken file");
+    std::fs::write(&s.proxy.services, "{ \"web\": [ \"127.0.0.1:1\", ").expect("write broken file");
     let line = s
+        .proxy
         .embassy
         .wait_for_log("invalid JSON", Duration::from_secs(5))
         .expect("broken file reported");
@@ -111,10 +98,11 @@ fn a_broken_file_keeps_the_last_good_endpoints() {
 
     // A bad entry is a broken file too, and it is named.
     write_services(
-        &s.services,
+        &s.proxy.services,
         &json!({ "web": [a.addr.to_string(), {"adress": "x:1"}] }),
     );
     let line = s
+        .proxy
         .embassy
         .wait_for_log("unknown field", Duration::from_secs(5))
         .expect("bad entry reported");
@@ -126,7 +114,7 @@ fn a_broken_file_keeps_the_last_good_endpoints() {
 
     // Fixed again: picked up.
     let b = Upstream::start("b");
-    write_services(&s.services, &json!({ "web": [b.addr.to_string()] }));
+    write_services(&s.proxy.services, &json!({ "web": [b.addr.to_string()] }));
     assert!(reaches(s.port, "b"));
 }
 
@@ -149,6 +137,7 @@ fn a_service_missing_from_the_file_refuses_until_it_appears() {
     let a = Upstream::start("a");
     let mut s = start(json!({ "other": [a.addr.to_string()] }), "web;PORT/tcp");
     let line = s
+        .proxy
         .embassy
         .wait_for_log("service not in the services file", Duration::from_secs(5))
         .expect("warned");
@@ -160,6 +149,6 @@ fn a_service_missing_from_the_file_refuses_until_it_appears() {
         Client::connect(s.port).is_err(),
         "no endpoint: the connection is closed"
     );
-    write_services(&s.services, &json!({ "web": [a.addr.to_string()] }));
+    write_services(&s.proxy.services, &json!({ "web": [a.addr.to_string()] }));
     assert!(reaches(s.port, "a"));
 }

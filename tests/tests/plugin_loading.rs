@@ -1,8 +1,6 @@
 //! Loading plugin libraries: bad files are refused one by one with a clear error naming them,
 //! and the host goes on with the rest.
 
-use std::time::Duration;
-
 use embassy_tests::*;
 use serde_json::json;
 
@@ -28,21 +26,14 @@ fn mixed_plugin_dir() -> tempfile::TempDir {
 fn bad_libraries_get_one_clear_error_each_and_the_host_serves() {
     let plugins = mixed_plugin_dir();
     let upstream = Upstream::start("a");
-    let dir = tempfile::tempdir().expect("temp");
-    let services = dir.path().join("services.json");
-    write_services(&services, &json!({ "web": [upstream.addr.to_string()] }));
     let port = free_port();
-    let mut embassy = Embassy::start([
-        "--plugin-dir".to_string(),
-        plugins.path().display().to_string(),
-        "--discovery".to_string(),
-        format!("file://{}", services.display()),
-        "--service".to_string(),
-        format!("web;{port}/tcp"),
-    ]);
-    embassy
-        .wait_for_log("listening", Duration::from_secs(20))
-        .expect("host starts");
+    let proxy = FileBacked::start(
+        &json!({ "web": [upstream.addr.to_string()] }),
+        plugins.path(),
+        &service_arg(format!("web;{port}/tcp")),
+        "listening",
+    );
+    let embassy = &proxy.embassy;
 
     let changed = embassy.log_lines("libchanged_contract_plugin.so");
     assert_eq!(
@@ -189,43 +180,26 @@ fn a_second_plugin_claiming_a_scheme_is_refused_naming_both_files() {
     );
 }
 
-/// Serves `web` through `balancer` with Embassy binary `embassy` and the given plugin dir.
-fn serve_through(
-    embassy: &std::path::Path,
-    plugins: &std::path::Path,
-    balancer: &str,
-) -> (Embassy, u16, Upstream, tempfile::TempDir) {
+/// Serves `web` through `balancer` from plugin dir `plugins`.
+fn serve_through(plugins: &std::path::Path, balancer: &str) -> (FileBacked, u16, Upstream) {
     let upstream = Upstream::start("a");
-    let dir = tempfile::tempdir().expect("temp");
-    let services = dir.path().join("services.json");
-    write_services(&services, &json!({ "web": [upstream.addr.to_string()] }));
     let port = free_port();
-    let child = std::process::Command::new(embassy)
-        .args([
-            "--plugin-dir",
-            &plugins.display().to_string(),
-            "--balancer",
-            balancer,
-        ])
-        .args(["--discovery", &format!("file://{}", services.display())])
-        .args(["--service", &format!("web;{port}/tcp")])
-        .env("EMBASSY_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut embassy = Embassy::adopt(child);
-    embassy
-        .wait_for_log("listening", Duration::from_secs(20))
-        .expect("listening");
-    (embassy, port, upstream, dir)
+    let mut args: Vec<String> = service_arg(format!("web;{port}/tcp")).into();
+    args.extend(["--balancer".to_string(), balancer.to_string()]);
+    let services = json!({ "web": [upstream.addr.to_string()] });
+    (
+        FileBacked::start(&services, plugins, &args, "listening"),
+        port,
+        upstream,
+    )
 }
 
 #[test]
 fn a_plugin_built_against_the_next_minor_contract_loads_into_this_host() {
     let a = artifacts();
     let plugins = standard_plugin_dir(&[a.fixture_library("next-minor-plugin")]);
-    let (embassy, port, _upstream, _dir) =
-        serve_through(&a.embassy(), plugins.path(), "next-minor");
+    let (proxy, port, _upstream) = serve_through(plugins.path(), "next-minor");
+    let embassy = &proxy.embassy;
     assert!(embassy.log_lines("ERROR").is_empty(), "{:?}", embassy.log());
     assert_eq!(
         Client::connect(port)

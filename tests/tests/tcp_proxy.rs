@@ -9,35 +9,23 @@ use std::{
 use embassy_tests::*;
 use serde_json::json;
 
-const START: Duration = Duration::from_secs(20);
-
 /// Starts Embassy serving `web` on a free port from a services file listing `addresses`.
 fn serve(
     addresses: &[String],
     extra_args: &[&str],
     extra_plugins: &[std::path::PathBuf],
-) -> (Embassy, u16, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let services = dir.path().join("services.json");
-    write_services(&services, &json!({ "web": addresses }));
+) -> (FileBacked, u16) {
     let plugins = standard_plugin_dir(extra_plugins);
     let port = free_port();
-    let mut args = vec![
-        "--plugin-dir".to_string(),
-        plugins.path().display().to_string(),
-        "--discovery".to_string(),
-        format!("file://{}", services.display()),
-        "--service".to_string(),
-        format!("web;{port}/tcp"),
-    ];
+    let mut args: Vec<String> = service_arg(format!("web;{port}/tcp")).into();
     args.extend(extra_args.iter().map(|s| s.to_string()));
-    let mut embassy = Embassy::start(&args);
-    embassy
-        .wait_for_log("listening", START)
-        .expect("embassy listens");
-    // The plugin directory may go once loaded: libraries are mapped, never reloaded.
-    drop(plugins);
-    (embassy, port, dir)
+    let proxy = FileBacked::start(
+        &json!({ "web": addresses }),
+        plugins.path(),
+        &args,
+        "listening",
+    );
+    (proxy, port)
 }
 
 fn addresses(upstreams: &[&Upstream]) -> Vec<String> {
@@ -51,7 +39,7 @@ fn round_robin_spreads_300_connections_evenly() {
         Upstream::start("b"),
         Upstream::start("c"),
     );
-    let (_embassy, port, _dir) = serve(&addresses(&[&a, &b, &c]), &[], &[]);
+    let (_proxy, port) = serve(&addresses(&[&a, &b, &c]), &[], &[]);
     let counts = distribution(port, 300).expect("300 connections through the proxy");
     assert_eq!(counts.get("a"), Some(&100), "{counts:?}");
     assert_eq!(counts.get("b"), Some(&100), "{counts:?}");
@@ -62,7 +50,7 @@ fn round_robin_spreads_300_connections_evenly() {
 /// ways for the read to end.
 fn bulk_echo_with_half_close(copy_mode: &str) {
     let a = Upstream::start("a");
-    let (_embassy, port, _dir) = serve(&addresses(&[&a]), &["--copy", copy_mode], &[]);
+    let (_proxy, port) = serve(&addresses(&[&a]), &["--copy", copy_mode], &[]);
     let mut client = Client::connect(port).expect("connect");
     let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let mut writer = client.stream().try_clone().expect("clone");
@@ -94,8 +82,8 @@ fn userspace_copy_passes_data_intact_both_ways_with_half_close() {
 #[test]
 fn idle_spliced_connections_hold_no_pipes() {
     let a = Upstream::start("a");
-    let (embassy, port, _dir) = serve(&addresses(&[&a]), &["--copy", "splice"], &[]);
-    let before = embassy.open_descriptors();
+    let (proxy, port) = serve(&addresses(&[&a]), &["--copy", "splice"], &[]);
+    let before = proxy.embassy.open_descriptors();
     let mut clients: Vec<Client> = (0..100)
         .map(|_| Client::connect(port).expect("connect"))
         .collect();
@@ -104,7 +92,7 @@ fn idle_spliced_connections_hold_no_pipes() {
     }
     // Two sockets per connection; pipes are pooled while idle, not held per connection
     // (which would add four descriptors per connection).
-    let added = embassy.open_descriptors() - before;
+    let added = proxy.embassy.open_descriptors() - before;
     assert!(
         (200..250).contains(&added),
         "descriptors added for 100 idle connections: {added}"
@@ -117,7 +105,7 @@ fn a_refusing_endpoint_is_skipped() {
     let dead = format!("127.0.0.1:{}", free_port());
     let mut list = addresses(&[&a, &b]);
     list.insert(1, dead.clone());
-    let (embassy, port, _dir) = serve(&list, &[], &[]);
+    let (proxy, port) = serve(&list, &[], &[]);
     let counts = distribution(port, 30).expect("every client gets through");
     assert_eq!(counts.values().sum::<usize>(), 30);
     assert!(
@@ -125,7 +113,8 @@ fn a_refusing_endpoint_is_skipped() {
         "{counts:?}"
     );
     assert!(
-        embassy
+        proxy
+            .embassy
             .log_lines("connect failed")
             .iter()
             .any(|l| l.contains(&dead)),
@@ -140,18 +129,16 @@ fn least_conn_sends_new_connections_to_idle_endpoints() {
         Upstream::start("b"),
         Upstream::start("c"),
     );
-    let (mut embassy, port, dir) = serve(&addresses(&[&a]), &["--balancer", "least-conn"], &[]);
+    let (mut proxy, port) = serve(&addresses(&[&a]), &["--balancer", "least-conn"], &[]);
     // Five long-lived connections pile up on the only endpoint...
     let mut held: Vec<Client> = (0..5)
         .map(|_| Client::connect(port).expect("connect"))
         .collect();
     assert!(held.iter().all(|c| c.upstream == "a"));
     // ...then two idle endpoints appear.
-    write_services(
-        &dir.path().join("services.json"),
-        &json!({ "web": addresses(&[&a, &b, &c]) }),
-    );
-    embassy
+    write_services(&proxy.services, &json!({ "web": addresses(&[&a, &b, &c]) }));
+    proxy
+        .embassy
         .wait_for_log(&c.addr.to_string(), Duration::from_secs(5))
         .expect("update seen");
     let counts = distribution(port, 20).expect("new connections");
@@ -174,8 +161,7 @@ fn least_conn_sends_new_connections_to_idle_endpoints() {
 fn a_panicking_balancer_fails_one_connection_not_the_host() {
     let a = Upstream::start("a");
     let fixture = artifacts().library("embassy-fixture-panicking-balancer");
-    let (mut embassy, port, _dir) =
-        serve(&addresses(&[&a]), &["--balancer", "panicking"], &[fixture]);
+    let (mut proxy, port) = serve(&addresses(&[&a]), &["--balancer", "panicking"], &[fixture]);
     for round in 0..3 {
         // The fixture panics on even-numbered picks and answers on odd ones.
         assert!(
@@ -185,9 +171,10 @@ fn a_panicking_balancer_fails_one_connection_not_the_host() {
         let client = Client::connect(port).expect("the next connection works");
         assert_eq!(client.upstream, "a");
     }
-    assert!(embassy.is_running(), "host survived the panics");
+    assert!(proxy.embassy.is_running(), "host survived the panics");
     assert!(
-        !embassy
+        !proxy
+            .embassy
             .log_lines("plugin panicked: fixture panic on pick")
             .is_empty(),
         "the panic is reported"
@@ -197,10 +184,11 @@ fn a_panicking_balancer_fails_one_connection_not_the_host() {
 #[test]
 fn sigterm_stops_accepting_and_lets_open_connections_finish() {
     let a = Upstream::start("a");
-    let (mut embassy, port, _dir) = serve(&addresses(&[&a]), &["--grace-period", "20s"], &[]);
+    let (mut proxy, port) = serve(&addresses(&[&a]), &["--grace-period", "20s"], &[]);
     let mut open = Client::connect(port).expect("connect");
-    embassy.signal(libc::SIGTERM);
-    embassy
+    proxy.embassy.signal(libc::SIGTERM);
+    proxy
+        .embassy
         .wait_for_log("stopping", Duration::from_secs(5))
         .expect("stop logged");
     assert!(
@@ -216,9 +204,10 @@ fn sigterm_stops_accepting_and_lets_open_connections_finish() {
             .expect("open connection still served"),
         b"in flight"
     );
-    assert!(embassy.is_running(), "waits for the open connection");
+    assert!(proxy.embassy.is_running(), "waits for the open connection");
     drop(open);
-    let status = embassy
+    let status = proxy
+        .embassy
         .wait_exit(Duration::from_secs(10))
         .expect("exits once the connection ends");
     assert!(status.success(), "{status}");
@@ -227,12 +216,13 @@ fn sigterm_stops_accepting_and_lets_open_connections_finish() {
 #[test]
 fn grace_period_bounds_the_wait() {
     let a = Upstream::start("a");
-    let (mut embassy, port, _dir) = serve(&addresses(&[&a]), &["--grace-period", "300ms"], &[]);
+    let (mut proxy, port) = serve(&addresses(&[&a]), &["--grace-period", "300ms"], &[]);
     let _open = Client::connect(port).expect("connect");
-    embassy.signal(libc::SIGINT);
-    let status = embassy
+    proxy.embassy.signal(libc::SIGINT);
+    let status = proxy
+        .embassy
         .wait_exit(Duration::from_secs(10))
         .expect("exits after the grace period");
     assert!(status.success(), "{status}");
-    assert!(!embassy.log_lines("grace period over").is_empty());
+    assert!(!proxy.embassy.log_lines("grace period over").is_empty());
 }
