@@ -13,9 +13,7 @@ use std::{
 };
 
 use abi_stable::{sabi_trait::TD_Opaque, std_types::RArc};
-use embassy_core::{
-    forward::serve_tcp, listener::bind_tcp, ListenerError, Service, ServiceDescriptor,
-};
+use embassy_core::{Listener, ListenerError, Service, ServiceDescriptor};
 use embassy_plugin_api::{
     discovery::EndpointSink_TO, BalancerConfig, DiscoveryBox, Protocol, WatchHandleBox,
     WatchRequest,
@@ -44,8 +42,6 @@ pub enum ServeError {
     },
     #[error("cannot watch the service: {0}")]
     Watch(String),
-    #[error("udp proxying is not available yet")]
-    UdpUnsupported,
 }
 
 /// Settings that apply to every service.
@@ -110,9 +106,6 @@ impl Supervisor {
             active.owners.insert(owner.to_string());
             return Ok(());
         }
-        if descriptor.protocol == Protocol::Udp {
-            return Err(ServeError::UdpUnsupported);
-        }
         let balancer_name = descriptor
             .option("balancer")
             .unwrap_or(&self.defaults.balancer);
@@ -123,7 +116,7 @@ impl Supervisor {
                 options: options_of(descriptor),
             },
         )?;
-        let listener = bind_tcp(addr).await?;
+        let listener = Listener::bind(addr, descriptor.protocol).await?;
         let service = Arc::new(Service::new(
             descriptor.clone(),
             Box::new(balancer),
@@ -152,13 +145,9 @@ impl Supervisor {
             )
         });
         self.listeners.spawn(
-            serve_tcp(
-                listener,
-                Arc::clone(&service),
-                stop.clone(),
-                self.connections.clone(),
-            )
-            .instrument(span),
+            listener
+                .serve(Arc::clone(&service), stop.clone(), self.connections.clone())
+                .instrument(span),
         );
         self.active.insert(
             key,
