@@ -452,3 +452,121 @@ async fn relay_replies(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::DEFAULT_CONNECT_TIMEOUT;
+    use embassy_plugin_api::{Endpoint, EndpointView};
+
+    fn settings(descriptor: &str) -> UdpSettings {
+        UdpSettings::of(&descriptor.parse().expect("valid descriptor"))
+    }
+
+    #[test]
+    fn settings_come_from_the_descriptor_or_default() {
+        assert_eq!(
+            settings("dns;53/udp"),
+            UdpSettings {
+                idle: DEFAULT_IDLE,
+                max_sessions: DEFAULT_MAX_SESSIONS
+            }
+        );
+        assert_eq!(
+            settings("dns;53/udp;udp_idle=5;udp_max_sessions=7"),
+            UdpSettings {
+                idle: Duration::from_secs(5),
+                max_sessions: 7
+            }
+        );
+        assert_eq!(
+            settings("dns;53/udp;udp_idle=1").sweep_period(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            settings("dns;53/udp").sweep_period(),
+            Duration::from_secs(5)
+        );
+    }
+
+    /// An echo upstream on loopback, served by a task.
+    async fn echo_upstream() -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = socket.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut buffer = vec![0u8; DATAGRAM_BUFFER];
+            while let Ok((len, peer)) = socket.recv_from(&mut buffer).await {
+                let _ = socket.send_to(&buffer[..len], peer).await;
+            }
+        });
+        addr
+    }
+
+    async fn exchange(client: &UdpSocket, payload: &[u8]) -> Vec<u8> {
+        client.send(payload).await.expect("send");
+        let mut buffer = vec![0u8; DATAGRAM_BUFFER];
+        let len = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buffer))
+            .await
+            .expect("answered within 5 s")
+            .expect("recv");
+        buffer.truncate(len);
+        buffer
+    }
+
+    /// Live sessions are what least-conn sees, and an idle session stops counting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn endpoint_counters_count_live_sessions() {
+        let upstream = echo_upstream().await;
+        let first = |views: &[EndpointView]| (!views.is_empty()).then_some(0);
+        let service = Arc::new(Service::new(
+            "dns;53/udp;udp_idle=1".parse().expect("descriptor"),
+            Box::new(first),
+            DEFAULT_CONNECT_TIMEOUT,
+        ));
+        service
+            .endpoints
+            .replace(&[Endpoint::new(upstream.to_string())]);
+        let listen = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let port = listen.local_addr().expect("addr").port();
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let serving = tokio::spawn(serve_udp(
+            listen,
+            Arc::clone(&service),
+            stop.clone(),
+            tasks.clone(),
+        ));
+        let live = || service.endpoints.load().views()[0].active_connections();
+
+        let mut clients = Vec::new();
+        for size in [1usize, 1_000, 65_507] {
+            let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+            client.connect(("127.0.0.1", port)).await.expect("connect");
+            let payload: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+            assert_eq!(
+                exchange(&client, &payload).await,
+                payload,
+                "{size} bytes intact"
+            );
+            clients.push(client);
+        }
+        assert_eq!(live(), 3, "one count per session");
+        // A second datagram of the same client is the same session.
+        assert_eq!(exchange(&clients[0], b"again").await, b"again");
+        assert_eq!(live(), 3);
+
+        // Idle 1 s, swept every 250 ms.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while live() != 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(live(), 0, "idle sessions released their count");
+
+        stop.cancel();
+        serving.await.expect("listener ends");
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+            .await
+            .expect("reply tasks end with the listener");
+    }
+}

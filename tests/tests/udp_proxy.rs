@@ -263,3 +263,43 @@ fn tcp_and_udp_share_a_port_as_two_services() {
     assert_eq!(datagrams.whoami().expect("udp whoami").upstream, "u");
     datagrams.echo(b"\xffover udp").expect("udp echo");
 }
+
+#[test]
+fn least_conn_counts_live_sessions() {
+    let (a, b) = (UdpUpstream::start("a"), UdpUpstream::start("b"));
+    let s = start(
+        json!({ "dns": addresses(&[&a, &b]) }),
+        &["dns;PORT/udp;balancer=least-conn;udp_idle=1"],
+    );
+    // Four sessions, two per endpoint.
+    let mut clients: Vec<(UdpClient, Identity)> = (0..4)
+        .map(|_| {
+            let mut client = UdpClient::new(s.port).expect("client");
+            let identity = client.whoami().expect("whoami");
+            (client, identity)
+        })
+        .collect();
+    let on_a = clients.iter().filter(|(_, id)| id.upstream == "a").count();
+    assert_eq!(on_a, 2, "two of four sessions on a");
+    // a's sessions go quiet and expire; b's stay active meanwhile.
+    let mut on_b: Vec<_> = clients
+        .iter_mut()
+        .filter(|(_, id)| id.upstream == "b")
+        .collect();
+    for _ in 0..15 {
+        thread::sleep(Duration::from_millis(200));
+        for (client, identity) in on_b.iter_mut() {
+            assert_eq!(
+                &client.whoami().expect("whoami"),
+                identity,
+                "b's sessions stay"
+            );
+        }
+    }
+    // b has two live sessions, a none: both new sessions go to a (rotation alone would
+    // send one of them to b).
+    for _ in 0..2 {
+        let mut fresh = UdpClient::new(s.port).expect("client");
+        assert_eq!(fresh.whoami().expect("whoami").upstream, "a");
+    }
+}
