@@ -271,6 +271,17 @@ pub fn write_services(path: &Path, json: &serde_json::Value) {
     std::fs::rename(&tmp, path).expect("rename services");
 }
 
+/// The arguments for `embassy` with the plugins of `plugins` and the `file` discovery plugin
+/// reading `services`; add `--service` and the rest.
+pub fn file_discovery_args(plugins: &Path, services: &Path) -> Vec<String> {
+    vec![
+        "--plugin-dir".to_string(),
+        plugins.display().to_string(),
+        "--discovery".to_string(),
+        format!("file://{}", services.display()),
+    ]
+}
+
 /// A running `embassy` process; killed when dropped.
 pub struct Embassy {
     child: Child,

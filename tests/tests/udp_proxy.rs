@@ -21,14 +21,11 @@ fn start(services_json: serde_json::Value, descriptors: &[&str]) -> Setup {
     write_services(&services, &services_json);
     let plugins = standard_plugin_dir(&[]);
     let port = free_port();
-    let mut args = vec![
-        "--plugin-dir".to_string(),
-        plugins.path().display().to_string(),
-        "--discovery".to_string(),
-        format!("file://{}", services.display()),
+    let mut args = file_discovery_args(plugins.path(), &services);
+    args.extend([
         "--discovery-opt".to_string(),
         "poll_interval=100ms".to_string(),
-    ];
+    ]);
     for descriptor in descriptors {
         args.push("--service".to_string());
         args.push(descriptor.replace("PORT", &port.to_string()));
