@@ -113,6 +113,13 @@ impl ServiceEndpoints {
         self.current.load_full()
     }
 
+    /// Whether `set` is still the current snapshot: cheaper than [`load`](Self::load), as it
+    /// touches no reference count, so the datagram path can ask it per datagram.
+    #[inline]
+    pub fn is_current(&self, set: &Arc<EndpointSet>) -> bool {
+        Arc::ptr_eq(&self.current.load(), set)
+    }
+
     /// Replaces the whole set. Start-up and every later update come through here.
     pub fn replace(&self, endpoints: &[Endpoint]) -> SetChange {
         let mut counters = self
@@ -172,6 +179,15 @@ impl ActiveGuard {
     pub fn new(counter: &Arc<AtomicU64>) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(Arc::clone(counter))
+    }
+}
+
+impl ActiveGuard {
+    /// Whether this guard counts against `counter`: tells whether an endpoint of a later
+    /// snapshot is the same one (counters are carried over by address).
+    #[inline]
+    pub fn counts(&self, counter: &Arc<AtomicU64>) -> bool {
+        Arc::ptr_eq(&self.0, counter)
     }
 }
 

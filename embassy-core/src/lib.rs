@@ -1,7 +1,8 @@
 //! Embassy's proxy engine.
 //!
 //! It parses service descriptors, keeps each service's endpoints as an immutable snapshot
-//! swapped whole, and runs the connection path (accept, pick, connect, copy). It never loads
+//! swapped whole, and runs the connection path (accept, pick, connect, copy) and the datagram path
+//! (sessions per client address, pinned to one endpoint). It never loads
 //! a library and never talks to Docker or a discovery backend: the host feeds it endpoint
 //! sets and balancers.
 
@@ -12,9 +13,10 @@ pub mod endpoints;
 pub mod forward;
 pub mod listener;
 pub mod service;
+pub mod udp;
 
 pub use balancer::Picker;
 pub use descriptor::{DescriptorError, ServiceDescriptor};
 pub use endpoints::{EndpointSet, ServiceEndpoints};
-pub use listener::ListenerError;
+pub use listener::{Listener, ListenerError};
 pub use service::Service;

@@ -13,10 +13,7 @@ use std::{
 };
 
 use abi_stable::{sabi_trait::TD_Opaque, std_types::RArc};
-use embassy_core::{
-    copy::CopyMode, forward::serve_tcp, listener::bind_tcp, ListenerError, Service,
-    ServiceDescriptor,
-};
+use embassy_core::{copy::CopyMode, Listener, ListenerError, Service, ServiceDescriptor};
 use embassy_plugin_api::{
     discovery::EndpointSink_TO, BalancerConfig, DiscoveryBox, Protocol, WatchHandleBox,
     WatchRequest,
@@ -45,8 +42,6 @@ pub enum ServeError {
     },
     #[error("cannot watch the service: {0}")]
     Watch(String),
-    #[error("udp proxying is not available yet")]
-    UdpUnsupported,
 }
 
 /// Settings that apply to every service.
@@ -112,9 +107,6 @@ impl Supervisor {
             active.owners.insert(owner.to_string());
             return Ok(());
         }
-        if descriptor.protocol == Protocol::Udp {
-            return Err(ServeError::UdpUnsupported);
-        }
         let balancer_name = descriptor
             .option("balancer")
             .unwrap_or(&self.defaults.balancer);
@@ -125,7 +117,7 @@ impl Supervisor {
                 options: options_of(descriptor),
             },
         )?;
-        let listener = bind_tcp(addr).await?;
+        let listener = Listener::bind(addr, descriptor.protocol).await?;
         let mut service = Service::new(
             descriptor.clone(),
             Box::new(balancer),
@@ -156,13 +148,9 @@ impl Supervisor {
             )
         });
         self.listeners.spawn(
-            serve_tcp(
-                listener,
-                Arc::clone(&service),
-                stop.clone(),
-                self.connections.clone(),
-            )
-            .instrument(span),
+            listener
+                .serve(Arc::clone(&service), stop.clone(), self.connections.clone())
+                .instrument(span),
         );
         self.active.insert(
             key,

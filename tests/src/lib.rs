@@ -3,6 +3,10 @@
 //!
 //! Every wait here is bounded; a test that waits too long fails with what it saw.
 
+pub mod udp;
+
+pub use udp::{closed_udp_addr, Identity, UdpClient, UdpUpstream};
+
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Read, Write},
