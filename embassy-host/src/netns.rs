@@ -1,0 +1,121 @@
+//! Binding a listener inside another process's network namespace (host mode).
+//!
+//! `setns(CLONE_NEWNET)` switches only the calling thread, so the bind happens on a thread of
+//! its own that ends right after: no runtime worker ever leaves Embassy's namespace. A socket
+//! keeps the namespace it was created in, so the listener is then served on the runtime like
+//! any other, and the app container reaches it at `127.0.0.1:PORT` in its own namespace.
+
+use std::{
+    fs::File,
+    io,
+    net::{SocketAddr, TcpListener},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::PathBuf,
+};
+
+use thiserror::Error;
+
+/// A network namespace, named by a file that holds it (`/proc/<pid>/ns/net`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Netns {
+    /// The namespace's inode: equal for every process in the same namespace.
+    pub inode: u64,
+    pub path: PathBuf,
+}
+
+/// Why a listener could not be opened in a namespace.
+#[derive(Debug, Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot enter network namespace {path}: {source} (embassy needs CAP_SYS_ADMIN)")]
+    Enter {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("port {addr} is already in use in network namespace {path}")]
+    AddrInUse { addr: SocketAddr, path: PathBuf },
+    #[error("cannot bind {addr} in network namespace {path}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the thread binding {addr} in {path} died")]
+    ThreadDied { addr: SocketAddr, path: PathBuf },
+}
+
+impl Netns {
+    /// The network namespace of process `pid`, as this process sees it.
+    pub fn of_pid(pid: u32) -> Result<Netns, NetnsError> {
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let inode = std::fs::metadata(&path)
+            .map_err(|source| NetnsError::Open {
+                path: path.clone(),
+                source,
+            })?
+            .ino();
+        Ok(Netns { inode, path })
+    }
+
+    /// Binds a TCP listener on `addr` inside this namespace, returned non-blocking so that
+    /// `tokio::net::TcpListener::from_std` can serve it.
+    pub async fn bind_tcp(&self, addr: SocketAddr) -> Result<TcpListener, NetnsError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let path = self.path.clone();
+        let thread = std::thread::Builder::new()
+            .name("embassy-netns".into())
+            .spawn(move || {
+                let _ = reply.send(bind_in(&path, addr));
+            });
+        let died = || NetnsError::ThreadDied {
+            addr,
+            path: self.path.clone(),
+        };
+        if thread.is_err() {
+            return Err(died());
+        }
+        answer.await.map_err(|_| died())?
+    }
+}
+
+/// Runs on its own short-lived thread: enter the namespace, bind, return the socket.
+fn bind_in(path: &PathBuf, addr: SocketAddr) -> Result<TcpListener, NetnsError> {
+    let namespace = File::open(path).map_err(|source| NetnsError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    // SAFETY: setns(2) on a valid, open namespace descriptor; it changes only this thread's
+    // namespace, and this thread ends as soon as the socket is bound.
+    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(NetnsError::Enter {
+            path: path.clone(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    let listener = TcpListener::bind(addr).map_err(|source| match source.kind() {
+        io::ErrorKind::AddrInUse => NetnsError::AddrInUse {
+            addr,
+            path: path.clone(),
+        },
+        _ => NetnsError::Bind {
+            addr,
+            path: path.clone(),
+            source,
+        },
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| NetnsError::Bind {
+            addr,
+            path: path.clone(),
+            source,
+        })?;
+    Ok(listener)
+}

@@ -1,0 +1,205 @@
+//! Docker integration against a real engine: network-container mode (Embassy in a container,
+//! apps sharing its namespace) and host mode (Embassy on the host, binding inside each app's
+//! namespace). Apps reach their services at 127.0.0.1:8080 from inside their containers.
+
+use std::time::Duration;
+
+use embassy_tests::{docker::*, *};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `container.greeting(port)` until it is `name`.
+fn reaches(container: &Container, port: u16, name: &str) -> bool {
+    eventually(WAIT, || container.greeting(port).as_deref() == Some(name))
+}
+
+#[test]
+fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_last() {
+    let engine = engine();
+    let gateway = bridge_gateway().expect("docker bridge");
+    let web = Upstream::start_on("web-a", gateway.into());
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_services(
+        &dir.path().join("services.json"),
+        &json!({ "web": [web.addr.to_string()] }),
+    );
+    let embassy_image = engine.embassy_image().expect("embassy image");
+    let busybox = engine.busybox_image().expect("busybox image");
+    let volume = format!("{}:/etc/embassy", dir.path().display());
+    let embassy = engine
+        .run(
+            "embassy",
+            &[
+                "-v",
+                "/var/run/docker.sock:/var/run/docker.sock",
+                "-v",
+                &volume,
+                "-e",
+                "EMBASSY_LOG=info",
+                &embassy_image,
+                "/usr/bin/embassy",
+                "--docker",
+                "--discovery",
+                "file:///etc/embassy/services.json",
+                "--discovery-opt",
+                "poll_interval=100ms",
+            ],
+        )
+        .expect("embassy container");
+    // It found its own container without being told.
+    embassy
+        .wait_for_log(&["network-container mode", &embassy.name], WAIT)
+        .expect("mode detected");
+
+    // Joined by name, then by id: both share one listener.
+    let by_name = format!("container:{}", embassy.name);
+    let first = engine
+        .run(
+            "app",
+            &[
+                "--net",
+                &by_name,
+                "-e",
+                "BACKEND_WEB=web;8080/tcp",
+                &busybox,
+                "sleep",
+                "600",
+            ],
+        )
+        .expect("first app");
+    assert!(
+        reaches(&first, 8080, "web-a"),
+        "first app never reached web-a:\n{}",
+        embassy.logs()
+    );
+    let by_id = format!("container:{}", embassy.id);
+    let second = engine
+        .run(
+            "app",
+            &[
+                "--net",
+                &by_id,
+                "-e",
+                "BACKEND_WEB=web;8080/tcp",
+                &busybox,
+                "sleep",
+                "600",
+            ],
+        )
+        .expect("second app");
+    embassy
+        .wait_for_log(&["container served", &second.name, "services=1"], WAIT)
+        .expect("second app served");
+    assert!(reaches(&second, 8080, "web-a"));
+    assert_eq!(
+        embassy.logs().matches("listening").count(),
+        1,
+        "one shared listener"
+    );
+
+    // The first leaving does not close the shared listener...
+    first.stop().expect("stop first app");
+    embassy
+        .wait_for_log(&["container gone", &first.name], WAIT)
+        .expect("first app released");
+    assert_eq!(second.greeting(8080).as_deref(), Some("web-a"));
+    assert!(!embassy.logs().contains("listener released"));
+
+    // ...the last one does: nothing listens on 8080 in the shared namespace any more.
+    second.stop().expect("stop second app");
+    embassy
+        .wait_for_log(&["listener released", "web;8080/tcp"], WAIT)
+        .expect("listener released");
+    assert!(
+        eventually(WAIT, || embassy.talk(8080).is_err()),
+        "port 8080 still answers after the last app stopped"
+    );
+    assert!(web.accepted() >= 3);
+}
+
+#[test]
+fn host_mode_serves_each_container_in_its_own_namespace() {
+    let engine = engine();
+    // A prefix of this test's own: other tests' containers on this engine are not ours.
+    let prefix = format!("EMBASSY{}_", std::process::id());
+    let (a, b) = (Upstream::start("svc-a"), Upstream::start("svc-b"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let services = dir.path().join("services.json");
+    write_services(
+        &services,
+        &json!({ "svc-a": [a.addr.to_string()], "svc-b": [b.addr.to_string()] }),
+    );
+    let busybox = engine.busybox_image().expect("busybox image");
+    let good = format!("{prefix}Y=svc-a;8080/tcp");
+    let bad = format!("{prefix}X=svc-a;80x/tcp");
+    // Running before Embassy starts; one malformed variable beside a good one.
+    let early = engine
+        .run(
+            "host-early",
+            &[
+                "--net", "none", "-e", &good, "-e", &bad, &busybox, "sleep", "600",
+            ],
+        )
+        .expect("early app");
+    let plain = engine
+        .run("host-plain", &["--net", "none", &busybox, "sleep", "600"])
+        .expect("plain container");
+    let plugins = standard_plugin_dir(&[]);
+    let mut embassy = Embassy::start([
+        "--plugin-dir".to_string(),
+        plugins.path().display().to_string(),
+        "--discovery".to_string(),
+        format!("file://{}", services.display()),
+        "--discovery-opt".to_string(),
+        "poll_interval=100ms".to_string(),
+        "--docker".to_string(),
+        engine.host.clone(),
+        "--mode".to_string(),
+        "host".to_string(),
+        "--prefix".to_string(),
+        prefix.clone(),
+    ]);
+    embassy.wait_for_log("host mode", WAIT).expect("host mode");
+
+    // Started afterwards, same port, another service.
+    let late_var = format!("{prefix}WEB=svc-b;8080/tcp");
+    let late = engine
+        .run(
+            "host-late",
+            &["--net", "none", "-e", &late_var, &busybox, "sleep", "600"],
+        )
+        .expect("late app");
+    assert!(
+        reaches(&early, 8080, "svc-a"),
+        "early app never reached svc-a"
+    );
+    assert!(
+        reaches(&late, 8080, "svc-b"),
+        "late app never reached svc-b"
+    );
+    assert_eq!(early.greeting(8080).as_deref(), Some("svc-a"));
+
+    let reported = embassy.log_lines(&format!("{prefix}X"));
+    assert!(
+        reported
+            .iter()
+            .any(|l| l.contains(&early.name) && l.contains("invalid service descriptor")),
+        "malformed variable not reported with its container: {reported:?}"
+    );
+    assert!(
+        embassy.log_lines(&plain.name).is_empty(),
+        "a container without requests was touched"
+    );
+
+    // A container that dies has its listener closed.
+    late.stop().expect("stop late app");
+    assert!(
+        eventually(WAIT, || embassy
+            .log_lines("listener released")
+            .iter()
+            .any(|l| l.contains(&late.name))),
+        "late app's listener not released"
+    );
+    assert_eq!(early.greeting(8080).as_deref(), Some("svc-a"));
+}
