@@ -350,3 +350,152 @@ fn which(command: &str) -> Option<PathBuf> {
             .find(|path| path.is_file())
     })
 }
+
+/// A dockerd of the test's own (its own data root, socket, managed containerd and network
+/// namespace, no bridge, live restore), which the test may stop and start without disturbing
+/// anything else.
+///
+/// It answers on `admin.sock` always and on `docker.sock` only when started with `public`:
+/// Embassy is given `docker.sock`, so a test can change containers while Embassy cannot see
+/// the engine.
+pub struct PrivateEngine {
+    /// The engine as the test drives it (`admin.sock`).
+    pub admin: Engine,
+    dir: tempfile::TempDir,
+    daemon: Option<std::process::Child>,
+}
+
+impl PrivateEngine {
+    pub fn start() -> Result<PrivateEngine> {
+        which("dockerd").with_context(|| format!("dockerd not found: {INSTALL_HINT}"))?;
+        let dir = tempfile::tempdir()?;
+        let admin = Engine {
+            host: format!("unix://{}/admin.sock", dir.path().display()),
+        };
+        let mut engine = PrivateEngine {
+            admin,
+            dir,
+            daemon: None,
+        };
+        engine.start_daemon(true)?;
+        Ok(engine)
+    }
+
+    /// What Embassy is given: `unix://.../docker.sock`.
+    pub fn public_uri(&self) -> String {
+        format!("unix://{}/docker.sock", self.dir.path().display())
+    }
+
+    /// Starts dockerd, answering on `docker.sock` too if `public`; waits until it answers.
+    pub fn start_daemon(&mut self, public: bool) -> Result<()> {
+        let dir = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("dockerd.log"))?;
+        // In a network namespace of its own: with `--bridge=none` dockerd deletes `docker0`,
+        // which must stay for the machine's engine.
+        let mut command = Command::new("unshare");
+        command
+            .args(["--net", "--", "dockerd"])
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .args(["--bridge=none", "--iptables=false", "--ip6tables=false"])
+            .arg("--live-restore")
+            .arg("-H")
+            .arg(&self.admin.host);
+        if public {
+            command.arg("-H").arg(self.public_uri());
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting a private dockerd (the tests need root)")?;
+        self.daemon = Some(child);
+        self.admin
+            .wait_answering(Duration::from_secs(60))
+            .with_context(|| format!("see {}", dir.join("dockerd.log").display()))
+    }
+
+    /// Stops dockerd (SIGTERM) and waits for it; containers keep running (live restore).
+    pub fn stop_daemon(&mut self) -> Result<()> {
+        let Some(mut child) = self.daemon.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("private dockerd did not stop within 30 s");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PrivateEngine {
+    fn drop(&mut self) {
+        if self.daemon.is_some() {
+            if let Ok(ids) = self.admin.docker(["ps", "-aq"]) {
+                for id in ids.lines() {
+                    let _ = self.admin.docker(["rm", "-f", id]);
+                }
+            }
+        }
+        let _ = self.stop_daemon();
+        // dockerd bind-mounts its data root onto itself and leaves it mounted.
+        if let Ok(data) =
+            std::ffi::CString::new(self.dir.path().join("data").as_os_str().as_encoded_bytes())
+        {
+            // SAFETY: umount2(2) with a valid C string; failure (not mounted) is harmless.
+            unsafe { libc::umount2(data.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Connects to 127.0.0.1:`port` inside the network namespace of process `pid` (from a thread
+/// that enters it), sends a line and returns the upstream greeting if the echo came back.
+/// Works while the engine is down, unlike `docker exec`.
+pub fn greeting_in_netns_of(pid: u32, port: u16) -> Result<String> {
+    let path = format!("/proc/{pid}/ns/net");
+    thread::spawn(move || -> Result<String> {
+        let namespace = std::fs::File::open(&path).with_context(|| path.clone())?;
+        // SAFETY: setns(2) on an open namespace file; only this short-lived thread moves.
+        if unsafe {
+            libc::setns(
+                std::os::fd::AsRawFd::as_raw_fd(&namespace),
+                libc::CLONE_NEWNET,
+            )
+        } != 0
+        {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        let mut client = crate::Client::connect(port)?;
+        if client.echo(b"ping\n")? != b"ping\n" {
+            bail!("the echo did not come back");
+        }
+        Ok(client.upstream)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns client thread panicked"))?
+}
+
+impl Container {
+    /// The container's main process as the host sees it.
+    pub fn pid(&self) -> Result<u32> {
+        Ok(self
+            .engine
+            .docker(["inspect", "--format", "{{.State.Pid}}", &self.id])?
+            .parse()?)
+    }
+}

@@ -9,6 +9,48 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Two upstreams on loopback and a services file naming them `svc-a` and `svc-b`.
+struct TwoServices {
+    _upstreams: (Upstream, Upstream),
+    dir: tempfile::TempDir,
+}
+
+impl TwoServices {
+    fn start() -> TwoServices {
+        let (a, b) = (Upstream::start("svc-a"), Upstream::start("svc-b"));
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_services(
+            &dir.path().join("services.json"),
+            &json!({ "svc-a": [a.addr.to_string()], "svc-b": [b.addr.to_string()] }),
+        );
+        TwoServices {
+            _upstreams: (a, b),
+            dir,
+        }
+    }
+
+    /// Embassy on the host, in host mode, following the engine at `uri`.
+    fn host_mode_embassy(&self, uri: &str, extra: &[&str]) -> (Embassy, tempfile::TempDir) {
+        let plugins = standard_plugin_dir(&[]);
+        let mut args = vec![
+            "--plugin-dir".to_string(),
+            plugins.path().display().to_string(),
+            "--discovery".to_string(),
+            format!("file://{}", self.dir.path().join("services.json").display()),
+            "--discovery-opt".to_string(),
+            "poll_interval=100ms".to_string(),
+            "--docker".to_string(),
+            uri.to_string(),
+            "--mode".to_string(),
+            "host".to_string(),
+        ];
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        let mut embassy = Embassy::start(args);
+        embassy.wait_for_log("host mode", WAIT).expect("host mode");
+        (embassy, plugins)
+    }
+}
+
 /// Polls `container.greeting(port)` until it is `name`.
 fn reaches(container: &Container, port: u16, name: &str) -> bool {
     eventually(WAIT, || container.greeting(port).as_deref() == Some(name))
@@ -123,13 +165,7 @@ fn host_mode_serves_each_container_in_its_own_namespace() {
     let engine = engine();
     // A prefix of this test's own: other tests' containers on this engine are not ours.
     let prefix = format!("EMBASSY{}_", std::process::id());
-    let (a, b) = (Upstream::start("svc-a"), Upstream::start("svc-b"));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let services = dir.path().join("services.json");
-    write_services(
-        &services,
-        &json!({ "svc-a": [a.addr.to_string()], "svc-b": [b.addr.to_string()] }),
-    );
+    let services = TwoServices::start();
     let busybox = engine.busybox_image().expect("busybox image");
     let good = format!("{prefix}Y=svc-a;8080/tcp");
     let bad = format!("{prefix}X=svc-a;80x/tcp");
@@ -145,22 +181,7 @@ fn host_mode_serves_each_container_in_its_own_namespace() {
     let plain = engine
         .run("host-plain", &["--net", "none", &busybox, "sleep", "600"])
         .expect("plain container");
-    let plugins = standard_plugin_dir(&[]);
-    let mut embassy = Embassy::start([
-        "--plugin-dir".to_string(),
-        plugins.path().display().to_string(),
-        "--discovery".to_string(),
-        format!("file://{}", services.display()),
-        "--discovery-opt".to_string(),
-        "poll_interval=100ms".to_string(),
-        "--docker".to_string(),
-        engine.host.clone(),
-        "--mode".to_string(),
-        "host".to_string(),
-        "--prefix".to_string(),
-        prefix.clone(),
-    ]);
-    embassy.wait_for_log("host mode", WAIT).expect("host mode");
+    let (embassy, _plugins) = services.host_mode_embassy(&engine.host, &["--prefix", &prefix]);
 
     // Started afterwards, same port, another service.
     let late_var = format!("{prefix}WEB=svc-b;8080/tcp");
@@ -202,4 +223,77 @@ fn host_mode_serves_each_container_in_its_own_namespace() {
         "late app's listener not released"
     );
     assert_eq!(early.greeting(8080).as_deref(), Some("svc-a"));
+}
+
+#[test]
+fn keeps_serving_through_an_engine_outage_and_catches_up_after() {
+    let mut private = PrivateEngine::start().expect("private dockerd");
+    let engine = private.admin.clone();
+    let busybox = engine.busybox_image().expect("busybox image");
+    let services = TwoServices::start();
+    let app = |name: &str, service: &str| {
+        let var = format!("BACKEND_WEB={service};8080/tcp");
+        engine
+            .run(
+                name,
+                &["--net", "none", "-e", &var, &busybox, "sleep", "600"],
+            )
+            .expect("app container")
+    };
+    let stays = app("stays", "svc-a");
+    let leaves = app("leaves", "svc-b");
+    let (mut embassy, _plugins) = services.host_mode_embassy(&private.public_uri(), &[]);
+    assert!(reaches(&stays, 8080, "svc-a"));
+    assert!(reaches(&leaves, 8080, "svc-b"));
+
+    // The engine goes away: what is served stays served.
+    private.stop_daemon().expect("stop dockerd");
+    embassy
+        .wait_for_log("docker engine lost", WAIT)
+        .expect("outage noticed");
+    let pid = stays.pid();
+    assert!(pid.is_err(), "the engine still answers");
+    let stays_pid = {
+        private
+            .start_daemon(false)
+            .expect("dockerd, hidden from embassy");
+        stays.pid().expect("pid")
+    };
+    assert_eq!(
+        greeting_in_netns_of(stays_pid, 8080).ok().as_deref(),
+        Some("svc-a"),
+        "not served during the outage"
+    );
+
+    // While Embassy cannot see the engine, one container starts and one stops.
+    let arrives = app("arrives", "svc-b");
+    leaves.stop().expect("stop leaves");
+    private.stop_daemon().expect("stop hidden dockerd");
+    private.start_daemon(true).expect("dockerd, visible again");
+
+    // The relisting catches up: the newcomer is served, the leaver released, nothing doubled.
+    assert!(
+        reaches(&arrives, 8080, "svc-b"),
+        "container started meanwhile not served"
+    );
+    assert!(
+        eventually(WAIT, || embassy
+            .log_lines("container gone")
+            .iter()
+            .any(|l| l.contains(&leaves.name))),
+        "container stopped meanwhile not released"
+    );
+    assert!(reaches(&stays, 8080, "svc-a"));
+    let served_twice = embassy
+        .log_lines("listening")
+        .iter()
+        .filter(|l| l.contains(&stays.name))
+        .count();
+    assert_eq!(
+        served_twice, 1,
+        "the container that stayed was served again"
+    );
+    embassy
+        .wait_for_log("docker engine reachable again", WAIT)
+        .expect("recovery logged");
 }
