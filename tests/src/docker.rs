@@ -277,6 +277,14 @@ impl Container {
     pub fn start(&self) -> Result<()> {
         self.engine.docker(["start", &self.id]).map(drop)
     }
+
+    /// The container's main process as the host sees it.
+    pub fn pid(&self) -> Result<u32> {
+        Ok(self
+            .engine
+            .docker(["inspect", "--format", "{{.State.Pid}}", &self.id])?
+            .parse()?)
+    }
 }
 
 impl Drop for Container {
@@ -463,12 +471,13 @@ impl Drop for PrivateEngine {
     }
 }
 
-/// Connects to 127.0.0.1:`port` inside the network namespace of process `pid` (from a thread
-/// that enters it), sends a line and returns the upstream greeting if the echo came back.
-/// Works while the engine is down, unlike `docker exec`.
-pub fn greeting_in_netns_of(pid: u32, port: u16) -> Result<String> {
+/// Runs `work` on a thread of its own that first enters the network namespace of process `pid`.
+pub fn in_netns_of<T: Send + 'static>(
+    pid: u32,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let path = format!("/proc/{pid}/ns/net");
-    thread::spawn(move || -> Result<String> {
+    thread::spawn(move || -> Result<T> {
         let namespace = std::fs::File::open(&path).with_context(|| path.clone())?;
         // SAFETY: setns(2) on an open namespace file; only this short-lived thread moves.
         if unsafe {
@@ -480,22 +489,38 @@ pub fn greeting_in_netns_of(pid: u32, port: u16) -> Result<String> {
         {
             bail!("setns {path}: {}", std::io::Error::last_os_error());
         }
+        work()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+/// Connects to 127.0.0.1:`port` inside the network namespace of process `pid`, sends a line
+/// and returns the upstream greeting if the echo came back. Works while the engine is down,
+/// unlike `docker exec`.
+pub fn greeting_in_netns_of(pid: u32, port: u16) -> Result<String> {
+    in_netns_of(pid, move || {
         let mut client = crate::Client::connect(port)?;
         if client.echo(b"ping\n")? != b"ping\n" {
             bail!("the echo did not come back");
         }
         Ok(client.upstream)
     })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns client thread panicked"))?
 }
 
-impl Container {
-    /// The container's main process as the host sees it.
-    pub fn pid(&self) -> Result<u32> {
-        Ok(self
-            .engine
-            .docker(["inspect", "--format", "{{.State.Pid}}", &self.id])?
-            .parse()?)
-    }
+/// Tries to connect to 127.0.0.1:`port` in the network namespace of process `pid` until it
+/// succeeds: when it did, or an error after `timeout`.
+pub fn wait_accepting_in_netns_of(pid: u32, port: u16, timeout: Duration) -> Result<Instant> {
+    in_netns_of(pid, move || {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return Ok(Instant::now());
+            }
+            if Instant::now() > deadline {
+                bail!("nothing accepted on port {port} within {timeout:?}");
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+    })
 }
