@@ -169,12 +169,14 @@ fn host_mode_serves_each_container_in_its_own_namespace() {
     let busybox = engine.busybox_image().expect("busybox image");
     let good = format!("{prefix}Y=svc-a;8080/tcp");
     let bad = format!("{prefix}X=svc-a;80x/tcp");
-    // Running before Embassy starts; one malformed variable beside a good one.
+    let clash = format!("{prefix}Z=svc-b;8080/tcp");
+    // Running before Embassy starts; beside a good variable, a malformed one and one asking
+    // for the good one's port for another service.
     let early = engine
         .run(
             "host-early",
             &[
-                "--net", "none", "-e", &good, "-e", &bad, &busybox, "sleep", "600",
+                "--net", "none", "-e", &good, "-e", &bad, "-e", &clash, &busybox, "sleep", "600",
             ],
         )
         .expect("early app");
@@ -207,6 +209,13 @@ fn host_mode_serves_each_container_in_its_own_namespace() {
             .iter()
             .any(|l| l.contains(&early.name) && l.contains("invalid service descriptor")),
         "malformed variable not reported with its container: {reported:?}"
+    );
+    let clashed = embassy.log_lines(&format!("{prefix}Z"));
+    assert!(
+        clashed
+            .iter()
+            .any(|l| l.contains(&early.name) && l.contains("already serving svc-a;8080/tcp")),
+        "port clash not reported with its container: {clashed:?}"
     );
     assert!(
         embassy.log_lines(&plain.name).is_empty(),

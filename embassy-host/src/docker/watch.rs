@@ -3,6 +3,11 @@
 //! Each session asks for events *since just before* its listing, so nothing that happens
 //! between the two is missed; what is seen twice is harmless because [`Change::Up`] of a
 //! container already served (same run) is a no-op on the receiving side.
+//!
+//! Only start, die and destroy are followed: network connect/disconnect events change which
+//! Docker networks a container is on, never which network namespace it has, and both modes
+//! decide association (`--net=container:` is fixed at creation) and listener placement by
+//! namespace alone.
 
 use std::{
     collections::HashMap,
