@@ -10,7 +10,7 @@ use std::{
     io,
     net::{SocketAddr, TcpListener},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use thiserror::Error;
@@ -52,9 +52,17 @@ pub enum NetnsError {
 }
 
 impl Netns {
+    /// Embassy's own network namespace.
+    pub fn own() -> Result<Netns, NetnsError> {
+        Netns::at(PathBuf::from("/proc/self/ns/net"))
+    }
+
     /// The network namespace of process `pid`, as this process sees it.
     pub fn of_pid(pid: u32) -> Result<Netns, NetnsError> {
-        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        Netns::at(PathBuf::from(format!("/proc/{pid}/ns/net")))
+    }
+
+    fn at(path: PathBuf) -> Result<Netns, NetnsError> {
         let inode = std::fs::metadata(&path)
             .map_err(|source| NetnsError::Open {
                 path: path.clone(),
@@ -67,12 +75,39 @@ impl Netns {
     /// Binds a TCP listener on `addr` inside this namespace, returned non-blocking so that
     /// `tokio::net::TcpListener::from_std` can serve it.
     pub async fn bind_tcp(&self, addr: SocketAddr) -> Result<TcpListener, NetnsError> {
+        self.inside(addr, move || {
+            let listener = TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        })
+        .await
+    }
+
+    /// Runs `make` (which creates a socket bound to `addr`) on a thread of its own that first
+    /// enters this namespace. Any socket kind can be made this way (UDP too).
+    pub async fn inside<T: Send + 'static>(
+        &self,
+        addr: SocketAddr,
+        make: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> Result<T, NetnsError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let path = self.path.clone();
         let thread = std::thread::Builder::new()
             .name("embassy-netns".into())
             .spawn(move || {
-                let _ = reply.send(bind_in(&path, addr));
+                let _ = reply.send(enter(&path).and_then(|()| {
+                    make().map_err(|source| match source.kind() {
+                        io::ErrorKind::AddrInUse => NetnsError::AddrInUse {
+                            addr,
+                            path: path.clone(),
+                        },
+                        _ => NetnsError::Bind {
+                            addr,
+                            path: path.clone(),
+                            source,
+                        },
+                    })
+                }));
             });
         let died = || NetnsError::ThreadDied {
             addr,
@@ -85,37 +120,19 @@ impl Netns {
     }
 }
 
-/// Runs on its own short-lived thread: enter the namespace, bind, return the socket.
-fn bind_in(path: &PathBuf, addr: SocketAddr) -> Result<TcpListener, NetnsError> {
+/// Moves the calling thread into the namespace at `path`. Only for threads that end right after.
+fn enter(path: &Path) -> Result<(), NetnsError> {
     let namespace = File::open(path).map_err(|source| NetnsError::Open {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     })?;
     // SAFETY: setns(2) on a valid, open namespace descriptor; it changes only this thread's
-    // namespace, and this thread ends as soon as the socket is bound.
+    // namespace, and the caller's thread ends as soon as its socket is made.
     if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(NetnsError::Enter {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source: io::Error::last_os_error(),
         });
     }
-    let listener = TcpListener::bind(addr).map_err(|source| match source.kind() {
-        io::ErrorKind::AddrInUse => NetnsError::AddrInUse {
-            addr,
-            path: path.clone(),
-        },
-        _ => NetnsError::Bind {
-            addr,
-            path: path.clone(),
-            source,
-        },
-    })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| NetnsError::Bind {
-            addr,
-            path: path.clone(),
-            source,
-        })?;
-    Ok(listener)
+    Ok(())
 }

@@ -72,6 +72,14 @@ pub enum Place {
 }
 
 impl Place {
+    async fn bind_tcp(&self, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+        Ok(match self {
+            Place::Own => bind_tcp(addr).await?,
+            Place::Netns(netns) => TcpListener::from_std(netns.bind_tcp(addr).await?)
+                .map_err(|source| ListenerError::Bind { addr, source })?,
+        })
+    }
+
     /// Equal for every process of one namespace.
     fn namespace_id(&self) -> Option<u64> {
         match self {
@@ -159,14 +167,7 @@ impl Supervisor {
                 options: options_of(descriptor),
             },
         )?;
-        let listener = match place {
-            Place::Own => bind_tcp(addr).await?,
-            Place::Netns(netns) => {
-                let bound = netns.bind_tcp(addr).await?;
-                TcpListener::from_std(bound)
-                    .map_err(|source| ListenerError::Bind { addr, source })?
-            }
-        };
+        let listener = place.bind_tcp(addr).await?;
         let service = Arc::new(Service::new(
             descriptor.clone(),
             Box::new(balancer),

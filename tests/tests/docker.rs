@@ -203,6 +203,29 @@ fn host_mode_serves_each_container_in_its_own_namespace() {
     );
     assert_eq!(early.greeting(8080).as_deref(), Some("svc-a"));
 
+    // A container on the host's network is served in the host's namespace, where Embassy is.
+    let port = free_port();
+    let on_host_var = format!("{prefix}WEB=svc-b;{port}/tcp");
+    let _on_host = engine
+        .run(
+            "host-net",
+            &[
+                "--net",
+                "host",
+                "-e",
+                &on_host_var,
+                &busybox,
+                "sleep",
+                "600",
+            ],
+        )
+        .expect("host-network app");
+    assert!(
+        eventually(WAIT, || Client::connect(port)
+            .is_ok_and(|c| c.upstream == "svc-b")),
+        "host-network app not served on the host's loopback"
+    );
+
     let reported = embassy.log_lines(&format!("{prefix}X"));
     assert!(
         reported

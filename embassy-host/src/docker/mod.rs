@@ -90,11 +90,11 @@ pub fn short_id(id: &str) -> &str {
 pub enum DockerError {
     #[error("unsupported docker address {0:?}: give unix:///path/to/docker.sock")]
     Uri(String),
-    #[error("cannot reach the docker engine at {uri}: {source}")]
+    // The engine's error is in the message, not a `source`: anyhow's `{:#}` would repeat it.
+    #[error("cannot reach the docker engine at {uri}: {reason}")]
     Connect {
         uri: String,
-        #[source]
-        source: bollard::errors::Error,
+        reason: bollard::errors::Error,
     },
     #[error("docker engine request failed: {0}")]
     Engine(#[from] bollard::errors::Error),

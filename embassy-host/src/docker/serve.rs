@@ -27,6 +27,9 @@ struct Claims {
 /// The containers served, and their claims.
 pub struct ServedContainers {
     host_mode: bool,
+    /// Embassy's own namespace: a container sharing it (`--net=host`) is served as
+    /// [`Place::Own`], so it shares listeners with `--service` and Embassy's own variables.
+    own_netns: Option<u64>,
     containers: HashMap<String, Claims>,
 }
 
@@ -34,6 +37,7 @@ impl ServedContainers {
     pub fn new(mode: &Mode) -> Self {
         ServedContainers {
             host_mode: *mode == Mode::Host,
+            own_netns: Netns::own().ok().map(|netns| netns.inode),
             containers: HashMap::new(),
         }
     }
@@ -80,6 +84,7 @@ impl ServedContainers {
         let label = container.label();
         let place = if self.host_mode {
             match Netns::of_pid(container.pid) {
+                Ok(netns) if Some(netns.inode) == self.own_netns => Place::Own,
                 Ok(netns) => Place::Netns(netns),
                 Err(error) => {
                     warn!(container = %label, %error, "cannot reach the container's network namespace (gone, or embassy lacks the host's pid namespace), not served");

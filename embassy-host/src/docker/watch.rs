@@ -50,9 +50,9 @@ pub fn socket_path(uri: &str) -> Result<&str, DockerError> {
 /// than bollard's default).
 pub async fn connect(uri: &str) -> Result<Docker, DockerError> {
     let path = socket_path(uri)?;
-    let connect_error = |source| DockerError::Connect {
+    let connect_error = |reason| DockerError::Connect {
         uri: uri.to_string(),
-        source,
+        reason,
     };
     Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION)
         .map_err(connect_error)?
