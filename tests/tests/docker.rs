@@ -329,3 +329,27 @@ fn keeps_serving_through_an_engine_outage_and_catches_up_after() {
         .wait_for_log("docker engine reachable again", WAIT)
         .expect("recovery logged");
 }
+
+#[test]
+fn an_unknown_own_container_is_a_clear_startup_error() {
+    let engine = engine();
+    let services = TwoServices::start();
+    let (code, _, stderr) = run_embassy([
+        "--plugin-dir".to_string(),
+        standard_plugin_dir(&[]).path().display().to_string(),
+        "--discovery".to_string(),
+        format!(
+            "file://{}",
+            services.dir.path().join("services.json").display()
+        ),
+        "--docker".to_string(),
+        engine.host.clone(),
+        "--container-id".to_string(),
+        "no-such-embassy".to_string(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("container \"no-such-embassy\" (given by --container-id) not found"),
+        "{stderr}"
+    );
+}
