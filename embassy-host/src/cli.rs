@@ -5,8 +5,12 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use embassy_core::{copy::CopyMode, descriptor::parse_duration, ServiceDescriptor};
 
+pub use crate::docker::watch::ModeChoice;
+
 /// Where plugins are looked for unless `--plugin-dir` or `EMBASSY_PLUGIN_DIR` says otherwise.
 pub const DEFAULT_PLUGIN_DIR: &str = "/usr/lib/embassy/plugins";
+/// The engine `--docker` follows when given no URI.
+pub const DEFAULT_DOCKER_URI: &str = "unix:///var/run/docker.sock";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,8 +81,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "round-robin", value_name = "NAME")]
     pub balancer: String,
 
-    /// Also read descriptors from Embassy's own environment variables with this prefix
-    /// (the inside-the-container mode); an empty prefix turns this off.
+    /// Variable prefix of service requests, in Embassy's own environment (the inside-the-container
+    /// mode) and in containers' (--docker); an empty prefix turns both off.
     #[arg(long, default_value = "BACKEND_", value_name = "PREFIX")]
     pub prefix: String,
 
@@ -90,6 +94,21 @@ pub struct RunArgs {
     /// (read/write through a buffer).
     #[arg(long = "copy", default_value = default_copy(), value_name = "MODE", value_parser = parse_copy_mode)]
     pub copy_mode: CopyMode,
+
+    /// Serve the BACKEND_* variables (see --prefix) of Docker containers, followed through this
+    /// engine; the URI defaults to unix:///var/run/docker.sock.
+    #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = DEFAULT_DOCKER_URI)]
+    pub docker: Option<String>,
+
+    /// With --docker, which containers to serve. Default: network-container when embassy finds
+    /// the container it runs in (or --container-id names it), host otherwise.
+    #[arg(long, value_enum, requires = "docker", value_name = "MODE")]
+    pub mode: Option<ModeChoice>,
+
+    /// With --docker, embassy's own container (id or name) for network-container mode, instead of
+    /// finding it from /proc.
+    #[arg(long, requires = "docker", value_name = "ID")]
+    pub container_id: Option<String>,
 
     /// On SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration_arg)]

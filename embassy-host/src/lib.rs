@@ -4,6 +4,8 @@
 //! `main.rs` stays thin: parse, set up logging, load plugins, dispatch to [`run`].
 
 pub mod cli;
+pub mod docker;
+pub mod netns;
 pub mod plugins;
 pub mod run;
 pub mod sink;

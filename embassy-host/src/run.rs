@@ -4,11 +4,20 @@ use std::{process::ExitCode, sync::Arc};
 
 use anyhow::{bail, Context};
 use embassy_core::ServiceDescriptor;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
     cli::RunArgs,
+    docker::{
+        serve::ServedContainers,
+        watch::{connect, resolve_mode, Watcher},
+        Change, ContainerLabel, Mode,
+    },
     plugins::{log_load_error, PluginRegistry},
     supervisor::{ServeDefaults, Supervisor},
 };
@@ -78,9 +87,9 @@ pub fn raise_open_file_limit() {
 pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitCode> {
     raise_open_file_limit();
     let requests = requests(&args, std::env::vars());
-    if requests.is_empty() {
+    if requests.is_empty() && args.docker.is_none() {
         bail!(
-            "nothing to serve: give --service DESCRIPTOR or set {}NAME=DESCRIPTOR variables",
+            "nothing to serve: give --service DESCRIPTOR, set {}NAME=DESCRIPTOR variables or --docker",
             args.prefix
         );
     }
@@ -108,15 +117,28 @@ pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitC
             error!(service = %request.descriptor, origin = %request.origin, "cannot serve: {error}");
         }
     }
-    if supervisor.is_empty() {
+    if supervisor.is_empty() && args.docker.is_none() {
         bail!("no service could be served ({failures} failed, see above)");
     }
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    let signal = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
+    let stop_watching = CancellationToken::new();
+    let (mut changes, mut served) = match &args.docker {
+        Some(uri) => start_docker(uri, &args, stop_watching.clone()).await?,
+        None => (mpsc::channel(1).1, None),
     };
+    let signal = loop {
+        tokio::select! {
+            _ = terminate.recv() => break "SIGTERM",
+            _ = interrupt.recv() => break "SIGINT",
+            Some(change) = changes.recv() => {
+                if let Some(served) = served.as_mut() {
+                    served.apply(&mut supervisor, change).await;
+                }
+            }
+        }
+    };
+    stop_watching.cancel();
     info!(signal, grace = ?args.grace_period, "stopping: no new connections");
     let left = supervisor.shutdown(args.grace_period).await;
     if left > 0 {
@@ -127,6 +149,35 @@ pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitC
     }
     info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Connects to the engine, settles the mode and starts following it: the changes arrive on the
+/// returned channel, to be applied to the supervisor by the run loop (its only owner).
+async fn start_docker(
+    uri: &str,
+    args: &RunArgs,
+    stop: CancellationToken,
+) -> anyhow::Result<(mpsc::Receiver<Change>, Option<ServedContainers>)> {
+    let docker = connect(uri).await?;
+    let mode = resolve_mode(&docker, args.mode, args.container_id.as_deref()).await?;
+    match &mode {
+        Mode::NetworkContainer { id, name } => info!(
+            container = %ContainerLabel(name, id),
+            "network-container mode: serving containers started with --net=container:{name}"
+        ),
+        Mode::Host => {
+            info!("host mode: serving every container with {}* variables, in its own network namespace", args.prefix)
+        }
+    }
+    let (sender, changes) = mpsc::channel(64);
+    let served = ServedContainers::new(&mode);
+    let watcher = Watcher {
+        uri: uri.to_string(),
+        mode,
+        prefix: args.prefix.clone(),
+    };
+    tokio::spawn(watcher.run(sender, stop));
+    Ok((changes, Some(served)))
 }
 
 /// `embassy plugins`: one line (or JSON object) per plugin.

@@ -1,9 +1,11 @@
 //! The desired state: which listeners exist, for which service, on whose behalf.
 //!
-//! A listener is keyed by address, port and protocol. The same descriptor requested again
-//! (another container, another variable) shares the listener and its watch; the last owner
-//! to leave tears both down. A port held for a *different* service is an error for the
-//! newcomer and no disturbance for the holder.
+//! A listener is keyed by network namespace, address, port and protocol. The same descriptor
+//! requested again in one namespace (another container, another variable) shares the listener
+//! and its watch; the last owner to leave tears both down. A port held for a *different*
+//! service is an error for the newcomer and no disturbance for the holder. Embassy's own
+//! namespace is [`Place::Own`]; host mode opens listeners in each container's namespace
+//! ([`Place::Netns`]), so two containers may use one port for two services.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -19,10 +21,12 @@ use embassy_plugin_api::{
     WatchRequest,
 };
 use thiserror::Error;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, info_span, Instrument};
 
 use crate::{
+    netns::{Netns, NetnsError},
     plugins::{PluginRegistry, PluginUseError},
     sink::ServiceSink,
 };
@@ -34,6 +38,8 @@ pub enum ServeError {
     Listener(#[from] ListenerError),
     #[error(transparent)]
     Plugin(#[from] PluginUseError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     #[error("port {port}/{protocol} is already serving {holder}")]
     PortHeld {
         port: u16,
@@ -53,7 +59,37 @@ pub struct ServeDefaults {
     pub copy_mode: CopyMode,
 }
 
-type ListenKey = (SocketAddr, Protocol);
+/// The network namespace a listener lives in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// Embassy's own (and that of containers started with `--net=container:<embassy>`).
+    Own,
+    /// Another process's, entered to bind (host mode).
+    Netns(Netns),
+}
+
+impl Place {
+    async fn bind(&self, addr: SocketAddr, protocol: Protocol) -> Result<Listener, ServeError> {
+        let Place::Netns(netns) = self else {
+            return Ok(Listener::bind(addr, protocol).await?);
+        };
+        let registered = match protocol {
+            Protocol::Tcp => TcpListener::from_std(netns.bind_tcp(addr).await?).map(Listener::Tcp),
+            Protocol::Udp => UdpSocket::from_std(netns.bind_udp(addr).await?).map(Listener::Udp),
+        };
+        Ok(registered.map_err(|source| ListenerError::Bind { addr, source })?)
+    }
+
+    /// Equal for every process of one namespace.
+    fn namespace_id(&self) -> Option<u64> {
+        match self {
+            Place::Own => None,
+            Place::Netns(netns) => Some(netns.inode),
+        }
+    }
+}
+
+type ListenKey = (Option<u64>, SocketAddr, Protocol);
 
 struct Active {
     service: Arc<Service>,
@@ -88,14 +124,25 @@ impl Supervisor {
         }
     }
 
-    /// Serves `descriptor` on behalf of `owner` (a container, a variable, the command line).
+    /// Serves `descriptor` in Embassy's own namespace on behalf of `owner` (a container, a
+    /// variable, the command line).
     pub async fn add(
         &mut self,
         descriptor: &ServiceDescriptor,
         owner: &str,
     ) -> Result<(), ServeError> {
+        self.add_in(&Place::Own, descriptor, owner).await
+    }
+
+    /// Serves `descriptor` in the namespace `place` on behalf of `owner`.
+    pub async fn add_in(
+        &mut self,
+        place: &Place,
+        descriptor: &ServiceDescriptor,
+        owner: &str,
+    ) -> Result<(), ServeError> {
         let addr = SocketAddr::new(self.defaults.bind, descriptor.port);
-        let key = (addr, descriptor.protocol);
+        let key = (place.namespace_id(), addr, descriptor.protocol);
         if let Some(active) = self.active.get_mut(&key) {
             if active.service.descriptor != *descriptor {
                 return Err(ServeError::PortHeld {
@@ -117,7 +164,7 @@ impl Supervisor {
                 options: options_of(descriptor),
             },
         )?;
-        let listener = Listener::bind(addr, descriptor.protocol).await?;
+        let listener = place.bind(addr, descriptor.protocol).await?;
         let mut service = Service::new(
             descriptor.clone(),
             Box::new(balancer),
@@ -139,7 +186,7 @@ impl Supervisor {
             .into_result()
             .map_err(|error| ServeError::Watch(error.to_string()))?;
         let stop = CancellationToken::new();
-        let span = info_span!("listener", service = %descriptor, %addr);
+        let span = info_span!("listener", service = %descriptor, %addr, first_owner = owner);
         span.in_scope(|| {
             info!(
                 balancer = balancer_name,
@@ -167,7 +214,13 @@ impl Supervisor {
     /// Drops `owner`'s claim on `descriptor`; the last owner closes the listener and the watch.
     /// Connections already open continue until they end.
     pub fn remove(&mut self, descriptor: &ServiceDescriptor, owner: &str) {
+        self.remove_in(&Place::Own, descriptor, owner);
+    }
+
+    /// [`Supervisor::remove`] for a listener in the namespace `place`.
+    pub fn remove_in(&mut self, place: &Place, descriptor: &ServiceDescriptor, owner: &str) {
         let key = (
+            place.namespace_id(),
             SocketAddr::new(self.defaults.bind, descriptor.port),
             descriptor.protocol,
         );
@@ -182,7 +235,7 @@ impl Supervisor {
             if let Some(mut active) = self.active.remove(&key) {
                 active.stop.cancel();
                 active.watch.stop();
-                info!(service = %descriptor, "listener released");
+                info!(service = %descriptor, last_owner = owner, "listener released");
             }
         }
     }

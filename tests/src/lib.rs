@@ -23,6 +23,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub mod docker;
+
 /// Where the workspace's build outputs are, built once per test process.
 pub struct Artifacts {
     /// `target/<profile>`: the binary and the plugin libraries.
@@ -171,7 +173,13 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn start(name: &str) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        Upstream::start_on(name, std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Like [`Upstream::start`] on another local address (e.g. Docker's bridge gateway, for
+    /// containers to reach).
+    pub fn start_on(name: &str, ip: std::net::IpAddr) -> Upstream {
+        let listener = TcpListener::bind((ip, 0)).expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         listener.set_nonblocking(true).expect("nonblocking");
         let accepted = Arc::new(AtomicUsize::new(0));
