@@ -2,6 +2,9 @@
 //! copied into a plugin directory, real TCP upstreams on loopback.
 //!
 //! Every wait here is bounded; a test that waits too long fails with what it saw.
+//! [`consul_sim`] stands in for a Consul agent, which cannot be installed here.
+
+pub mod consul_sim;
 
 use std::{
     collections::HashMap,
@@ -79,7 +82,11 @@ fn build() -> Result<Artifacts> {
         None => bail!("cannot tell the build profile from {}", exe.display()),
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut packages = vec!["embassy-host", "embassy-fixture-panicking-balancer"];
+    let mut packages = vec![
+        "embassy-host",
+        "embassy-fixture-panicking-balancer",
+        "embassy-plugin-consul",
+    ];
     packages.extend(STANDARD_PLUGINS);
     let mut main = Command::new(&cargo);
     main.current_dir(&root)
