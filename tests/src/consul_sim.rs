@@ -10,12 +10,14 @@
 //! flip health, reset the index, fail with 500, answer garbage, go away and come back.
 //!
 //! HTTP/1.1 by hand on std threads (keep-alive, GET only): the holding is a `Condvar`, and
-//! the test crate stays free of an async server stack.
+//! the test crate stays free of an async server stack. [`ConsulSim::start_tls`] serves the
+//! same over TLS (rustls) for `consuls://`.
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::Path,
     sync::{Arc, Condvar, Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
@@ -132,6 +134,7 @@ impl Shared {
 pub struct ConsulSim {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ConsulSim {
@@ -143,6 +146,28 @@ impl Default for ConsulSim {
 impl ConsulSim {
     /// Listens on 127.0.0.1, on a port of the system's choosing.
     pub fn start() -> ConsulSim {
+        Self::start_with(None)
+    }
+
+    /// Listens like [`ConsulSim::start`], over TLS with the PEM certificate chain and key.
+    pub fn start_tls(cert_chain: &Path, key: &Path) -> ConsulSim {
+        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(cert_chain)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .expect("simulator certificate chain");
+        let key = PrivateKeyDer::from_pem_file(key).expect("simulator private key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("tls versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("simulator tls config");
+        Self::start_with(Some(Arc::new(config)))
+    }
+
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> ConsulSim {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind consul simulator");
         let addr = listener.local_addr().expect("simulator address");
         let shared = Arc::new(Shared {
@@ -153,7 +178,7 @@ impl ConsulSim {
             }),
             changed: Condvar::new(),
         });
-        let sim = ConsulSim { addr, shared };
+        let sim = ConsulSim { addr, shared, tls };
         sim.serve(listener);
         sim
     }
@@ -162,9 +187,14 @@ impl ConsulSim {
         self.addr
     }
 
-    /// `consul://127.0.0.1:PORT`.
+    /// `consul://127.0.0.1:PORT`, or `consuls://` over TLS.
     pub fn uri(&self) -> String {
-        format!("consul://{}", self.addr)
+        let scheme = if self.tls.is_some() {
+            "consuls"
+        } else {
+            "consul"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The current global index.
@@ -289,6 +319,7 @@ impl ConsulSim {
 
     fn serve(&self, listener: TcpListener) {
         let shared = Arc::clone(&self.shared);
+        let tls = self.tls.clone();
         let life = {
             let mut state = shared.lock();
             state.listening = true;
@@ -297,6 +328,8 @@ impl ConsulSim {
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
+                // Answers are one write each; no need to wait for the client's ACK.
+                let _ = stream.set_nodelay(true);
                 {
                     let mut state = shared.lock();
                     if state.life != life {
@@ -307,7 +340,16 @@ impl ConsulSim {
                     }
                 }
                 let shared = Arc::clone(&shared);
-                thread::spawn(move || serve_connection(stream, &shared, life));
+                let tls = tls.clone();
+                thread::spawn(move || match tls {
+                    None => serve_connection(stream, &shared, life),
+                    Some(config) => {
+                        if let Ok(session) = rustls::ServerConnection::new(config) {
+                            let stream = rustls::StreamOwned::new(session, stream);
+                            serve_connection(stream, &shared, life);
+                        }
+                    }
+                });
             }
         });
     }
@@ -329,11 +371,7 @@ struct Request {
     close: bool,
 }
 
-fn serve_connection(stream: TcpStream, shared: &Shared, life: u64) {
-    let Ok(write_half) = stream.try_clone() else {
-        return;
-    };
-    let mut writer = write_half;
+fn serve_connection(stream: impl Read + Write, shared: &Shared, life: u64) {
     let mut reader = BufReader::new(stream);
     while let Some(request) = read_request(&mut reader) {
         let (status, index, body) = answer(&request, shared, life);
@@ -348,7 +386,10 @@ fn serve_connection(stream: TcpStream, shared: &Shared, life: u64) {
             head.push_str(&format!("X-Consul-Index: {index}\r\n"));
         }
         head.push_str("\r\n");
-        if writer.write_all(head.as_bytes()).is_err() || writer.write_all(&body).is_err() {
+        let mut response = head.into_bytes();
+        response.extend_from_slice(&body);
+        let writer = reader.get_mut();
+        if writer.write_all(&response).is_err() || writer.flush().is_err() {
             return;
         }
         if request.close {
@@ -357,7 +398,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared, life: u64) {
     }
 }
 
-fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
+fn read_request(reader: &mut BufReader<impl Read>) -> Option<Request> {
     let mut line = String::new();
     if reader.read_line(&mut line).ok()? == 0 {
         return None;

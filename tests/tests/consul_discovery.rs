@@ -310,3 +310,135 @@ fn fifty_services_block_side_by_side() {
         assert_eq!(landed(*port, 3), names(&[&format!("u{}", (i + 1) % N)]));
     }
 }
+
+#[test]
+fn bad_uris_and_ca_files_are_refused_at_start() {
+    let plugins = plugin_dir(&[artifacts().library("embassy-plugin-consul")]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "this is not a certificate\n").expect("write");
+    let cases = [
+        (
+            "consul://127.0.0.1:0",
+            String::new(),
+            "the port must be a number from 1 to 65535",
+        ),
+        (
+            "consuls://127.0.0.1:8501",
+            "ca_file=/nonexistent/ca.pem".to_string(),
+            "ca_file /nonexistent/ca.pem: No such file",
+        ),
+        (
+            "consuls://127.0.0.1:8501",
+            format!("ca_file={}", not_pem.display()),
+            "no PEM certificate in it",
+        ),
+        (
+            "consul://127.0.0.1:8500",
+            "wait=1h".to_string(),
+            "option wait=\"1h\"",
+        ),
+    ];
+    for (uri, option, expected) in cases {
+        let mut args = vec![
+            "--plugin-dir".to_string(),
+            plugins.path().display().to_string(),
+            "--discovery".to_string(),
+            uri.to_string(),
+            "--service".to_string(),
+            format!("web;{}/tcp", free_port()),
+        ];
+        if !option.is_empty() {
+            args.push("--discovery-opt".into());
+            args.push(option.clone());
+        }
+        let (code, _, stderr) = run_embassy(args);
+        assert_ne!(code, 0, "{uri} {option}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{uri} {option}: want {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, made with the `openssl` command.
+fn certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed for the TLS test: apt-get install -y openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509", "-days", "1", "-subj", "/CN=embassy test ca"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req", "-subj", "/CN=127.0.0.1"][..],
+            &ec,
+            &["-keyout", "server.key", "-out", "server.csr"],
+        ]
+        .concat(),
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "1",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+#[test]
+fn https_with_a_ca_file() {
+    let a = Upstream::start("a");
+    let dir = tempfile::tempdir().expect("temp dir");
+    certificates(dir.path());
+    let sim = ConsulSim::start_tls(
+        &dir.path().join("server.pem"),
+        &dir.path().join("server.key"),
+    );
+    sim.register(Instance::new("a", "web", a.addr));
+    assert!(sim.uri().starts_with("consuls://"));
+
+    let ca = format!("ca_file={}", dir.path().join("ca.pem").display());
+    let (_embassy, ports, _plugins) = start(&sim, &[&ca], &[], &["web;PORT/tcp"]);
+    assert!(reaches(ports[0], "a"), "served over https");
+
+    // Without the CA the agent's certificate is not trusted: reported, nothing served.
+    let (mut untrusted, ports, _plugins) = start(&sim, &[], &[], &["web;PORT/tcp"]);
+    let line = untrusted
+        .wait_for_log("unreachable", Duration::from_secs(10))
+        .expect("untrusted certificate reported");
+    assert!(line.contains("certificate"), "{line}");
+    assert!(Client::connect(ports[0]).is_err());
+}

@@ -16,7 +16,7 @@ pub struct ConsulConfig {
     pub base_url: String,
     /// Sent as `X-Consul-Token`.
     pub token: Option<String>,
-    /// Default datacenter (`dc`); a descriptor's own `dc=` option wins.
+    /// Datacenter to query (`dc`); the agent's own when unset.
     pub datacenter: Option<String>,
     /// PEM file of the CA that signed the agent's certificate (`consuls://` only).
     pub ca_file: Option<String>,

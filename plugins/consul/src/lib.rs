@@ -16,8 +16,8 @@ pub mod watch;
 use std::sync::Arc;
 
 use embassy_plugin_api::{
-    export_discovery, option, BackendHealth, DiscoveryConfig, DiscoveryPlugin, HostSink,
-    PluginError, WatchRequest,
+    export_discovery, BackendHealth, DiscoveryConfig, DiscoveryPlugin, HostSink, PluginError,
+    WatchRequest,
 };
 use tokio::{
     runtime::Runtime,
@@ -140,12 +140,16 @@ impl DiscoveryPlugin for ConsulDiscovery {
                 path: path.clone(),
                 reason: error.to_string(),
             })?;
-            let certificate =
-                reqwest::Certificate::from_pem(&pem).map_err(|error| ConsulError::CaFile {
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|certificates| !certificates.is_empty())
+                .ok_or_else(|| ConsulError::CaFile {
                     path: path.clone(),
-                    reason: format!("not a PEM certificate: {error}"),
+                    reason: "no PEM certificate in it".into(),
                 })?;
-            builder = builder.add_root_certificate(certificate);
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
         }
         let client = builder
             .build()
@@ -170,15 +174,11 @@ impl DiscoveryPlugin for ConsulDiscovery {
                 "{service:?} is not a consul service name (a name such as redis.master, no '/')"
             )));
         }
-        let datacenter = option(&request.options, "dc")
-            .filter(|dc| !dc.is_empty())
-            .map(str::to_string)
-            .or_else(|| self.config.datacenter.clone());
         let target = Target {
             service,
             tags: request.tags.iter().map(|t| t.to_string()).collect(),
             protocol: request.protocol,
-            datacenter,
+            datacenter: self.config.datacenter.clone(),
         };
         let sink = Arc::new(GuardedSink::new(sink));
         let task = self.runtime.spawn(watch::run(
