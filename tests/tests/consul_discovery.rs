@@ -45,7 +45,7 @@ fn start(
     command
         .env_remove("DISCOVERY")
         .env_remove("CONSUL_HTTP_TOKEN")
-        .env("EMBASSY_LOG", "info,embassy_plugin_consul=debug")
+        .env("EMBASSY_LOG", "info,plugin=debug")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -149,7 +149,7 @@ fn index_resets_and_backwards_indexes_keep_the_watch_going_without_spinning() {
     sim.register(Instance::new("a", "web", a.addr));
     // A query sent with the old, higher index after the reset is held until `wait` runs out,
     // as Consul would: only then does the lower index show, and the watch must start over.
-    let (_embassy, ports, _dir) = start(
+    let (embassy, ports, _dir) = start(
         &sim,
         &["min_interval=100ms", "wait=1s"],
         &[],
@@ -170,11 +170,17 @@ fn index_resets_and_backwards_indexes_keep_the_watch_going_without_spinning() {
     let start = sim.requests("web");
     assert!(eventually(Duration::from_secs(5), || sim.requests("web") >= start + 3));
     let before = sim.requests("web");
+    let pushed_before = embassy.log_lines("consul answer changed").len();
     std::thread::sleep(Duration::from_secs(1));
     let asked = sim.requests("web") - before;
     assert!(
         (2..=15).contains(&asked),
         "with min_interval=100ms, 1 s at index 0 should take ~10 queries, took {asked}"
+    );
+    assert_eq!(
+        embassy.log_lines("consul answer changed").len(),
+        pushed_before,
+        "{asked} identical answers pushed nothing"
     );
     sim.deregister("a");
     sim.register(Instance::new("c", "web", c.addr));
