@@ -2,6 +2,9 @@
 //! copied into a plugin directory, real TCP upstreams on loopback.
 //!
 //! Every wait here is bounded; a test that waits too long fails with what it saw.
+//! [`consul_sim`] stands in for a Consul agent, which cannot be installed here.
+
+pub mod consul_sim;
 
 pub mod udp;
 
@@ -95,6 +98,7 @@ fn build() -> Result<Artifacts> {
         "embassy-host",
         "embassy-fixture-panicking-balancer",
         "embassy-fixture-scheme-clash",
+        "embassy-plugin-consul",
     ];
     packages.extend(STANDARD_PLUGINS);
     let mut main = Command::new(&cargo);

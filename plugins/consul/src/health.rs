@@ -1,0 +1,338 @@
+//! The pure half of a watch: what to ask `/v1/health/service/:service`, what its answer means,
+//! and Consul's rules for blocking-query indexes.
+
+use std::{collections::BTreeMap, net::Ipv6Addr};
+
+use embassy_plugin_api::{Endpoint, Protocol};
+use serde::Deserialize;
+
+use crate::ConsulError;
+
+/// Registrator tags the registrations of UDP ports with this.
+pub const UDP_TAG: &str = "udp";
+
+/// One element of the health endpoint's answer; only the fields we use.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Entry {
+    node: Node,
+    service: Service,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Node {
+    #[serde(default)]
+    address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Service {
+    #[serde(rename = "ID", default)]
+    id: String,
+    #[serde(default)]
+    address: String,
+    port: u16,
+    // Consul sends `null` for a service registered without tags.
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    weights: Option<Weights>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Weights {
+    passing: u32,
+}
+
+/// What one answer gives a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The endpoints to serve, sorted, so equal answers compare equal.
+    pub endpoints: Vec<Endpoint>,
+    /// Instances left out because they cannot be dialled (`id: reason`).
+    pub skipped: Vec<String>,
+}
+
+/// Query parameters for one round: `passing`, one `tag` per tag, `dc`, `index`, `wait`.
+/// `index` 0 asks for an immediate answer (first round, or a reset).
+pub fn query_params(
+    tags: &[String],
+    datacenter: Option<&str>,
+    index: u64,
+    wait: &str,
+) -> Vec<(&'static str, String)> {
+    let mut params = vec![("passing", "true".to_string())];
+    params.extend(tags.iter().map(|tag| ("tag", tag.clone())));
+    if let Some(dc) = datacenter {
+        params.push(("dc", dc.to_string()));
+    }
+    if index > 0 {
+        params.push(("index", index.to_string()));
+        params.push(("wait", wait.to_string()));
+    }
+    params
+}
+
+/// Turns the JSON answer into endpoints for `protocol`.
+///
+/// The agent already filtered by health and tags (`passing`, `tag`); this picks the address
+/// (`Service.Address`, else `Node.Address`) and applies registrator's protocol convention:
+/// `/udp` takes instances tagged `udp`; `/tcp` leaves them out when untagged ones exist too.
+pub fn parse_answer(body: &[u8], protocol: Protocol) -> Result<Answer, ConsulError> {
+    let entries: Vec<Entry> =
+        serde_json::from_slice(body).map_err(|error| ConsulError::Malformed(error.to_string()))?;
+    let is_udp = |entry: &Entry| {
+        entry
+            .service
+            .tags
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t == UDP_TAG)
+    };
+    let any_untagged = entries.iter().any(|e| !is_udp(e));
+    let mut endpoints = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for entry in &entries {
+        let keep = match protocol {
+            Protocol::Udp => is_udp(entry),
+            Protocol::Tcp => !is_udp(entry) || !any_untagged,
+        };
+        if !keep {
+            continue;
+        }
+        let service = &entry.service;
+        let host = if service.address.is_empty() {
+            entry.node.address.as_str()
+        } else {
+            service.address.as_str()
+        };
+        if host.is_empty() {
+            skipped.push(format!(
+                "{}: neither Service.Address nor Node.Address is set",
+                service.id
+            ));
+            continue;
+        }
+        if service.port == 0 {
+            skipped.push(format!("{}: registered without a port", service.id));
+            continue;
+        }
+        let address = if host.parse::<Ipv6Addr>().is_ok() {
+            format!("[{host}]:{}", service.port)
+        } else {
+            format!("{host}:{}", service.port)
+        };
+        let mut endpoint =
+            Endpoint::new(address.clone()).with_tags(service.tags.clone().unwrap_or_default());
+        endpoint.weight = service.weights.as_ref().map_or(1, |w| w.passing.max(1));
+        // Two registrations of one address (two agents, one container) are one endpoint.
+        endpoints.entry(address).or_insert(endpoint);
+    }
+    Ok(Answer {
+        endpoints: endpoints.into_values().collect(),
+        skipped,
+    })
+}
+
+/// The `X-Consul-Index` header's value.
+pub fn parse_index(header: Option<&[u8]>) -> Result<u64, ConsulError> {
+    let header = header.ok_or(ConsulError::MissingIndex)?;
+    std::str::from_utf8(header)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .ok_or_else(|| ConsulError::BadIndex(String::from_utf8_lossy(header).into_owned()))
+}
+
+/// The index to block on next, per Consul's blocking-query rules: an index that went
+/// backwards (agent restarted, snapshot restored) or is 0 resets to 0, an immediate query,
+/// so we never wait forever for an index the agent will not reach.
+pub fn next_index(previous: u64, returned: u64) -> u64 {
+    if returned < previous {
+        0
+    } else {
+        returned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `json` for `protocol`: `addresses (weights) | skipped` or `error: ...`.
+    fn check(json: &str, protocol: Protocol, expected: &str) {
+        let actual = match parse_answer(json.as_bytes(), protocol) {
+            Ok(answer) => {
+                let endpoints = answer
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        if e.weight == 1 {
+                            e.address.to_string()
+                        } else {
+                            format!("{}*{}", e.address, e.weight)
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                if answer.skipped.is_empty() {
+                    endpoints
+                } else {
+                    format!("{endpoints} | skipped {}", answer.skipped.join("; "))
+                }
+            }
+            Err(error) => format!("error: {error}"),
+        };
+        assert_eq!(actual, expected, "{json}");
+    }
+
+    fn entry(id: &str, node_address: &str, address: &str, port: u16, tags: &[&str]) -> String {
+        format!(
+            r#"{{"Node":{{"Node":"n-{id}","Address":"{node_address}","Datacenter":"dc1"}},
+                "Service":{{"ID":"{id}","Service":"redis","Tags":{tags:?},"Address":"{address}","Port":{port}}},
+                "Checks":[{{"CheckID":"serfHealth","Status":"passing"}}]}}"#
+        )
+    }
+
+    fn answer(entries: &[String]) -> String {
+        format!("[{}]", entries.join(","))
+    }
+
+    #[test]
+    fn addresses_and_ports() {
+        check("[]", Protocol::Tcp, "");
+        check(
+            &answer(&[
+                entry("a", "10.0.0.1", "127.0.0.2", 6379, &[]),
+                entry("b", "127.0.0.3", "", 6380, &["prod"]),
+            ]),
+            Protocol::Tcp,
+            "127.0.0.2:6379 127.0.0.3:6380",
+        );
+        check(
+            &answer(&[entry("a", "10.0.0.1", "::1", 80, &[])]),
+            Protocol::Tcp,
+            "[::1]:80",
+        );
+        check(
+            &answer(&[entry("a", "10.0.0.1", "redis.local", 80, &[])]),
+            Protocol::Tcp,
+            "redis.local:80",
+        );
+        // Duplicates collapse; the answer is sorted whatever the agent's order.
+        check(
+            &answer(&[
+                entry("b", "", "127.0.0.9", 2, &[]),
+                entry("a", "", "127.0.0.1", 1, &[]),
+                entry("c", "", "127.0.0.1", 1, &[]),
+            ]),
+            Protocol::Tcp,
+            "127.0.0.1:1 127.0.0.9:2",
+        );
+        check(
+            &answer(&[
+                entry("a", "", "", 80, &[]),
+                entry("b", "127.0.0.1", "", 0, &[]),
+                entry("c", "127.0.0.1", "", 81, &[]),
+            ]),
+            Protocol::Tcp,
+            "127.0.0.1:81 | skipped a: neither Service.Address nor Node.Address is set; b: registered without a port",
+        );
+        check(
+            r#"[{"Node":{"Address":"127.0.0.1"},"Service":{"ID":"w","Port":8,"Tags":null,"Weights":{"Passing":3,"Warning":1}},"Checks":[]}]"#,
+            Protocol::Tcp,
+            "127.0.0.1:8*3",
+        );
+    }
+
+    #[test]
+    fn registrator_protocol_convention() {
+        let both = answer(&[
+            entry("t", "", "127.0.0.1", 53, &["dns"]),
+            entry("u", "", "127.0.0.2", 53, &["dns", "udp"]),
+        ]);
+        check(&both, Protocol::Tcp, "127.0.0.1:53");
+        check(&both, Protocol::Udp, "127.0.0.2:53");
+        let udp_only = answer(&[entry("u", "", "127.0.0.2", 53, &["udp"])]);
+        check(&udp_only, Protocol::Tcp, "127.0.0.2:53");
+        check(&udp_only, Protocol::Udp, "127.0.0.2:53");
+        let tcp_only = answer(&[entry("t", "", "127.0.0.1", 53, &[])]);
+        check(&tcp_only, Protocol::Udp, "");
+    }
+
+    #[test]
+    fn malformed_answers_are_errors() {
+        check(
+            "<html>",
+            Protocol::Tcp,
+            "error: malformed answer from consul: expected value at line 1 column 1",
+        );
+        check(
+            r#"{"Node":{}}"#,
+            Protocol::Tcp,
+            "error: malformed answer from consul: invalid type: map, expected a sequence at line 1 column 0",
+        );
+        check(
+            r#"[{"Node":{"Address":"h"},"Service":{"ID":"a"}}]"#,
+            Protocol::Tcp,
+            "error: malformed answer from consul: missing field `Port` at line 1 column 45",
+        );
+        check(
+            r#"[{"Node":{"Address":"h"},"Service":{"ID":"a","Port":70000}}]"#,
+            Protocol::Tcp,
+            "error: malformed answer from consul: invalid value: integer `70000`, expected u16 at line 1 column 57",
+        );
+    }
+
+    /// `previous` index and the `returned` header give `expected` for the next round.
+    fn check_index(previous: u64, returned: Option<&str>, expected: &str) {
+        let actual = match parse_index(returned.map(str::as_bytes)) {
+            Ok(returned) => next_index(previous, returned).to_string(),
+            Err(error) => format!("error: {error}"),
+        };
+        assert_eq!(actual, expected, "{previous} -> {returned:?}");
+    }
+
+    #[test]
+    fn blocking_index_rules() {
+        check_index(0, Some("12"), "12");
+        check_index(12, Some("12"), "12");
+        check_index(12, Some("40"), "40");
+        check_index(40, Some("7"), "0");
+        check_index(40, Some("0"), "0");
+        check_index(0, Some("0"), "0");
+        check_index(
+            5,
+            None,
+            "error: consul answered without an X-Consul-Index header",
+        );
+        check_index(
+            5,
+            Some("-1"),
+            "error: consul answered with a bad X-Consul-Index \"-1\"",
+        );
+    }
+
+    #[test]
+    fn query_carries_every_tag() {
+        let render = |params: Vec<(&str, String)>| {
+            params
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("&")
+        };
+        let tags = vec!["prod".to_string(), "stats".to_string()];
+        assert_eq!(
+            render(query_params(&tags, None, 0, "300s")),
+            "passing=true&tag=prod&tag=stats"
+        );
+        assert_eq!(
+            render(query_params(&[], Some("eu1"), 42, "300s")),
+            "passing=true&dc=eu1&index=42&wait=300s"
+        );
+    }
+}
