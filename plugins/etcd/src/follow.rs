@@ -23,6 +23,9 @@ const PAGE: i64 = 1000;
 const MAX_WATCH_MESSAGE: usize = 64 << 20;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
+#[cfg(test)]
+type BeforeWatch = Box<dyn FnMut(i64) + Send>;
+
 /// What all watches of one `--discovery` URI share.
 pub(crate) struct Backend {
     config: EtcdConfig,
@@ -30,6 +33,9 @@ pub(crate) struct Backend {
     client: OnceCell<Client>,
     /// The plugin-wide view of the connection, so a state change is logged once.
     reachable: Mutex<Option<bool>>,
+    /// Runs between each read and the watch that follows it, with the read's revision.
+    #[cfg(test)]
+    before_watch: Mutex<Option<BeforeWatch>>,
 }
 
 impl Backend {
@@ -39,6 +45,8 @@ impl Backend {
             options,
             client: OnceCell::new(),
             reachable: Mutex::new(None),
+            #[cfg(test)]
+            before_watch: Mutex::new(None),
         }
     }
 
@@ -173,6 +181,10 @@ pub(crate) async fn follow(backend: Arc<Backend>, request: WatchRequest, sink: A
         service.push(&sink);
         service.found(&backend, &sink);
         backoff = FIRST_BACKOFF;
+        #[cfg(test)]
+        if let Some(hook) = backend.before_watch.lock().expect("hook").as_mut() {
+            hook(revision);
+        }
         match service.watch(&backend, &sink, revision + 1).await {
             WatchEnd::Compacted(compacted) => {
                 info!(service = %service.request.service, revision = revision + 1, compacted, "watch revision compacted, reading the prefix again");
@@ -348,7 +360,7 @@ impl Service {
             self.unreachable = false;
             sink.report(
                 BackendHealth::Reachable,
-                "etcd reachable again, prefix re-read",
+                "prefix re-read after reconnecting",
             );
         }
     }
@@ -378,7 +390,86 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use abi_stable::std_types::{RStr, RVec};
+    use embassy_plugin_api::{EndpointSink, Protocol};
+    use embassy_tests::etcd::Etcd;
+
     use super::*;
+    use crate::config::EtcdConfig;
+
+    /// Records every set the plugin pushes, as sorted address lists.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<Vec<String>>>>);
+
+    impl EndpointSink for Recorder {
+        fn update(&self, endpoints: RVec<Endpoint>) {
+            let mut set: Vec<String> = endpoints.iter().map(|e| e.address.to_string()).collect();
+            set.sort();
+            self.0.lock().expect("recorder").push(set);
+        }
+
+        fn report(&self, _: BackendHealth, _: RStr<'_>) {}
+    }
+
+    /// The revision a watch needs is compacted away between the read and the watch: the
+    /// watch is refused, the loop reads again, and the change made meanwhile arrives.
+    #[test]
+    fn a_compacted_watch_revision_is_recovered_by_reading_again() {
+        let etcd = Arc::new(Etcd::start());
+        etcd.put("/services/web/80/a", "127.0.0.1:1001");
+        let config = EtcdConfig::parse(&etcd.uri(), &Default::default()).expect("config");
+        let backend = Arc::new(Backend::new(config, ConnectOptions::new()));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let (hook_etcd, hook_reads) = (Arc::clone(&etcd), Arc::clone(&reads));
+        *backend.before_watch.lock().expect("hook") = Some(Box::new(move |revision| {
+            if hook_reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                // A change, then the history the watch would start from is gone.
+                // (etcd refuses a watch that starts *below* the compaction revision.)
+                assert_eq!(
+                    hook_etcd.put("/services/web/80/b", "127.0.0.1:1002"),
+                    revision + 1
+                );
+                let newest = hook_etcd.put("/elsewhere", "x");
+                hook_etcd.compact(newest);
+            }
+        }));
+        let recorder = Recorder::default();
+        let sink = Arc::new(WatchSink::new(HostSink::from_impl(recorder.clone())));
+        let request = WatchRequest {
+            service: "/services/web/80".into(),
+            tags: RVec::new(),
+            protocol: Protocol::Tcp,
+            options: Default::default(),
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let task = runtime.spawn(follow(backend, request, sink));
+        let both = vec!["127.0.0.1:1001".to_string(), "127.0.0.1:1002".to_string()];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !recorder.0.lock().expect("recorder").contains(&both) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sets: {:?}",
+                recorder.0
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        task.abort();
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            2,
+            "one read, then one after the compaction"
+        );
+        assert_eq!(
+            *recorder.0.lock().expect("recorder"),
+            vec![vec!["127.0.0.1:1001".to_string()], both]
+        );
+    }
 
     #[test]
     fn prefixes_cover_exactly_the_service() {
