@@ -262,6 +262,22 @@ impl Etcd {
         revision(&self.call("/v3/kv/put", &body))
     }
 
+    /// Puts many keys, 128 per transaction (etcd's default limit of operations per
+    /// transaction); returns the last revision.
+    pub fn put_many(&self, pairs: &[(String, String)]) -> i64 {
+        let mut last = 0;
+        for chunk in pairs.chunks(128) {
+            let success: Vec<Value> = chunk
+                .iter()
+                .map(|(key, value)| {
+                    json!({"request_put": {"key": base64(key.as_bytes()), "value": base64(value.as_bytes())}})
+                })
+                .collect();
+            last = revision(&self.call("/v3/kv/txn", &json!({ "success": success })));
+        }
+        last
+    }
+
     /// Deletes `key`; returns the new revision.
     pub fn delete(&self, key: &str) -> i64 {
         revision(&self.call(

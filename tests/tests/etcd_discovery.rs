@@ -1,7 +1,14 @@
 //! The `etcd` discovery plugin through the real host against a real etcd: registrator
 //! formats, tags, live changes, an etcd outage, TLS and auth.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
 
 use embassy_tests::{etcd::Etcd, *};
 use serde_json::json;
@@ -34,8 +41,20 @@ fn instance_key(upstream: &Upstream) -> String {
     )
 }
 
-/// Embassy on `etcd` proxying each of `services` (with `PORT` replaced by a free port).
+/// Embassy on `etcd` proxying each of `services` (with `PORT` replaced by a free port), once
+/// every service has its first endpoints.
 fn embassy(etcd: &Etcd, options: &[&str], services: &[&str]) -> (Embassy, Vec<u16>) {
+    let (embassy, ports) = embassy_listening(etcd, options, services);
+    // Every test starts with instances registered: wait for each service's first set.
+    let loaded = eventually(Duration::from_secs(30), || {
+        embassy.log_lines("endpoints updated").len() >= services.len()
+    });
+    assert!(loaded, "first endpoint sets:\n{}", embassy.log().join("\n"));
+    (embassy, ports)
+}
+
+/// Embassy as above, once it listens.
+fn embassy_listening(etcd: &Etcd, options: &[&str], services: &[&str]) -> (Embassy, Vec<u16>) {
     let plugins = standard_plugin_dir(&[]);
     let mut args = vec![
         "--plugin-dir".to_string(),
@@ -55,14 +74,57 @@ fn embassy(etcd: &Etcd, options: &[&str], services: &[&str]) -> (Embassy, Vec<u1
             service.replace("PORT", &port.to_string()),
         ]);
     }
-    let embassy = Embassy::start(args);
-    // Every test starts with instances registered: wait for each service's first set.
-    let loaded = eventually(Duration::from_secs(30), || {
-        embassy.log_lines("endpoints updated").len() >= services.len()
-    });
-    assert!(loaded, "first endpoint sets:\n{}", embassy.log().join("\n"));
+    let mut embassy = Embassy::start(args);
+    embassy
+        .wait_for_log("listening", Duration::from_secs(30))
+        .expect("listening");
+    // The libraries are loaded by now; the directory may go.
     drop(plugins);
     (embassy, ports)
+}
+
+/// Connections opened and echoed back to back on another thread until dropped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Traffic {
+    fn start(port: u16) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let (mut ok, mut failures) = (0, Vec::new());
+            // About 200 connections a second (gentle on ephemeral ports), for at most 2 minutes
+            // should a test hang before stopping it.
+            for _ in 0..24_000 {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                match Client::connect(port).and_then(|mut c| c.echo(b"ping")) {
+                    Ok(echo) if echo == b"ping" => ok += 1,
+                    Ok(other) => failures.push(format!("bad echo {other:?}")),
+                    Err(error) => failures.push(format!("{error:#}")),
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            (ok, failures)
+        });
+        Traffic {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the traffic; (connections that worked, failures).
+    fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("traffic thread")
+    }
 }
 
 /// Opens connections until one lands on `name`, at most 10 s of trying.
@@ -124,6 +186,7 @@ fn puts_updates_and_deletes_follow_while_traffic_flows() {
     let port = ports[0];
     let mut on_a = Client::connect(port).expect("connect");
     assert_eq!(on_a.upstream, "a");
+    let traffic = Traffic::start(port);
 
     // Put: a second instance.
     etcd.put(&instance_key(&b), &registrar(&b, &[]));
@@ -141,8 +204,13 @@ fn puts_updates_and_deletes_follow_while_traffic_flows() {
     assert_eq!(counts.get("c"), Some(&10), "{counts:?}");
     assert_eq!(a.accepted(), a_before, "no new connection reaches a");
 
-    // The connection opened at the start still works.
+    // The connection opened at the start still works, and no connection failed meanwhile.
     assert_eq!(on_a.echo(b"still here").expect("echo"), b"still here");
+    let (ok, failures) = traffic.finish();
+    assert!(
+        ok > 0 && failures.is_empty(),
+        "{ok} ok, failures: {failures:?}"
+    );
     embassy
         .wait_for_log("endpoints updated", Duration::from_secs(1))
         .expect("updates logged");
@@ -217,6 +285,7 @@ fn an_etcd_outage_keeps_the_last_endpoints_and_resyncs_after() {
     );
     let port = ports[0];
     let mut open = Client::connect(port).expect("connect");
+    let traffic = Traffic::start(port);
 
     etcd.stop();
     embassy
@@ -248,6 +317,11 @@ fn an_etcd_outage_keeps_the_last_endpoints_and_resyncs_after() {
     );
     assert_eq!(embassy.log_lines("etcd reachable again").len(), 1);
     assert_eq!(open.echo(b"after").expect("echo"), b"after");
+    let (ok, failures) = traffic.finish();
+    assert!(
+        ok > 0 && failures.is_empty(),
+        "{ok} ok, failures: {failures:?}"
+    );
 }
 
 #[test]
@@ -315,5 +389,33 @@ fn compaction_then_a_change_is_picked_up() {
     assert!(
         settles_on(ports[0], &["a", "b"]),
         "the change after compaction arrives"
+    );
+}
+
+#[test]
+fn etcd_down_at_start_with_auth_then_up() {
+    let mut etcd = Etcd::start();
+    let a = Upstream::start("a");
+    etcd.put(&instance_key(&a), &registrar(&a, &[]));
+    etcd.enable_auth("embassy", "s3cret", "/services/");
+    etcd.stop();
+    let (mut embassy, ports) = embassy_listening(
+        &etcd,
+        &[
+            "username=embassy",
+            "password=s3cret",
+            "backoff_max=1s",
+            "timeout=1s",
+        ],
+        &["/services/prod/apache/80;PORT/tcp"],
+    );
+    embassy
+        .wait_for_log("etcd unreachable", Duration::from_secs(10))
+        .expect("outage reported");
+    assert!(Client::connect(ports[0]).is_err(), "no endpoint known yet");
+    etcd.restart();
+    assert!(
+        reaches(ports[0], "a"),
+        "authenticated and read once etcd is up"
     );
 }

@@ -56,10 +56,12 @@ impl Backend {
         let client = self
             .client
             .get_or_try_init(|| {
-                Client::connect(self.config.endpoints.clone(), Some(self.options.clone()))
+                self.timed(
+                    "connecting to etcd",
+                    Client::connect(self.config.endpoints.clone(), Some(self.options.clone())),
+                )
             })
-            .await
-            .map_err(|error| format!("cannot connect to etcd: {error}"))?;
+            .await?;
         Ok(client.clone())
     }
 
