@@ -419,3 +419,60 @@ fn etcd_down_at_start_with_auth_then_up() {
         "authenticated and read once etcd is up"
     );
 }
+
+/// Established TCP connections (IPv4) that process `pid` holds to port `port`, from /proc.
+fn connections_to(pid: u32, port: u16) -> usize {
+    let sockets: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields
+                .get(2)
+                .and_then(|remote| remote.split(':').nth(1))
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            remote_port == Some(port)
+                && fields.get(3) == Some(&"01")
+                && fields.get(9).is_some_and(|inode| sockets.contains(*inode))
+        })
+        .count()
+}
+
+#[test]
+fn many_services_share_one_connection_to_etcd() {
+    let etcd = Etcd::start();
+    let upstreams: Vec<Upstream> = (0..5).map(|i| Upstream::start(&format!("u{i}"))).collect();
+    for (i, upstream) in upstreams.iter().enumerate() {
+        etcd.put(
+            &format!("/services/prod/s{i}/80/1/x"),
+            &registrar(upstream, &[]),
+        );
+    }
+    let services: Vec<String> = (0..5)
+        .map(|i| format!("/services/prod/s{i}/80;PORT/tcp"))
+        .collect();
+    let services: Vec<&str> = services.iter().map(String::as_str).collect();
+    let (embassy, ports) = embassy(&etcd, &[], &services);
+    for (i, port) in ports.iter().enumerate() {
+        assert!(reaches(*port, &format!("u{i}")));
+    }
+    assert_eq!(
+        connections_to(embassy.pid(), etcd.client_port),
+        1,
+        "five watches, one connection"
+    );
+}

@@ -415,14 +415,68 @@ mod tests {
         fn report(&self, _: BackendHealth, _: RStr<'_>) {}
     }
 
+    fn request(service: &str, tags: &[&str], protocol: Protocol) -> WatchRequest {
+        WatchRequest {
+            service: service.into(),
+            tags: tags.iter().map(|t| (*t).into()).collect(),
+            protocol,
+            options: Default::default(),
+        }
+    }
+
+    fn backend(etcd: &Etcd) -> Arc<Backend> {
+        let config = EtcdConfig::parse(&etcd.uri(), &Default::default()).expect("config");
+        Arc::new(Backend::new(config, ConnectOptions::new()))
+    }
+
+    /// Runs the real watch loop for `request` on its own runtime, recording what it pushes.
+    struct Following {
+        recorder: Recorder,
+        _runtime: tokio::runtime::Runtime,
+    }
+
+    impl Following {
+        fn start(backend: Arc<Backend>, request: WatchRequest) -> Following {
+            let recorder = Recorder::default();
+            let sink = Arc::new(WatchSink::new(HostSink::from_impl(recorder.clone())));
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.spawn(follow(backend, request, sink));
+            Following {
+                recorder,
+                _runtime: runtime,
+            }
+        }
+
+        /// Waits (at most 10 s) until `addresses` (sorted) was pushed.
+        fn wait_for(&self, addresses: &[&str]) {
+            let wanted: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !self.sets().contains(&wanted) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "waiting for {wanted:?}; sets: {:?}",
+                    self.sets()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+
+        fn sets(&self) -> Vec<Vec<String>> {
+            self.recorder.0.lock().expect("recorder").clone()
+        }
+    }
+
     /// The revision a watch needs is compacted away between the read and the watch: the
     /// watch is refused, the loop reads again, and the change made meanwhile arrives.
     #[test]
     fn a_compacted_watch_revision_is_recovered_by_reading_again() {
         let etcd = Arc::new(Etcd::start());
         etcd.put("/services/web/80/a", "127.0.0.1:1001");
-        let config = EtcdConfig::parse(&etcd.uri(), &Default::default()).expect("config");
-        let backend = Arc::new(Backend::new(config, ConnectOptions::new()));
+        let backend = backend(&etcd);
         let reads = Arc::new(AtomicUsize::new(0));
         let (hook_etcd, hook_reads) = (Arc::clone(&etcd), Arc::clone(&reads));
         *backend.before_watch.lock().expect("hook") = Some(Box::new(move |revision| {
@@ -437,40 +491,61 @@ mod tests {
                 hook_etcd.compact(newest);
             }
         }));
-        let recorder = Recorder::default();
-        let sink = Arc::new(WatchSink::new(HostSink::from_impl(recorder.clone())));
-        let request = WatchRequest {
-            service: "/services/web/80".into(),
-            tags: RVec::new(),
-            protocol: Protocol::Tcp,
-            options: Default::default(),
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let task = runtime.spawn(follow(backend, request, sink));
-        let both = vec!["127.0.0.1:1001".to_string(), "127.0.0.1:1002".to_string()];
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !recorder.0.lock().expect("recorder").contains(&both) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "sets: {:?}",
-                recorder.0
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        task.abort();
+        let following = Following::start(backend, request("/services/web/80", &[], Protocol::Tcp));
+        following.wait_for(&["127.0.0.1:1001", "127.0.0.1:1002"]);
         assert_eq!(
             reads.load(Ordering::SeqCst),
             2,
             "one read, then one after the compaction"
         );
         assert_eq!(
-            *recorder.0.lock().expect("recorder"),
-            vec![vec!["127.0.0.1:1001".to_string()], both]
+            following.sets(),
+            vec![
+                vec!["127.0.0.1:1001".to_string()],
+                vec!["127.0.0.1:1001".to_string(), "127.0.0.1:1002".to_string()]
+            ]
         );
+    }
+
+    /// UDP descriptors get the instances that say UDP, whatever the format says it with.
+    #[test]
+    fn udp_requests_get_udp_instances_only() {
+        let etcd = Etcd::start();
+        let prefix = "/services/dns/53";
+        etcd.put(
+            &format!("{prefix}/1/a"),
+            r#"{"ipaddress": "127.0.0.1", "host_port": "5301", "proto": "udp"}"#,
+        );
+        etcd.put(
+            &format!("{prefix}/2/b"),
+            r#"{"ipaddress": "127.0.0.1", "host_port": "5302", "proto": "tcp"}"#,
+        );
+        etcd.put(
+            &format!("{prefix}/3/c"),
+            r#"{"ipaddress": "127.0.0.1", "host_port": "5303", "tags": ["prod", "udp"]}"#,
+        );
+        etcd.put(&format!("{prefix}/host:dns:53:udp"), "127.0.0.1:5304");
+        etcd.put(&format!("{prefix}/host:dns:53"), "127.0.0.1:5305");
+        let backend = backend(&etcd);
+        let udp = Following::start(Arc::clone(&backend), request(prefix, &[], Protocol::Udp));
+        let tcp = Following::start(Arc::clone(&backend), request(prefix, &[], Protocol::Tcp));
+        let tagged = Following::start(backend, request(prefix, &["prod"], Protocol::Udp));
+        udp.wait_for(&["127.0.0.1:5301", "127.0.0.1:5303", "127.0.0.1:5304"]);
+        tcp.wait_for(&["127.0.0.1:5302", "127.0.0.1:5305"]);
+        tagged.wait_for(&["127.0.0.1:5303"]);
+        // A change reaches only the watches it concerns.
+        etcd.put(
+            &format!("{prefix}/4/d"),
+            r#"{"ipaddress": "127.0.0.1", "host_port": "5306", "proto": "udp"}"#,
+        );
+        udp.wait_for(&[
+            "127.0.0.1:5301",
+            "127.0.0.1:5303",
+            "127.0.0.1:5304",
+            "127.0.0.1:5306",
+        ]);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(tcp.sets().len(), 1, "{:?}", tcp.sets());
     }
 
     #[test]
