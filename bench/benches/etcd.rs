@@ -19,7 +19,7 @@ use abi_stable::{
 };
 use embassy_host::plugins::PluginRegistry;
 use embassy_plugin_api::{
-    BackendHealth, Endpoint, EndpointSink, EndpointSink_TO, Protocol, WatchRequest,
+    discovery::EndpointSink_TO, BackendHealth, Endpoint, EndpointSink, Protocol, WatchRequest,
 };
 use embassy_tests::{
     artifacts, etcd::Etcd, free_port, standard_plugin_dir, Client, Embassy, Upstream,
