@@ -476,3 +476,39 @@ fn many_services_share_one_connection_to_etcd() {
         "five watches, one connection"
     );
 }
+
+#[test]
+fn bad_uris_and_options_are_refused_with_the_reason() {
+    let plugins = standard_plugin_dir(&[]);
+    let dir = plugins.path().display().to_string();
+    for (uri, options, expected) in [
+        (
+            "etcd://127.0.0.1",
+            vec![],
+            r#"member "127.0.0.1" is not host:port"#,
+        ),
+        (
+            "etcds://127.0.0.1:2379?ca=/nonexistent/ca.pem",
+            vec![],
+            "cannot read TLS ca /nonexistent/ca.pem",
+        ),
+        (
+            "etcd://127.0.0.1:2379",
+            vec!["--discovery-opt", "passwd=x"],
+            r#"unknown etcd option "passwd""#,
+        ),
+    ] {
+        let mut args = vec![
+            "--plugin-dir",
+            &dir,
+            "--service",
+            "/services/web;8080/tcp",
+            "--discovery",
+            uri,
+        ];
+        args.extend(options);
+        let (code, _, stderr) = run_embassy(args);
+        assert_eq!(code, 1, "{uri}: {stderr}");
+        assert!(stderr.contains(expected), "{uri}: {stderr}");
+    }
+}
