@@ -103,7 +103,10 @@ impl DiscoveryPlugin for EtcdDiscovery {
 fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, PluginError> {
     let mut options = ConnectOptions::new()
         .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
-        .with_connect_timeout(config.request_timeout);
+        .with_connect_timeout(config.request_timeout)
+        // A member cut off from its cluster's leader fails the watch (and we retry, maybe on
+        // another member) instead of keeping it open and silent.
+        .with_require_leader(true);
     if let Some(files) = &config.tls {
         let read = |what: &str, path: &std::path::Path| {
             std::fs::read(path).map_err(|error| {
