@@ -181,13 +181,14 @@ pub(crate) async fn follow(backend: Arc<Backend>, request: WatchRequest, sink: A
             }
         };
         service.push(&sink);
-        service.found(&backend, &sink);
-        backoff = FIRST_BACKOFF;
         #[cfg(test)]
         if let Some(hook) = backend.before_watch.lock().expect("hook").as_mut() {
             hook(revision);
         }
-        match service.watch(&backend, &sink, revision + 1).await {
+        match service
+            .watch(&backend, &sink, revision + 1, &mut backoff)
+            .await
+        {
             WatchEnd::Compacted(compacted) => {
                 info!(service = %service.request.service, revision = revision + 1, compacted, "watch revision compacted, reading the prefix again");
             }
@@ -244,12 +245,15 @@ impl Service {
         Ok(revision)
     }
 
-    /// Follows the prefix from `start_revision` until the watch ends.
+    /// Follows the prefix from `start_revision` until the watch ends. Only a watch that etcd
+    /// accepted counts as being back in touch (resets `backoff`, reports reachable): a read that
+    /// works beside a watch that keeps failing must not log every retry.
     async fn watch(
         &mut self,
         backend: &Backend,
         sink: &WatchSink,
         start_revision: i64,
+        backoff: &mut Duration,
     ) -> WatchEnd {
         let client = match backend.client().await {
             Ok(client) => client,
@@ -285,6 +289,10 @@ impl Service {
                     "etcd cancelled the watch: {}",
                     response.cancel_reason()
                 ));
+            }
+            if response.created() {
+                self.found(backend, sink);
+                *backoff = FIRST_BACKOFF;
             }
             if response.events().is_empty() {
                 continue;
