@@ -182,7 +182,12 @@ pub(crate) async fn follow(backend: Arc<Backend>, request: WatchRequest, sink: A
         };
         service.push(&sink);
         #[cfg(test)]
-        if let Some(hook) = backend.before_watch.lock().expect("hook").as_mut() {
+        if let Some(hook) = backend
+            .before_watch
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_mut()
+        {
             hook(revision);
         }
         match service
