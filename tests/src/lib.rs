@@ -27,6 +27,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 pub mod docker;
+pub mod etcd;
 
 /// Where the workspace's build outputs are, built once per test process.
 pub struct Artifacts {
@@ -60,11 +61,12 @@ impl Artifacts {
     }
 }
 
-/// The standard plugins: round robin, least connections, file discovery.
+/// The standard plugins: round robin, least connections, file and etcd discovery.
 pub const STANDARD_PLUGINS: &[&str] = &[
     "embassy-plugin-round-robin",
     "embassy-plugin-least-conn",
     "embassy-plugin-file",
+    "embassy-plugin-etcd",
 ];
 
 /// Builds the binary and every plugin library (cargo is a no-op when they are fresh).

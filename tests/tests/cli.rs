@@ -65,7 +65,9 @@ fn nothing_to_serve_or_no_discovery_are_clear_errors() {
     ]);
     assert_eq!(code, 1);
     assert!(
-        stderr.contains("no discovery plugin serves 'zk://' (loaded: file (file))"),
+        stderr.contains(
+            "no discovery plugin serves 'zk://' (loaded: etcd (etcd, etcds), file (file))"
+        ),
         "{stderr}"
     );
 }

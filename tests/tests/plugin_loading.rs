@@ -90,6 +90,7 @@ fn plugins_lists_one_line_per_plugin_and_fails_on_bad_files() {
     assert_eq!(
         summary,
         vec![
+            "etcd discovery 0.1.0 etcd,etcds",
             "file discovery 0.1.0 file",
             "least-conn balancer 0.1.0 -",
             "round-robin balancer 0.1.0 -"
@@ -143,7 +144,7 @@ fn two_libraries_of_one_kind_load_side_by_side_and_a_duplicate_name_is_refused()
         .collect();
     assert_eq!(
         names,
-        vec!["panicking", "file", "least-conn", "round-robin"],
+        vec!["panicking", "etcd", "file", "least-conn", "round-robin"],
         "{stdout}"
     );
     assert!(

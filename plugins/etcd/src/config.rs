@@ -1,0 +1,354 @@
+//! `etcd://` and `etcds://` URIs and their options, checked before anything connects.
+
+use std::{path::PathBuf, time::Duration};
+
+use embassy_plugin_api::Options;
+
+/// Everything needed to reach the cluster, taken from the URI and the plugin options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `http://host:port` or `https://host:port`, one per cluster member given.
+    pub endpoints: Vec<String>,
+    pub tls: Option<TlsFiles>,
+    pub user: Option<(String, String)>,
+    /// Upper bound of the reconnect backoff.
+    pub backoff_max: Duration,
+    /// Deadline of one read (a page of a prefix) or of opening a watch.
+    pub request_timeout: Duration,
+}
+
+/// PEM files for `etcds://`: the CA always, a client certificate and key when etcd asks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0:?} is not an etcd URI: expected etcd://HOST:PORT[,HOST:PORT..] or etcds://...")]
+    Scheme(String),
+    #[error("{uri:?}: member {member:?} is not host:port")]
+    Member { uri: String, member: String },
+    #[error("{uri:?}: query parameter {pair:?} is not key=value")]
+    Query { uri: String, pair: String },
+    #[error("unknown etcd option {0:?} (known: ca, cert, key, username, password, password_file, backoff_max, timeout)")]
+    UnknownOption(String),
+    #[error("option {0} needs an etcds:// URI (TLS)")]
+    TlsOnPlainUri(&'static str),
+    #[error("etcds:// needs option ca: the PEM file of the CA that signed etcd's certificate")]
+    NoCa,
+    #[error("options cert and key go together: {0} is missing")]
+    CertWithoutKey(&'static str),
+    #[error("option {0} needs username as well")]
+    PasswordWithoutUser(&'static str),
+    #[error("option username needs password or password_file")]
+    UserWithoutPassword,
+    #[error("cannot read password_file {path}: {error}")]
+    PasswordFile { path: String, error: String },
+    #[error("option {key}={value:?} is not a duration such as 500ms, 5s or 1m")]
+    Duration { key: &'static str, value: String },
+}
+
+const KNOWN_OPTIONS: &[&str] = &[
+    "ca",
+    "cert",
+    "key",
+    "username",
+    "password",
+    "password_file",
+    "backoff_max",
+    "timeout",
+];
+
+const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl EtcdConfig {
+    /// Parses `uri` (options may also ride in its query string) and `options`
+    /// (`--discovery-opt`, which win over the query).
+    pub fn parse(uri: &str, options: &Options) -> Result<EtcdConfig, ConfigError> {
+        let (scheme, rest) = if let Some(rest) = uri.strip_prefix("etcd://") {
+            ("http", rest)
+        } else if let Some(rest) = uri.strip_prefix("etcds://") {
+            ("https", rest)
+        } else {
+            return Err(ConfigError::Scheme(uri.to_string()));
+        };
+        let (members, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let members = members.trim_end_matches('/');
+        let endpoints = members
+            .split(',')
+            .map(|member| {
+                let valid = member.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && !host.contains(['/', '@', ' '])
+                        && port.parse::<u16>().is_ok_and(|p| p > 0)
+                });
+                if valid {
+                    Ok(format!("{scheme}://{member}"))
+                } else {
+                    Err(ConfigError::Member {
+                        uri: uri.to_string(),
+                        member: member.to_string(),
+                    })
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut settings: Vec<(String, String)> = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').ok_or_else(|| ConfigError::Query {
+                uri: uri.to_string(),
+                pair: pair.to_string(),
+            })?;
+            settings.push((key.to_string(), value.to_string()));
+        }
+        settings.extend(
+            options
+                .iter()
+                .map(|pair| (pair.0.to_string(), pair.1.to_string())),
+        );
+        if let Some((key, _)) = settings
+            .iter()
+            .find(|(key, _)| !KNOWN_OPTIONS.contains(&key.as_str()))
+        {
+            return Err(ConfigError::UnknownOption(key.clone()));
+        }
+        // Last one wins, as on a command line; `--discovery-opt`s come after the query.
+        let get = |key: &str| {
+            settings
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+
+        let files = TlsFiles {
+            ca: get("ca").map(PathBuf::from),
+            cert: get("cert").map(PathBuf::from),
+            key: get("key").map(PathBuf::from),
+        };
+        let tls = if scheme == "https" {
+            match (&files.ca, &files.cert, &files.key) {
+                (None, _, _) => return Err(ConfigError::NoCa),
+                (_, Some(_), None) => return Err(ConfigError::CertWithoutKey("key")),
+                (_, None, Some(_)) => return Err(ConfigError::CertWithoutKey("cert")),
+                _ => Some(files),
+            }
+        } else {
+            for (name, set) in [
+                ("ca", files.ca.is_some()),
+                ("cert", files.cert.is_some()),
+                ("key", files.key.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::TlsOnPlainUri(name));
+                }
+            }
+            None
+        };
+
+        let password = match (get("password"), get("password_file")) {
+            (Some(password), _) => Some(password.to_string()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|error| ConfigError::PasswordFile {
+                        path: path.to_string(),
+                        error: error.to_string(),
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let user = match (get("username"), password) {
+            (Some(name), Some(password)) => Some((name.to_string(), password)),
+            (Some(_), None) => return Err(ConfigError::UserWithoutPassword),
+            (None, Some(_)) => {
+                let given = if get("password").is_some() {
+                    "password"
+                } else {
+                    "password_file"
+                };
+                return Err(ConfigError::PasswordWithoutUser(given));
+            }
+            (None, None) => None,
+        };
+
+        Ok(EtcdConfig {
+            endpoints,
+            tls,
+            user,
+            backoff_max: duration(get("backoff_max"), "backoff_max", DEFAULT_BACKOFF_MAX)?,
+            request_timeout: duration(get("timeout"), "timeout", DEFAULT_REQUEST_TIMEOUT)?,
+        })
+    }
+}
+
+fn duration(
+    text: Option<&str>,
+    key: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let parsed = if let Some(ms) = text.strip_suffix("ms") {
+        ms.parse().ok().map(Duration::from_millis)
+    } else if let Some(s) = text.strip_suffix('s') {
+        s.parse().ok().map(Duration::from_secs)
+    } else if let Some(m) = text.strip_suffix('m') {
+        m.parse::<u64>().ok().map(|m| Duration::from_secs(m * 60))
+    } else {
+        None
+    };
+    parsed
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| ConfigError::Duration {
+            key,
+            value: text.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use abi_stable::std_types::Tuple2;
+
+    use super::*;
+
+    /// Parses `uri` with `options` (`k=v` strings) and renders the config, or `error: ...`.
+    fn check(uri: &str, options: &[&str], expected: &str) {
+        let options: Options = options
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').expect("k=v");
+                Tuple2(k.into(), v.into())
+            })
+            .collect();
+        let actual = match EtcdConfig::parse(uri, &options) {
+            Ok(c) => {
+                let tls = c.tls.map_or("-".to_string(), |t| {
+                    let show = |p: &Option<PathBuf>| {
+                        p.as_ref()
+                            .map_or("-".to_string(), |p| p.display().to_string())
+                    };
+                    format!(
+                        "tls(ca={} cert={} key={})",
+                        show(&t.ca),
+                        show(&t.cert),
+                        show(&t.key)
+                    )
+                });
+                let user = c.user.map_or("-".to_string(), |(u, p)| format!("{u}:{p}"));
+                format!(
+                    "{} {tls} {user} {:?} {:?}",
+                    c.endpoints.join(","),
+                    c.backoff_max,
+                    c.request_timeout
+                )
+            }
+            Err(error) => format!("error: {error}"),
+        };
+        assert_eq!(actual, expected, "{uri} {options:?}");
+    }
+
+    #[test]
+    fn uri_forms() {
+        check(
+            "etcd://127.0.0.1:2379",
+            &[],
+            "http://127.0.0.1:2379 - - 5s 5s",
+        );
+        check(
+            "etcd://127.0.0.1:2379,127.0.0.2:2379/",
+            &[],
+            "http://127.0.0.1:2379,http://127.0.0.2:2379 - - 5s 5s",
+        );
+        check(
+            "etcds://localhost:2379?ca=/pki/ca.pem&cert=/pki/c.pem&key=/pki/k.pem",
+            &[],
+            "https://localhost:2379 tls(ca=/pki/ca.pem cert=/pki/c.pem key=/pki/k.pem) - 5s 5s",
+        );
+        check(
+            "etcds://localhost:2379?ca=/a.pem",
+            &["ca=/b.pem"],
+            "https://localhost:2379 tls(ca=/b.pem cert=- key=-) - 5s 5s",
+        );
+        check(
+            "etcd://127.0.0.1:2379",
+            &[
+                "username=embassy",
+                "password=s3cret",
+                "backoff_max=500ms",
+                "timeout=2s",
+            ],
+            "http://127.0.0.1:2379 - embassy:s3cret 500ms 2s",
+        );
+    }
+
+    #[test]
+    fn bad_uris_and_options_say_what_is_wrong() {
+        check(
+            "consul://127.0.0.1:8500",
+            &[],
+            "error: \"consul://127.0.0.1:8500\" is not an etcd URI: expected etcd://HOST:PORT[,HOST:PORT..] or etcds://...",
+        );
+        check(
+            "etcd://127.0.0.1",
+            &[],
+            "error: \"etcd://127.0.0.1\": member \"127.0.0.1\" is not host:port",
+        );
+        check(
+            "etcd://a:1,",
+            &[],
+            "error: \"etcd://a:1,\": member \"\" is not host:port",
+        );
+        check(
+            "etcd://a:1?ca",
+            &[],
+            "error: \"etcd://a:1?ca\": query parameter \"ca\" is not key=value",
+        );
+        check(
+            "etcd://a:1",
+            &["cafile=/x"],
+            "error: unknown etcd option \"cafile\" (known: ca, cert, key, username, password, password_file, backoff_max, timeout)",
+        );
+        check(
+            "etcd://a:1",
+            &["ca=/x"],
+            "error: option ca needs an etcds:// URI (TLS)",
+        );
+        check(
+            "etcds://a:1",
+            &["ca=/c", "cert=/x"],
+            "error: options cert and key go together: key is missing",
+        );
+        check(
+            "etcds://a:1",
+            &[],
+            "error: etcds:// needs option ca: the PEM file of the CA that signed etcd's certificate",
+        );
+        check(
+            "etcd://a:1",
+            &["password=x"],
+            "error: option password needs username as well",
+        );
+        check(
+            "etcd://a:1",
+            &["username=x"],
+            "error: option username needs password or password_file",
+        );
+        check(
+            "etcd://a:1",
+            &["username=x", "password_file=/nonexistent/pw"],
+            "error: cannot read password_file /nonexistent/pw: No such file or directory (os error 2)",
+        );
+        check(
+            "etcd://a:1",
+            &["backoff_max=soon"],
+            "error: option backoff_max=\"soon\" is not a duration such as 500ms, 5s or 1m",
+        );
+    }
+}

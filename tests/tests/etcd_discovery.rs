@@ -1,0 +1,514 @@
+//! The `etcd` discovery plugin through the real host against a real etcd: registrator
+//! formats, tags, live changes, an etcd outage, TLS and auth.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use embassy_tests::{etcd::Etcd, *};
+use serde_json::json;
+
+/// service-registrar's document (the original README's), pointed at a loopback upstream.
+fn registrar(upstream: &Upstream, tags: &[&str]) -> String {
+    json!({
+        "id": "13532987eae2831eb7d41f38172cb82db668b3c72d10f513551026b2525e634f",
+        "host": "fury",
+        "ipaddress": "127.0.0.1",
+        "env": {"ENVIRONMENT": "prod", "NAME": "apache", "HOME": "/"},
+        "tags": tags,
+        "name": "/trusting_shockley",
+        "image": "eboraas/apache",
+        "hostname": "13532987eae2",
+        "host_port": upstream.addr.port().to_string(),
+        "proto": "tcp",
+        "port": "80",
+        "path": format!("/services/prod/apache/80/{}/13532987eae2", upstream.addr.port()),
+    })
+    .to_string()
+}
+
+/// `/services/prod/apache/80/<host port>/<container id>`, the seed's layout.
+fn instance_key(upstream: &Upstream) -> String {
+    format!(
+        "/services/prod/apache/80/{}/{:012x}",
+        upstream.addr.port(),
+        u64::from(upstream.addr.port()) * 7919
+    )
+}
+
+/// Embassy on `etcd` proxying each of `services` (with `PORT` replaced by a free port), once
+/// every service has its first endpoints.
+fn embassy(etcd: &Etcd, options: &[&str], services: &[&str]) -> (Embassy, Vec<u16>) {
+    let (embassy, ports) = embassy_listening(etcd, options, services);
+    // Every test starts with instances registered: wait for each service's first set.
+    let loaded = eventually(Duration::from_secs(30), || {
+        embassy.log_lines("endpoints updated").len() >= services.len()
+    });
+    assert!(loaded, "first endpoint sets:\n{}", embassy.log().join("\n"));
+    (embassy, ports)
+}
+
+/// Embassy as above, once it listens.
+fn embassy_listening(etcd: &Etcd, options: &[&str], services: &[&str]) -> (Embassy, Vec<u16>) {
+    let plugins = standard_plugin_dir(&[]);
+    let mut args = vec![
+        "--plugin-dir".to_string(),
+        plugins.path().display().to_string(),
+        "--discovery".to_string(),
+        etcd.uri(),
+    ];
+    for option in options {
+        args.extend(["--discovery-opt".to_string(), option.to_string()]);
+    }
+    let mut ports = Vec::new();
+    for service in services {
+        let port = free_port();
+        ports.push(port);
+        args.extend([
+            "--service".to_string(),
+            service.replace("PORT", &port.to_string()),
+        ]);
+    }
+    let mut embassy = Embassy::start(args);
+    embassy
+        .wait_for_log("listening", Duration::from_secs(30))
+        .expect("listening");
+    // The libraries are loaded by now; the directory may go.
+    drop(plugins);
+    (embassy, ports)
+}
+
+/// Connections opened and echoed back to back on another thread until dropped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Traffic {
+    fn start(port: u16) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let (mut ok, mut failures) = (0, Vec::new());
+            // About 200 connections a second (gentle on ephemeral ports), for at most 2 minutes
+            // should a test hang before stopping it.
+            for _ in 0..24_000 {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                match Client::connect(port).and_then(|mut c| c.echo(b"ping")) {
+                    Ok(echo) if echo == b"ping" => ok += 1,
+                    Ok(other) => failures.push(format!("bad echo {other:?}")),
+                    Err(error) => failures.push(format!("{error:#}")),
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            (ok, failures)
+        });
+        Traffic {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the traffic; (connections that worked, failures).
+    fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("traffic thread")
+    }
+}
+
+/// Opens connections until one lands on `name`, at most 10 s of trying.
+fn reaches(port: u16, name: &str) -> bool {
+    eventually(Duration::from_secs(10), || {
+        Client::connect(port).is_ok_and(|c| c.upstream == name)
+    })
+}
+
+/// Until 12 connections in a row spread exactly over `names` (each reached), at most 10 s.
+fn settles_on(port: u16, names: &[&str]) -> bool {
+    eventually(Duration::from_secs(10), || {
+        distribution(port, 12).is_ok_and(|counts| {
+            counts.len() == names.len() && names.iter().all(|n| counts.contains_key(*n))
+        })
+    })
+}
+
+#[test]
+fn the_seed_layout_is_proxied_end_to_end() {
+    let etcd = Etcd::start();
+    let (a, b, c, other) = (
+        Upstream::start("a"),
+        Upstream::start("b"),
+        Upstream::start("c"),
+        Upstream::start("other"),
+    );
+    for upstream in [&a, &b, &c] {
+        etcd.put(&instance_key(upstream), &registrar(upstream, &[]));
+    }
+    // A neighbour whose key merely starts with the same characters is another service.
+    etcd.put(
+        &format!("/services/prod/apache/8080/{}/x", other.addr.port()),
+        &registrar(&other, &[]),
+    );
+    let (_embassy, ports) = embassy(&etcd, &[], &["/services/prod/apache/80;PORT/tcp"]);
+    let counts = distribution(ports[0], 30).expect("connections");
+    assert_eq!(
+        (counts.get("a"), counts.get("b"), counts.get("c")),
+        (Some(&10), Some(&10), Some(&10)),
+        "round robin over the three instances, none elsewhere: {counts:?}"
+    );
+    let mut client = Client::connect(ports[0]).expect("connect");
+    assert_eq!(client.echo(b"through etcd").expect("echo"), b"through etcd");
+    assert_eq!(other.accepted(), 0);
+}
+
+#[test]
+fn puts_updates_and_deletes_follow_while_traffic_flows() {
+    let etcd = Etcd::start();
+    let (a, b, c) = (
+        Upstream::start("a"),
+        Upstream::start("b"),
+        Upstream::start("c"),
+    );
+    let key_a = instance_key(&a);
+    etcd.put(&key_a, &registrar(&a, &[]));
+    let (mut embassy, ports) = embassy(&etcd, &[], &["/services/prod/apache/80;PORT/tcp"]);
+    let port = ports[0];
+    let mut on_a = Client::connect(port).expect("connect");
+    assert_eq!(on_a.upstream, "a");
+    let traffic = Traffic::start(port);
+
+    // Put: a second instance.
+    etcd.put(&instance_key(&b), &registrar(&b, &[]));
+    assert!(settles_on(port, &["a", "b"]), "b joins a");
+
+    // Update: a's key now points at c.
+    etcd.put(&key_a, &registrar(&c, &[]));
+    assert!(settles_on(port, &["b", "c"]), "a's key moved to c");
+
+    // Delete: b goes.
+    etcd.delete(&instance_key(&b));
+    assert!(settles_on(port, &["c"]), "b deleted");
+    let a_before = a.accepted();
+    let counts = distribution(port, 10).expect("connections");
+    assert_eq!(counts.get("c"), Some(&10), "{counts:?}");
+    assert_eq!(a.accepted(), a_before, "no new connection reaches a");
+
+    // The connection opened at the start still works, and no connection failed meanwhile.
+    assert_eq!(on_a.echo(b"still here").expect("echo"), b"still here");
+    let (ok, failures) = traffic.finish();
+    assert!(
+        ok > 0 && failures.is_empty(),
+        "{ok} ok, failures: {failures:?}"
+    );
+    embassy
+        .wait_for_log("endpoints updated", Duration::from_secs(1))
+        .expect("updates logged");
+}
+
+#[test]
+fn tags_plain_values_and_garbage_beside_good_values() {
+    let etcd = Etcd::start();
+    let (a, b, c, d) = (
+        Upstream::start("a"),
+        Upstream::start("b"),
+        Upstream::start("c"),
+        Upstream::start("d"),
+    );
+    let prefix = "/services/prod/app1/80";
+    etcd.put(&format!("{prefix}/1/a"), &registrar(&a, &["prod", "app1"]));
+    etcd.put(&format!("{prefix}/2/b"), &registrar(&b, &["prod"]));
+    // registrator's plain value and a SkyDNS record: no tags.
+    etcd.put(&format!("{prefix}/host:c:80"), &c.addr.to_string());
+    etcd.put(
+        &format!("{prefix}/skydns-d"),
+        &json!({"host": "127.0.0.1", "port": d.addr.port()}).to_string(),
+    );
+    let garbage_key = format!("{prefix}/3/garbage");
+    etcd.put(&garbage_key, "{\"ipaddress\": \"127.0.0.1\", \"host_po");
+
+    let (mut embassy, ports) = embassy(
+        &etcd,
+        &[],
+        &[
+            &format!("{prefix}[prod,app1];PORT/tcp"),
+            &format!("{prefix};PORT/tcp"),
+        ],
+    );
+    let tagged = distribution(ports[0], 8).expect("tagged connections");
+    assert_eq!(
+        tagged.get("a"),
+        Some(&8),
+        "only a carries prod and app1: {tagged:?}"
+    );
+    let all = distribution(ports[1], 40).expect("untagged connections");
+    assert_eq!(all.len(), 4, "a, b, c and d, the garbage skipped: {all:?}");
+
+    let warning = embassy
+        .wait_for_log("skipping an etcd value", Duration::from_secs(5))
+        .expect("garbage warned about");
+    assert!(warning.contains(&garbage_key), "names the key: {warning}");
+    assert!(
+        warning.contains("invalid JSON"),
+        "says what is wrong: {warning}"
+    );
+    // Once per watch (two services read it), not once per read or per connection.
+    assert_eq!(embassy.log_lines("skipping an etcd value").len(), 2);
+
+    // Fixing the value adds the instance; nothing else moves.
+    let e = Upstream::start("e");
+    etcd.put(&garbage_key, &e.addr.to_string());
+    assert!(reaches(ports[1], "e"));
+    assert!(Client::connect(ports[0]).is_ok_and(|client| client.upstream == "a"));
+}
+
+#[test]
+fn an_etcd_outage_keeps_the_last_endpoints_and_resyncs_after() {
+    let mut etcd = Etcd::start();
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let key_a = instance_key(&a);
+    etcd.put(&key_a, &registrar(&a, &[]));
+    let (mut embassy, ports) = embassy(
+        &etcd,
+        &["backoff_max=2s", "timeout=1s"],
+        &["/services/prod/apache/80;PORT/tcp"],
+    );
+    let port = ports[0];
+    let mut open = Client::connect(port).expect("connect");
+    let traffic = Traffic::start(port);
+
+    etcd.stop();
+    embassy
+        .wait_for_log("etcd unreachable", Duration::from_secs(10))
+        .expect("outage noticed");
+    // Several retries happen during these seconds; traffic keeps flowing meanwhile.
+    for _ in 0..4 {
+        let counts = distribution(port, 5).expect("served during the outage");
+        assert_eq!(counts.get("a"), Some(&5), "{counts:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(open.echo(b"during").expect("echo"), b"during");
+
+    // etcd returns; the change is made before Embassy's next retry reaches it.
+    etcd.restart();
+    etcd.put(&instance_key(&b), &registrar(&b, &[]));
+    etcd.delete(&key_a);
+    assert!(
+        settles_on(port, &["b"]),
+        "the change made around the outage is picked up"
+    );
+    embassy
+        .wait_for_log("etcd reachable again", Duration::from_secs(10))
+        .expect("recovery logged");
+    assert_eq!(
+        embassy.log_lines("etcd unreachable").len(),
+        1,
+        "one line per state change, not per retry"
+    );
+    assert_eq!(embassy.log_lines("etcd reachable again").len(), 1);
+    assert_eq!(open.echo(b"after").expect("echo"), b"after");
+    let (ok, failures) = traffic.finish();
+    assert!(
+        ok > 0 && failures.is_empty(),
+        "{ok} ok, failures: {failures:?}"
+    );
+}
+
+#[test]
+fn tls_with_a_client_certificate() {
+    let pki = tempfile::tempdir().expect("temp dir");
+    let tls = etcd::EtcdTls::generate(pki.path()).expect("certificates");
+    let etcd = Etcd::start_with(Some(tls.clone()));
+    let a = Upstream::start("a");
+    etcd.put(&instance_key(&a), &registrar(&a, &[]));
+    let (ca, cert, key) = (
+        format!("ca={}", tls.file("ca.pem").display()),
+        format!("cert={}", tls.file("client.pem").display()),
+        format!("key={}", tls.file("client.key").display()),
+    );
+    let (_embassy, ports) = embassy(
+        &etcd,
+        &[&ca, &cert, &key],
+        &["/services/prod/apache/80;PORT/tcp"],
+    );
+    assert!(reaches(ports[0], "a"), "read over TLS");
+    let b = Upstream::start("b");
+    etcd.put(&instance_key(&b), &registrar(&b, &[]));
+    assert!(reaches(ports[0], "b"), "watched over TLS");
+}
+
+#[test]
+fn username_and_password() {
+    let mut etcd = Etcd::start();
+    let a = Upstream::start("a");
+    etcd.put(&instance_key(&a), &registrar(&a, &[]));
+    etcd.enable_auth("embassy", "s3cret", "/services/");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "s3cret\n").expect("password file");
+    let (_embassy, ports) = embassy(
+        &etcd,
+        &[
+            "username=embassy",
+            &format!("password_file={}", password_file.display()),
+        ],
+        &["/services/prod/apache/80;PORT/tcp"],
+    );
+    assert!(reaches(ports[0], "a"), "read as embassy");
+    let b = Upstream::start("b");
+    etcd.put(&instance_key(&b), &registrar(&b, &[]));
+    assert!(reaches(ports[0], "b"), "watched as embassy");
+}
+
+#[test]
+fn compaction_then_a_change_is_picked_up() {
+    let etcd = Etcd::start();
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    etcd.put(&instance_key(&a), &registrar(&a, &[]));
+    let (_embassy, ports) = embassy(&etcd, &[], &["/services/prod/apache/80;PORT/tcp"]);
+    // History churn, then all of it compacted away under the running watch.
+    for round in 0..20 {
+        etcd.put(
+            "/services/prod/apache/80/churn",
+            &format!("127.0.0.1:{}", 1000 + round),
+        );
+    }
+    etcd.delete("/services/prod/apache/80/churn");
+    etcd.compact(etcd.revision());
+    etcd.put(&instance_key(&b), &registrar(&b, &[]));
+    assert!(
+        settles_on(ports[0], &["a", "b"]),
+        "the change after compaction arrives"
+    );
+}
+
+#[test]
+fn etcd_down_at_start_with_auth_then_up() {
+    let mut etcd = Etcd::start();
+    let a = Upstream::start("a");
+    etcd.put(&instance_key(&a), &registrar(&a, &[]));
+    etcd.enable_auth("embassy", "s3cret", "/services/");
+    etcd.stop();
+    let (mut embassy, ports) = embassy_listening(
+        &etcd,
+        &[
+            "username=embassy",
+            "password=s3cret",
+            "backoff_max=1s",
+            "timeout=1s",
+        ],
+        &["/services/prod/apache/80;PORT/tcp"],
+    );
+    embassy
+        .wait_for_log("etcd unreachable", Duration::from_secs(10))
+        .expect("outage reported");
+    assert!(Client::connect(ports[0]).is_err(), "no endpoint known yet");
+    etcd.restart();
+    assert!(
+        reaches(ports[0], "a"),
+        "authenticated and read once etcd is up"
+    );
+}
+
+/// Established TCP connections (IPv4) that process `pid` holds to port `port`, from /proc.
+fn connections_to(pid: u32, port: u16) -> usize {
+    let sockets: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields
+                .get(2)
+                .and_then(|remote| remote.split(':').nth(1))
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            remote_port == Some(port)
+                && fields.get(3) == Some(&"01")
+                && fields.get(9).is_some_and(|inode| sockets.contains(*inode))
+        })
+        .count()
+}
+
+#[test]
+fn many_services_share_one_connection_to_etcd() {
+    let etcd = Etcd::start();
+    let upstreams: Vec<Upstream> = (0..5).map(|i| Upstream::start(&format!("u{i}"))).collect();
+    for (i, upstream) in upstreams.iter().enumerate() {
+        etcd.put(
+            &format!("/services/prod/s{i}/80/1/x"),
+            &registrar(upstream, &[]),
+        );
+    }
+    let services: Vec<String> = (0..5)
+        .map(|i| format!("/services/prod/s{i}/80;PORT/tcp"))
+        .collect();
+    let services: Vec<&str> = services.iter().map(String::as_str).collect();
+    let (embassy, ports) = embassy(&etcd, &[], &services);
+    for (i, port) in ports.iter().enumerate() {
+        assert!(reaches(*port, &format!("u{i}")));
+    }
+    assert_eq!(
+        connections_to(embassy.pid(), etcd.client_port),
+        1,
+        "five watches, one connection"
+    );
+}
+
+#[test]
+fn bad_uris_and_options_are_refused_with_the_reason() {
+    let plugins = standard_plugin_dir(&[]);
+    let dir = plugins.path().display().to_string();
+    for (uri, options, expected) in [
+        (
+            "etcd://127.0.0.1",
+            vec![],
+            r#"member "127.0.0.1" is not host:port"#,
+        ),
+        (
+            "etcds://127.0.0.1:2379?ca=/nonexistent/ca.pem",
+            vec![],
+            "cannot read TLS ca /nonexistent/ca.pem",
+        ),
+        (
+            "etcd://127.0.0.1:2379",
+            vec!["--discovery-opt", "passwd=x"],
+            r#"unknown etcd option "passwd""#,
+        ),
+    ] {
+        let mut args = vec![
+            "--plugin-dir",
+            &dir,
+            "--service",
+            "/services/web;8080/tcp",
+            "--discovery",
+            uri,
+        ];
+        args.extend(options);
+        let (code, _, stderr) = run_embassy(args);
+        assert_eq!(code, 1, "{uri}: {stderr}");
+        assert!(stderr.contains(expected), "{uri}: {stderr}");
+    }
+}
