@@ -1,10 +1,11 @@
 //! Moving bytes between the client and the upstream, both ways, with correct half-close.
 //!
-//! On Linux the default is `splice(2)` through a pipe: the bytes never enter user space, so the
-//! proxy neither copies them nor holds a buffer per connection. A pipe is taken from a
-//! per-thread pool only while a direction has data to move and goes back once drained, so an idle
-//! connection holds no pipe (and no extra descriptors). Elsewhere, or when asked, a user-space
-//! copy with one buffer per direction.
+//! On Linux the default moves bulk transfers with `splice(2)` through a pipe: the bytes never
+//! enter user space. A pipe is taken from a per-thread pool only while a direction has data to
+//! move and goes back once drained. Small exchanges (requests, responses, handshakes) go through
+//! one scratch buffer per thread instead, which is cheaper than two splices for a few bytes. So
+//! an idle connection holds neither a pipe nor a buffer. Elsewhere, or when asked, a user-space
+//! copy with one buffer per direction per connection.
 
 use std::io;
 
@@ -15,7 +16,8 @@ use tokio::{io::copy_bidirectional_with_sizes, net::TcpStream};
 pub enum CopyMode {
     /// `read` into a buffer, `write` out of it.
     Userspace,
-    /// `splice` through a pooled pipe (Linux only; falls back to `Userspace` elsewhere).
+    /// Bulk through `splice` and a pooled pipe, small exchanges through a per-thread buffer
+    /// (Linux only; falls back to `Userspace` elsewhere).
     Splice,
 }
 
@@ -72,46 +74,137 @@ mod splice {
     }
 
     /// Moves `from` → `to` until `from` reaches end of stream, then half-closes `to`.
+    ///
+    /// Small reads go through this thread's scratch buffer (a request/response exchange costs
+    /// one `read` and one `write`, like a plain event loop). A read that fills the scratch
+    /// buffer, or a write the peer cannot take at once, marks the direction as bulk: from then
+    /// on it splices.
     async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
         let mut total = 0u64;
+        let mut bulk = false;
         loop {
             from.readable().await?;
-            let pipe = Pipe::take()?;
-            loop {
-                let filled = from.try_io(Interest::READABLE, || {
-                    splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
-                });
-                match filled {
-                    Ok(0) => {
-                        pipe.give_back();
-                        // SAFETY: shutdown(2) on a descriptor `to` owns; it stays open.
-                        if unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) } == -1 {
-                            let error = io::Error::last_os_error();
-                            if error.raw_os_error() != Some(libc::ENOTCONN) {
-                                return Err(error);
-                            }
-                        }
-                        return Ok(total);
+            let moved = if bulk {
+                splice_available(from, to).await?
+            } else {
+                match relay_small(from, to) {
+                    Ok(Relayed::All(n)) => {
+                        bulk = n == SCRATCH;
+                        Some(n)
                     }
-                    Ok(mut pending) => {
-                        total += pending as u64;
-                        while pending > 0 {
-                            // Errors leave bytes in the pipe: it is dropped, not pooled.
-                            pending -= to
-                                .async_io(Interest::WRITABLE, || {
-                                    splice(pipe.read.as_raw_fd(), to.as_raw_fd(), pending)
-                                })
-                                .await?;
-                        }
+                    Ok(Relayed::Partly(rest)) => {
+                        bulk = true; // the peer is slower than the sender: bulk
+                        write_all(to, &rest).await?;
+                        Some(rest.len())
                     }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        pipe.give_back(); // drained: an idle direction holds no pipe
-                        break;
-                    }
+                    Ok(Relayed::End) => None,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => Some(0),
                     Err(error) => return Err(error),
+                }
+            };
+            match moved {
+                Some(n) => total += n as u64,
+                None => {
+                    half_close(to)?;
+                    return Ok(total);
                 }
             }
         }
+    }
+
+    /// What one small relay did.
+    enum Relayed {
+        /// Read and wrote this many bytes.
+        All(usize),
+        /// Wrote part; these bytes remain (the only allocation, and only under backpressure).
+        Partly(Vec<u8>),
+        /// `from` reached end of stream.
+        End,
+    }
+
+    /// Size of each thread's scratch buffer; a read that fills it means bulk.
+    const SCRATCH: usize = 16 * 1024;
+
+    thread_local! {
+        static SCRATCH_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+    }
+
+    /// One `read` into the scratch buffer and one `write` of what it got, without awaiting.
+    fn relay_small(from: &TcpStream, to: &TcpStream) -> io::Result<Relayed> {
+        SCRATCH_BUFFER.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let read = from.try_read(&mut scratch)?;
+            if read == 0 {
+                return Ok(Relayed::End);
+            }
+            let written = match to.try_write(&scratch[..read]) {
+                Ok(written) => written,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(error) => return Err(error),
+            };
+            Ok(if written == read {
+                Relayed::All(read)
+            } else {
+                Relayed::Partly(scratch[written..read].to_vec())
+            })
+        })
+    }
+
+    async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            to.writable().await?;
+            match to.try_write(bytes) {
+                Ok(written) => bytes = &bytes[written..],
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    /// Splices everything `from` has now; `None` at end of stream. Holds a pipe only while
+    /// bytes flow, so an idle direction holds none.
+    async fn splice_available(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
+        let pipe = Pipe::take()?;
+        let mut moved = 0;
+        loop {
+            let filled = from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
+            });
+            match filled {
+                Ok(0) => {
+                    pipe.give_back();
+                    return Ok(None);
+                }
+                Ok(mut pending) => {
+                    moved += pending;
+                    while pending > 0 {
+                        // Errors leave bytes in the pipe: it is dropped, not pooled.
+                        pending -= to
+                            .async_io(Interest::WRITABLE, || {
+                                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), pending)
+                            })
+                            .await?;
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    pipe.give_back();
+                    return Ok(Some(moved));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    fn half_close(to: &TcpStream) -> io::Result<()> {
+        // SAFETY: shutdown(2) on a descriptor `to` owns; it stays open.
+        if unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) } == -1 {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::ENOTCONN) {
+                return Err(error);
+            }
+        }
+        Ok(())
     }
 
     fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {

@@ -44,7 +44,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy (the default when no command is given).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the plugins found in --plugin-dir; exits 1 if any file failed to load.
     Plugins {
         /// One JSON object per line instead of columns.
@@ -109,6 +109,10 @@ pub struct RunArgs {
     /// finding it from /proc.
     #[arg(long, requires = "docker", value_name = "ID")]
     pub container_id: Option<String>,
+
+    /// Worker threads of the proxy; 0 means one per core Embassy may run on (see taskset).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: usize,
 
     /// On SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration_arg)]

@@ -48,13 +48,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (plugins, failed) = run::load_plugins(&cli.plugin_dir)?;
             return run::list_plugins(&plugins, json, failed);
         }
-        Some(Command::Run(args)) => args,
+        Some(Command::Run(args)) => *args,
         None => cli.run,
     };
     let (plugins, _) = run::load_plugins(&cli.plugin_dir)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = run::runtime(args.threads)?;
     runtime.block_on(run::run(plugins, args))
 }
 

@@ -63,6 +63,24 @@ pub fn requests(args: &RunArgs, vars: impl Iterator<Item = (String, String)>) ->
     requests
 }
 
+/// The runtime the proxy runs on: `threads` workers (0: one per core this process may use).
+/// With one, a single-threaded runtime: no work stealing and no cross-thread wake-ups, like
+/// the event loop of a single-worker HAProxy or nginx.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all().build()
+}
+
 /// Raises the soft open-file limit to the hard one: a proxy holds two descriptors per
 /// connection, and the usual soft default (1024) would cap it at about 500.
 pub fn raise_open_file_limit() {
