@@ -451,3 +451,25 @@ fn https_with_a_ca_file() {
     assert!(line.contains("certificate"), "{line}");
     assert!(Client::connect(ports[0]).is_err());
 }
+
+/// Registrator's convention end to end: `/udp` takes the instances tagged `udp`, `/tcp` the
+/// others, under one service name.
+#[test]
+fn udp_descriptors_take_udp_tagged_instances_and_tcp_ones_the_others() {
+    let sim = ConsulSim::start();
+    let tcp = Upstream::start("t");
+    let udp = UdpUpstream::start("u");
+    sim.register(Instance::new("dns-tcp", "dns", tcp.addr));
+    sim.register(Instance::new("dns-udp", "dns", udp.addr).tags(&["udp"]));
+    let (embassy, ports, _plugins) = start(&sim, &[], &[], &["dns;PORT/udp", "dns;PORT/tcp"]);
+    assert!(
+        eventually(Duration::from_secs(10), || embassy.endpoints_added("/udp")
+            == vec![udp.addr.to_string()]
+            && embassy.endpoints_added("/tcp") == vec![tcp.addr.to_string()]),
+        "each service gets its protocol's instance only:\n{}",
+        embassy.log().join("\n")
+    );
+    let mut client = UdpClient::new(ports[0]).expect("udp client");
+    assert_eq!(client.whoami().expect("answered over udp").upstream, "u");
+    assert_eq!(landed(ports[1], 6), HashSet::from(["t".to_string()]));
+}

@@ -512,3 +512,56 @@ fn bad_uris_and_options_are_refused_with_the_reason() {
         assert!(stderr.contains(expected), "{uri}: {stderr}");
     }
 }
+
+/// `/udp` takes instances whose document says udp (or registrator's `:udp` key); `/tcp` the
+/// others; both served at once from one prefix.
+#[test]
+fn udp_and_tcp_descriptors_split_one_prefix_by_protocol() {
+    let etcd = Etcd::start();
+    let tcp = Upstream::start("t");
+    let (udp_doc, udp_plain) = (UdpUpstream::start("u1"), UdpUpstream::start("u2"));
+    etcd.put(
+        "/services/prod/dns/53/tcp-1",
+        &format!("127.0.0.1:{}", tcp.addr.port()),
+    );
+    let document = json!({"ipaddress": "127.0.0.1", "host_port": udp_doc.addr.port().to_string(), "proto": "udp"});
+    etcd.put("/services/prod/dns/53/udp-1", &document.to_string());
+    etcd.put(
+        "/services/prod/dns/53/udp-2:udp",
+        &udp_plain.addr.to_string(),
+    );
+    let (embassy, ports) = embassy(
+        &etcd,
+        &[],
+        &[
+            "/services/prod/dns/53;PORT/udp",
+            "/services/prod/dns/53;PORT/tcp",
+        ],
+    );
+    let mut udp_set = embassy.endpoints_added("/udp");
+    udp_set.sort();
+    let mut expected = vec![udp_doc.addr.to_string(), udp_plain.addr.to_string()];
+    expected.sort();
+    assert_eq!(udp_set, expected, "the udp service's endpoints");
+    assert_eq!(
+        embassy.endpoints_added("/tcp"),
+        vec![tcp.addr.to_string()],
+        "the tcp service's endpoints"
+    );
+    let answered: std::collections::HashSet<String> = (0..6)
+        .map(|_| {
+            UdpClient::new(ports[0])
+                .expect("client")
+                .whoami()
+                .expect("answered over udp")
+                .upstream
+        })
+        .collect();
+    assert_eq!(
+        answered,
+        ["u1", "u2"].map(String::from).into(),
+        "udp sessions spread over the udp instances only"
+    );
+    let counts = distribution(ports[1], 6).expect("tcp connections");
+    assert_eq!(counts.get("t"), Some(&6), "{counts:?}");
+}
