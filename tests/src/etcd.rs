@@ -7,7 +7,6 @@ use std::{
     fs::File,
     io::{Read, Write},
     net::TcpStream,
-    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -16,109 +15,18 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::free_port;
+use crate::{free_port, tls::TestPki};
 
 const INSTALL_HINT: &str = "etcd is needed by this test: apt-get install -y etcd-server";
 
-/// TLS for the client port: etcd presents `server.pem` and requires a client certificate.
-#[derive(Debug, Clone)]
-pub struct EtcdTls {
-    pub dir: PathBuf,
-}
-
-impl EtcdTls {
-    /// Makes a CA and a server and a client certificate (for 127.0.0.1) in `dir` with openssl.
-    pub fn generate(dir: &Path) -> Result<EtcdTls> {
-        let run = |args: &[&str]| -> Result<()> {
-            let output = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .output()
-                .context("openssl is needed by this test: apt-get install -y openssl")?;
-            if !output.status.success() {
-                bail!(
-                    "openssl {args:?} failed: {}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            Ok(())
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(ec);
-        ca.extend([
-            "-subj",
-            "/CN=embassy-test-ca",
-            "-days",
-            "2",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        run(&ca)?;
-        std::fs::write(
-            dir.join("leaf.ext"),
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n\
-             basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n",
-        )?;
-        for name in ["server", "client"] {
-            let (key, csr, pem, subject) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.pem"),
-                format!("/CN={name}"),
-            );
-            let mut request = vec!["req"];
-            request.extend(ec);
-            request.extend(["-subj", &subject, "-keyout", &key, "-out", &csr]);
-            run(&request)?;
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &pem,
-                "-extfile",
-                "leaf.ext",
-            ])?;
-        }
-        Ok(EtcdTls {
-            dir: dir.to_path_buf(),
-        })
-    }
-
-    pub fn file(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-}
-
 /// A running single-member etcd cluster on loopback.
 pub struct Etcd {
-    /// The port clients (Embassy) use: plain HTTP, or TLS with [`EtcdTls`].
+    /// The port clients (Embassy) use: plain HTTP, or TLS with [`TestPki`].
     pub client_port: u16,
     /// A plain-HTTP client port for the test's own writes (the same port without TLS).
     admin_port: u16,
     peer_port: u16,
-    tls: Option<EtcdTls>,
+    tls: Option<TestPki>,
     dir: tempfile::TempDir,
     child: Option<Child>,
     /// Sent with every request once auth is enabled.
@@ -132,7 +40,7 @@ impl Etcd {
     }
 
     /// Starts etcd whose client port speaks TLS with `tls`'s certificates.
-    pub fn start_with(tls: Option<EtcdTls>) -> Etcd {
+    pub fn start_with(tls: Option<TestPki>) -> Etcd {
         let client_port = free_port();
         let admin_port = if tls.is_some() {
             free_port()

@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod docker;
 pub mod etcd;
+pub mod tls;
 
 /// Where the workspace's build outputs are, built once per test process.
 pub struct Artifacts {

@@ -370,68 +370,11 @@ fn bad_uris_and_ca_files_are_refused_at_start() {
     }
 }
 
-/// A CA and a certificate for 127.0.0.1 it signed, made with the `openssl` command.
-fn certificates(dir: &std::path::Path) {
-    let openssl = |args: &[&str]| {
-        let output = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl is needed for the TLS test: apt-get install -y openssl");
-        assert!(
-            output.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509", "-days", "1", "-subj", "/CN=embassy test ca"][..],
-            &ec,
-            &["-keyout", "ca.key", "-out", "ca.pem"],
-        ]
-        .concat(),
-    );
-    openssl(
-        &[
-            &["req", "-subj", "/CN=127.0.0.1"][..],
-            &ec,
-            &["-keyout", "server.key", "-out", "server.csr"],
-        ]
-        .concat(),
-    );
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write ext");
-    openssl(&[
-        "x509",
-        "-req",
-        "-days",
-        "1",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
-}
-
 #[test]
 fn https_with_a_ca_file() {
     let a = Upstream::start("a");
     let dir = tempfile::tempdir().expect("temp dir");
-    certificates(dir.path());
+    tls::TestPki::generate(dir.path()).expect("certificates");
     let sim = ConsulSim::start_tls(
         &dir.path().join("server.pem"),
         &dir.path().join("server.key"),

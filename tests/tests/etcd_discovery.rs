@@ -327,7 +327,7 @@ fn an_etcd_outage_keeps_the_last_endpoints_and_resyncs_after() {
 #[test]
 fn tls_with_a_client_certificate() {
     let pki = tempfile::tempdir().expect("temp dir");
-    let tls = etcd::EtcdTls::generate(pki.path()).expect("certificates");
+    let tls = tls::TestPki::generate(pki.path()).expect("certificates");
     let etcd = Etcd::start_with(Some(tls.clone()));
     let a = Upstream::start("a");
     etcd.put(&instance_key(&a), &registrar(&a, &[]));
