@@ -55,6 +55,7 @@ mod splice {
         cell::RefCell,
         io,
         os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        sync::atomic::{AtomicBool, Ordering},
     };
 
     use tokio::{io::Interest, net::TcpStream};
@@ -70,7 +71,11 @@ mod splice {
         client: &TcpStream,
         upstream: &TcpStream,
     ) -> io::Result<(u64, u64)> {
-        tokio::try_join!(one_way(client, upstream), one_way(upstream, client))
+        let one_done = AtomicBool::new(false);
+        tokio::try_join!(
+            one_way(client, upstream, &one_done),
+            one_way(upstream, client, &one_done)
+        )
     }
 
     /// Moves `from` → `to` until `from` reaches end of stream, then half-closes `to`.
@@ -79,7 +84,10 @@ mod splice {
     /// one `read` and one `write`, like a plain event loop). A read that fills the scratch
     /// buffer, or a write the peer cannot take at once, marks the direction as bulk: from then
     /// on it splices.
-    async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+    ///
+    /// The direction that ends second skips the `shutdown`: both sockets close right after,
+    /// and closing a socket whose input is drained sends the same FIN.
+    async fn one_way(from: &TcpStream, to: &TcpStream, one_done: &AtomicBool) -> io::Result<u64> {
         let mut total = 0u64;
         let mut bulk = false;
         loop {
@@ -105,7 +113,9 @@ mod splice {
             match moved {
                 Some(n) => total += n as u64,
                 None => {
-                    half_close(to)?;
+                    if !one_done.swap(true, Ordering::AcqRel) {
+                        half_close(to)?;
+                    }
                     return Ok(total);
                 }
             }
