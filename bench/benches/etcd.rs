@@ -148,12 +148,7 @@ fn load(etcd: &Etcd) {
             }),
             TD_Opaque,
         );
-        let request = WatchRequest {
-            service: "/services/bench/load/80".into(),
-            tags: RVec::new(),
-            protocol: Protocol::Tcp,
-            options: Default::default(),
-        };
+        let request = WatchRequest::new::<&str>("/services/bench/load/80", &[], Protocol::Tcp);
         let start = Instant::now();
         let _watch = discovery.watch(request, sink).into_result().expect("watch");
         let at = arrived

@@ -175,10 +175,8 @@ impl Supervisor {
         let sink =
             EndpointSink_TO::from_ptr(RArc::new(ServiceSink::new(Arc::clone(&service))), TD_Opaque);
         let request = WatchRequest {
-            service: descriptor.service.as_str().into(),
-            tags: descriptor.tags.iter().map(|t| t.as_str().into()).collect(),
-            protocol: descriptor.protocol,
             options: options_of(descriptor),
+            ..WatchRequest::new(&descriptor.service, &descriptor.tags, descriptor.protocol)
         };
         let watch = self
             .discovery

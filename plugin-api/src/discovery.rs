@@ -60,6 +60,18 @@ pub struct WatchRequest {
     pub options: Options,
 }
 
+impl WatchRequest {
+    /// A request for `service` with `tags` over `protocol`, without options.
+    pub fn new<S: AsRef<str>>(service: &str, tags: &[S], protocol: Protocol) -> Self {
+        WatchRequest {
+            service: service.into(),
+            tags: tags.iter().map(|tag| tag.as_ref().into()).collect(),
+            protocol,
+            options: Default::default(),
+        }
+    }
+}
+
 /// The state of the backend as a plugin sees it.
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]

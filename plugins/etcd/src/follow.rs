@@ -429,12 +429,7 @@ mod tests {
     }
 
     fn request(service: &str, tags: &[&str], protocol: Protocol) -> WatchRequest {
-        WatchRequest {
-            service: service.into(),
-            tags: tags.iter().map(|t| (*t).into()).collect(),
-            protocol,
-            options: Default::default(),
-        }
+        WatchRequest::new(service, tags, protocol)
     }
 
     fn backend(etcd: &Etcd) -> Arc<Backend> {

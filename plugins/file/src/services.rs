@@ -154,12 +154,7 @@ mod tests {
     use super::*;
 
     fn request(service: &str, tags: &[&str], protocol: Protocol) -> WatchRequest {
-        WatchRequest {
-            service: service.into(),
-            tags: tags.iter().map(|t| (*t).into()).collect(),
-            protocol,
-            options: Default::default(),
-        }
+        WatchRequest::new(service, tags, protocol)
     }
 
     /// Parses `json` and lists the addresses for `service`/`tags`/tcp, or `error: ...`.
