@@ -31,6 +31,7 @@ pub async fn serve_tcp(
     shutdown: CancellationToken,
     connections: TaskTracker,
 ) {
+    let accepted_nodelay = set_nodelay_inherited(&listener);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -63,6 +64,7 @@ pub async fn serve_tcp(
             first,
             connect_timeout: service.connect_timeout,
             copy_mode: service.copy_mode,
+            accepted_nodelay,
         };
         connections.spawn(forward(client, path).instrument(span));
     }
@@ -76,6 +78,8 @@ struct Path {
     first: usize,
     connect_timeout: Duration,
     copy_mode: CopyMode,
+    /// The client socket came out of `accept` with `TCP_NODELAY` already set.
+    accepted_nodelay: bool,
 }
 
 /// Connects to an upstream (starting at the picked one) and copies both ways until both sides
@@ -86,7 +90,9 @@ async fn forward(mut client: TcpStream, path: Path) {
     else {
         return;
     };
-    let _ = client.set_nodelay(true);
+    if !path.accepted_nodelay {
+        let _ = client.set_nodelay(true);
+    }
     let _ = upstream.set_nodelay(true);
     match copy_bidirectional(&mut client, &mut upstream, path.copy_mode).await {
         Ok((sent, received)) => debug!(upstream = %addr, sent, received, "connection closed"),
@@ -99,7 +105,7 @@ async fn connect(
     snapshot: &EndpointSet,
     first: usize,
     connect_timeout: Duration,
-) -> Option<(TcpStream, ActiveGuard, String)> {
+) -> Option<(TcpStream, ActiveGuard, &UpstreamAddr)> {
     let upstreams = snapshot.upstreams();
     for upstream in upstreams
         .iter()
@@ -116,7 +122,7 @@ async fn connect(
             }
         };
         match attempt {
-            Ok(Ok(stream)) => return Some((stream, active, upstream.addr.to_string())),
+            Ok(Ok(stream)) => return Some((stream, active, &upstream.addr)),
             Ok(Err(error)) => warn!(%error, upstream = %upstream.addr, "connect failed"),
             Err(_) => {
                 warn!(upstream = %upstream.addr, timeout = ?connect_timeout, "connect timed out")
@@ -127,7 +133,50 @@ async fn connect(
     None
 }
 
+/// Sets `TCP_NODELAY` on the listening socket; Linux copies it into every socket `accept`
+/// returns, which saves a `setsockopt` per connection. Returns whether that happened.
+fn set_nodelay_inherited(listener: &TcpListener) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt on a descriptor `listener` owns, with a pointer to a local int
+        // and its exact size.
+        let set = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        set == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = listener;
+        false
+    }
+}
+
 /// The address a listener for `port` binds on `bind`.
 pub fn listen_addr(bind: std::net::IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(bind, port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let inherited = set_nodelay_inherited(&listener);
+        assert_eq!(inherited, cfg!(target_os = "linux"));
+        let addr = listener.local_addr().expect("local addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert_eq!(accepted.nodelay().expect("nodelay"), inherited);
+    }
 }
