@@ -169,7 +169,8 @@ mod splice {
         let mut read = 0;
         let outcome = from.try_io(Interest::READABLE, || {
             // SAFETY: read(2) into a buffer we exclusively borrow, on a descriptor `from` owns.
-            let n = unsafe { libc::read(from.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
+            let n =
+                unsafe { libc::read(from.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
