@@ -4,8 +4,8 @@
 //! ```text
 //! loadgen upstream PORT_ECHO PORT_SINK        echo server and discard server on 127.0.0.1
 //! loadgen bulk ADDR STREAMS SECONDS           send as fast as possible -> {"bytes_per_sec":..}
-//! loadgen connrate ADDR CONCURRENCY SECONDS   connect, 1-byte echo, close -> {"conns_per_sec":..}
-//! loadgen latency ADDR SECONDS                64-byte ping-pong on one connection -> {"p50_us":..,"p99_us":..}
+//! loadgen connrate ADDR CONCURRENCY SECONDS   connect, 1-byte echo, close -> {"conns_per_sec":..,"connections":..}
+//! loadgen latency ADDR SECONDS                64-byte ping-pong on one connection -> {"p50_us":..,"p99_us":..,..}
 //! loadgen idle ADDR COUNT                     open COUNT echo-checked connections, print "ready", hold until stdin closes
 //! ```
 
@@ -138,9 +138,10 @@ fn connrate(target: SocketAddr, concurrency: usize, duration: Duration) -> Resul
         let _ = worker.join();
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let done = done.load(Ordering::Relaxed);
     println!(
-        "{{\"conns_per_sec\": {:.0}, \"failed\": {}}}",
-        done.load(Ordering::Relaxed) as f64 / elapsed,
+        "{{\"conns_per_sec\": {:.0}, \"connections\": {done}, \"failed\": {}}}",
+        done as f64 / elapsed,
         failed.load(Ordering::Relaxed)
     );
     Ok(())
@@ -162,9 +163,11 @@ fn latency(target: SocketAddr, duration: Duration) -> Result<()> {
     samples.sort_unstable();
     let at = |q: f64| f64::from(samples[((samples.len() - 1) as f64 * q) as usize]) / 1000.0;
     println!(
-        "{{\"p50_us\": {:.1}, \"p99_us\": {:.1}, \"samples\": {}}}",
+        "{{\"p50_us\": {:.1}, \"p90_us\": {:.1}, \"p99_us\": {:.1}, \"p999_us\": {:.1}, \"samples\": {}}}",
         at(0.5),
+        at(0.9),
         at(0.99),
+        at(0.999),
         samples.len()
     );
     Ok(())
