@@ -1,6 +1,6 @@
 //! The three commands: run the proxy, list plugins, check descriptors.
 
-use std::{process::ExitCode, sync::Arc, time::Duration};
+use std::{process::ExitCode, sync::Arc};
 
 use anyhow::{bail, Context};
 use embassy_core::ServiceDescriptor;
@@ -138,7 +138,6 @@ pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitC
     if supervisor.is_empty() && args.docker.is_none() {
         bail!("no service could be served ({failures} failed, see above)");
     }
-    tokio::spawn(keep_a_timer_due_soon());
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let stop_watching = CancellationToken::new();
@@ -168,18 +167,6 @@ pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitC
     }
     info!("stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Keeps a timer due within a second pending at all times. tokio wakes its I/O driver (an
-/// eventfd write) whenever a timer is set earlier than every pending one; with this one pending,
-/// the connect timeout each new connection sets (seconds away) no longer does: one system call
-/// less per connection, for one wake-up a second.
-async fn keep_a_timer_due_soon() {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tick.tick().await;
-    }
 }
 
 /// Connects to the engine, settles the mode and starts following it: the changes arrive on the
