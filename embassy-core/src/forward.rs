@@ -221,7 +221,9 @@ mod tests {
         assert_eq!(stream.peer_addr().expect("peer"), open);
 
         drop(listener); // nothing listens there any more
-        let error = connect_nodelay(open).await.expect_err("connect to a closed port");
+        let error = connect_nodelay(open)
+            .await
+            .expect_err("connect to a closed port");
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused, "{error}");
     }
 }
