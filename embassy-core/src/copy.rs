@@ -162,9 +162,11 @@ mod splice {
 
     /// `read(2)` once; a read shorter than the buffer drained the socket, so the readiness is
     /// cleared right away instead of by a second `read` that would fail with `EAGAIN` (one
-    /// system call less per message, as tokio's own `poll_read` does). Safe against a race:
-    /// tokio clears readiness only if no newer event arrived since it was observed, and
-    /// epoll reports data that arrives after the read as a new event.
+    /// system call less per message). `try_io` documents `WouldBlock` as "the I/O would
+    /// block"; reporting it after a short read departs from that on purpose, exactly as tokio's
+    /// own `poll_read` does. No wake-up is lost: tokio clears readiness only if no newer event
+    /// arrived since it was observed, epoll reports data (or a FIN) that arrives after the read
+    /// as a new event, and a seen end of stream (read-closed) is never cleared.
     fn read_draining(from: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
         let mut read = 0;
         let outcome = from.try_io(Interest::READABLE, || {

@@ -7,7 +7,7 @@
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
     io::Interest,
     net::{TcpListener, TcpStream},
@@ -33,7 +33,7 @@ pub async fn serve_tcp(
     shutdown: CancellationToken,
     connections: TaskTracker,
 ) {
-    let accepted_nodelay = set_nodelay_inherited(&listener);
+    let accepted_nodelay = accepts_with_nodelay(&listener);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -121,7 +121,7 @@ async fn connect(
             UpstreamAddr::Named(name) => {
                 timeout(connect_timeout, async {
                     let stream = TcpStream::connect(name.as_str()).await?;
-                    stream.set_nodelay(true)?;
+                    let _ = stream.set_nodelay(true);
                     Ok(stream)
                 })
                 .await
@@ -143,11 +143,18 @@ async fn connect(
 /// socket for an error only if the readiness event reported one: a connect that completes
 /// cleanly costs one system call less.
 async fn connect_nodelay(addr: SocketAddr) -> io::Result<TcpStream> {
+    #[cfg(target_os = "linux")]
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
+    #[cfg(not(target_os = "linux"))]
+    let socket = {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_nonblocking(true)?;
+        socket
+    };
     socket.set_tcp_nodelay(true)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
@@ -165,31 +172,14 @@ async fn connect_nodelay(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Sets `TCP_NODELAY` on the listening socket; Linux copies it into every socket `accept`
-/// returns, which saves a `setsockopt` per connection. Returns whether that happened.
-fn set_nodelay_inherited(listener: &TcpListener) -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt on a descriptor `listener` owns, with a pointer to a local int
-        // and its exact size.
-        let set = unsafe {
-            libc::setsockopt(
-                listener.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        set == 0
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = listener;
-        false
-    }
+/// Whether sockets accepted from `listener` come with `TCP_NODELAY` set: Linux copies the
+/// option from the listening socket when a handshake completes, and [`tcp_listener`] sets it
+/// before `listen`. Read from the socket, so a listener made elsewhere falls back to setting it
+/// per connection.
+///
+/// [`tcp_listener`]: crate::listener::tcp_listener
+fn accepts_with_nodelay(listener: &TcpListener) -> bool {
+    cfg!(target_os = "linux") && SockRef::from(listener).tcp_nodelay().unwrap_or(false)
 }
 
 /// The address a listener for `port` binds on `bind`.
@@ -201,15 +191,27 @@ pub fn listen_addr(bind: std::net::IpAddr, port: u16) -> SocketAddr {
 mod tests {
     use super::*;
 
+    #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let inherited = set_nodelay_inherited(&listener);
-        assert_eq!(inherited, cfg!(target_os = "linux"));
+    async fn sockets_accepted_from_our_listeners_have_nodelay() {
+        let listener = crate::listener::bind_tcp("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("local addr");
+        // Connected before anyone asks: the handshake completes while nobody accepts yet.
         let _client = TcpStream::connect(addr).await.expect("connect");
+        assert!(accepts_with_nodelay(&listener));
         let (accepted, _) = listener.accept().await.expect("accept");
-        assert_eq!(accepted.nodelay().expect("nodelay"), inherited);
+        assert!(
+            accepted.nodelay().expect("nodelay"),
+            "TCP_NODELAY inherited"
+        );
+
+        let plain = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        assert!(
+            !accepts_with_nodelay(&plain),
+            "a listener made elsewhere: set per connection"
+        );
     }
 
     #[tokio::test]

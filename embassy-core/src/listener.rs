@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use embassy_plugin_api::Protocol;
+use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 use thiserror::Error;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -33,9 +34,31 @@ impl ListenerError {
 
 /// Binds a TCP listener on `addr`.
 pub async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ListenerError> {
-    TcpListener::bind(addr)
-        .await
+    tcp_listener(addr)
+        .and_then(TcpListener::from_std)
         .map_err(|source| ListenerError::from_io(addr, source))
+}
+
+/// Queue of connections not yet accepted; the kernel caps it at `net.core.somaxconn`.
+const BACKLOG: i32 = 4096;
+
+/// A non-blocking listening socket on `addr` with `TCP_NODELAY` set before `listen`, so that
+/// every connection it accepts inherits the option on Linux (the forward path then skips a
+/// `setsockopt` per connection). Plain std type so it can be made on any thread (the host binds
+/// inside other network namespaces this way).
+pub fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(SocketProtocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    // As std and tokio do: a restarted proxy can bind while old connections linger.
+    socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Binds a UDP socket on `addr`.

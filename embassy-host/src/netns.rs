@@ -75,12 +75,8 @@ impl Netns {
     /// Binds a TCP listener on `addr` inside this namespace, returned non-blocking so that
     /// `tokio::net::TcpListener::from_std` can serve it.
     pub async fn bind_tcp(&self, addr: SocketAddr) -> Result<TcpListener, NetnsError> {
-        self.inside(addr, move || {
-            let listener = TcpListener::bind(addr)?;
-            listener.set_nonblocking(true)?;
-            Ok(listener)
-        })
-        .await
+        self.inside(addr, move || embassy_core::listener::tcp_listener(addr))
+            .await
     }
 
     /// Binds a UDP socket on `addr` inside this namespace, non-blocking for
