@@ -79,6 +79,31 @@ fn userspace_copy_passes_data_intact_both_ways_with_half_close() {
     bulk_echo_with_half_close("userspace");
 }
 
+/// 500 rounds of small messages on one connection, up to four sent before reading: the small
+/// path (one read per message, readiness cleared after a short read) must neither lose nor
+/// reorder a byte, nor miss a wake-up (that would stall a round past the client's read timeout).
+#[test]
+fn small_exchanges_on_one_connection_arrive_whole_and_in_order() {
+    let a = Upstream::start("a");
+    let (_proxy, port) = serve(&addresses(&[&a]), &[], &[]);
+    let mut client = Client::connect(port).expect("connect");
+    let stream = client.stream();
+    for round in 0..500usize {
+        let burst: Vec<u8> = (0..1 + round % 4)
+            .flat_map(|message| {
+                let len = 1 + (round * 37 + message * 911) % 3000;
+                (0..len).map(move |i| (round + message * 7 + i) as u8)
+            })
+            .collect();
+        stream.write_all(&burst).expect("write");
+        let mut back = vec![0; burst.len()];
+        stream
+            .read_exact(&mut back)
+            .unwrap_or_else(|error| panic!("round {round}: {error}"));
+        assert!(back == burst, "round {round}: echo differs");
+    }
+}
+
 #[test]
 fn idle_spliced_connections_hold_no_pipes() {
     let a = Upstream::start("a");

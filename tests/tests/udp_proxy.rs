@@ -41,6 +41,17 @@ fn addresses(upstreams: &[&UdpUpstream]) -> Vec<String> {
 }
 
 /// A payload of `len` bytes that differs per client and datagram and never reads `whoami`.
+/// `count` clients, each with a session and the upstream that answered it.
+fn sessions(port: u16, count: usize) -> Vec<(UdpClient, Identity)> {
+    (0..count)
+        .map(|_| {
+            let mut client = UdpClient::new(port).expect("client");
+            let identity = client.whoami().expect("whoami");
+            (client, identity)
+        })
+        .collect()
+}
+
 fn payload(client: usize, index: usize, len: usize) -> Vec<u8> {
     let mut bytes: Vec<u8> = (0..len)
         .map(|j| ((client * 31 + index * 7 + j) % 251) as u8)
@@ -169,13 +180,7 @@ fn an_endpoint_removed_from_the_file_loses_its_sessions_on_their_next_datagram()
     let (a, b) = (UdpUpstream::start("a"), UdpUpstream::start("b"));
     let entry = |u: &UdpUpstream| json!({ "address": u.addr.to_string(), "proto": "udp" });
     let mut s = start(json!({ "dns": [entry(&a), entry(&b)] }), &["dns;PORT/udp"]);
-    let mut clients: Vec<(UdpClient, Identity)> = (0..4)
-        .map(|_| {
-            let mut client = UdpClient::new(s.port).expect("client");
-            let identity = client.whoami().expect("whoami");
-            (client, identity)
-        })
-        .collect();
+    let mut clients = sessions(s.port, 4);
     let on_a = clients.iter().filter(|(_, id)| id.upstream == "a").count();
     assert_eq!(on_a, 2, "round robin put two of four clients on a");
 
@@ -257,13 +262,7 @@ fn least_conn_counts_live_sessions() {
         &["dns;PORT/udp;balancer=least-conn;udp_idle=1"],
     );
     // Four sessions, two per endpoint.
-    let mut clients: Vec<(UdpClient, Identity)> = (0..4)
-        .map(|_| {
-            let mut client = UdpClient::new(s.port).expect("client");
-            let identity = client.whoami().expect("whoami");
-            (client, identity)
-        })
-        .collect();
+    let mut clients = sessions(s.port, 4);
     let on_a = clients.iter().filter(|(_, id)| id.upstream == "a").count();
     assert_eq!(on_a, 2, "two of four sessions on a");
     // a's sessions go quiet and expire; b's stay active meanwhile.
