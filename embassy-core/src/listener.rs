@@ -7,6 +7,7 @@ use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 use thiserror::Error;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::warn;
 
 use crate::{forward::serve_tcp, service::Service, udp::serve_udp};
 
@@ -63,9 +64,75 @@ pub fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> 
 
 /// Binds a UDP socket on `addr`.
 pub async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, ListenerError> {
-    UdpSocket::bind(addr)
-        .await
+    udp_listener(addr)
+        .and_then(UdpSocket::from_std)
         .map_err(|source| ListenerError::from_io(addr, source))
+}
+
+/// Buffer asked for each way on a UDP listening socket. It carries every client of a service,
+/// and the usual default (208 KiB) holds a single 64 KiB datagram at what the kernel charges for
+/// it (128 KiB on loopback): two large datagrams arriving together overflowed it (the end-to-end
+/// test lost seven in a thousand). The kernel charges only what is queued.
+const UDP_LISTENER_BUFFER: usize = 4 << 20;
+
+/// A non-blocking UDP socket bound to `addr` with [`UDP_LISTENER_BUFFER`] asked for both ways.
+/// Plain std type, like [`tcp_listener`], so it can be made inside another network namespace.
+pub fn udp_listener(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM,
+        Some(SocketProtocol::UDP),
+    )?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    enlarge_buffers(&socket, addr);
+    Ok(socket.into())
+}
+
+/// Asks for [`UDP_LISTENER_BUFFER`] past `net.core.rmem_max`/`wmem_max` when allowed
+/// (`CAP_NET_ADMIN`, as DNS servers do), up to them otherwise, and says so when the system's
+/// limit won: bursts of large datagrams may then be dropped.
+fn enlarge_buffers(socket: &Socket, addr: SocketAddr) {
+    type Unforced = fn(&Socket, usize) -> std::io::Result<()>;
+    #[cfg(target_os = "linux")]
+    let ways: [(libc::c_int, Unforced); 2] = [
+        (libc::SO_RCVBUFFORCE, Socket::set_recv_buffer_size),
+        (libc::SO_SNDBUFFORCE, Socket::set_send_buffer_size),
+    ];
+    #[cfg(target_os = "linux")]
+    for (forced, unforced) in ways {
+        let size = UDP_LISTENER_BUFFER as libc::c_int;
+        // SAFETY: setsockopt on a descriptor `socket` owns, with a pointer to a local int and
+        // its exact size.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(socket),
+                libc::SOL_SOCKET,
+                forced,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            let _ = unforced(socket, UDP_LISTENER_BUFFER);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    for unforced in [
+        Socket::set_recv_buffer_size as Unforced,
+        Socket::set_send_buffer_size,
+    ] {
+        let _ = unforced(socket, UDP_LISTENER_BUFFER);
+    }
+    let granted = socket.recv_buffer_size().unwrap_or(0);
+    if granted < UDP_LISTENER_BUFFER {
+        warn!(
+            %addr,
+            asked = UDP_LISTENER_BUFFER,
+            granted,
+            "udp receive buffer limited by net.core.rmem_max: bursts of large datagrams may be dropped; raise it or grant CAP_NET_ADMIN"
+        );
+    }
 }
 
 /// A bound listener of either protocol.
@@ -96,5 +163,50 @@ impl Listener {
             Listener::Tcp(listener) => serve_tcp(listener, service, shutdown, tasks).await,
             Listener::Udp(socket) => serve_udp(socket, service, shutdown, tasks).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The buffer the kernel grants: past `rmem_max` only with CAP_NET_ADMIN (the test suite
+    /// runs as root), and getsockopt reports twice what was set (bookkeeping included).
+    #[test]
+    fn udp_listeners_ask_for_large_buffers() {
+        let socket = udp_listener("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let socket = socket2::SockRef::from(&socket);
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .expect("rmem_max")
+            .trim()
+            .parse()
+            .expect("number");
+        let expected = if root {
+            UDP_LISTENER_BUFFER
+        } else {
+            UDP_LISTENER_BUFFER.min(rmem_max)
+        };
+        let granted = socket.recv_buffer_size().expect("SO_RCVBUF");
+        assert!(
+            granted >= expected,
+            "granted {granted}, expected {expected}"
+        );
+        let granted = socket.send_buffer_size().expect("SO_SNDBUF");
+        let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .expect("wmem_max")
+            .trim()
+            .parse()
+            .expect("number");
+        let expected = if root {
+            UDP_LISTENER_BUFFER
+        } else {
+            UDP_LISTENER_BUFFER.min(wmem_max)
+        };
+        assert!(
+            granted >= expected,
+            "send: granted {granted}, expected {expected}"
+        );
     }
 }

@@ -82,12 +82,8 @@ impl Netns {
     /// Binds a UDP socket on `addr` inside this namespace, non-blocking for
     /// `tokio::net::UdpSocket::from_std`.
     pub async fn bind_udp(&self, addr: SocketAddr) -> Result<UdpSocket, NetnsError> {
-        self.inside(addr, move || {
-            let socket = UdpSocket::bind(addr)?;
-            socket.set_nonblocking(true)?;
-            Ok(socket)
-        })
-        .await
+        self.inside(addr, move || embassy_core::listener::udp_listener(addr))
+            .await
     }
 
     /// Runs `make` (which creates a socket bound to `addr`) on a thread of its own that first
