@@ -115,9 +115,14 @@ impl UdpClient {
         wait: Duration,
         accept: impl Fn(&[u8]) -> bool,
     ) -> Result<Vec<u8>> {
-        for _ in 0..attempts {
+        // Clients whose datagrams were dropped together (a full socket buffer) would resend
+        // together after equal waits and collide again: each wait is stretched by up to half,
+        // differently per client and attempt.
+        let port = u32::from(self.local_addr().port());
+        for attempt in 0..attempts as u32 {
             self.socket.send(request).context("send")?;
-            let deadline = Instant::now() + wait;
+            let stretch = (port.wrapping_mul(7_919) ^ attempt.wrapping_mul(104_729)) % 50;
+            let deadline = Instant::now() + wait + wait * stretch / 100;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                 self.socket
                     .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
@@ -144,14 +149,15 @@ impl UdpClient {
             }
         }
         bail!(
-            "no answer to a {}-byte datagram after {attempts} sends of {wait:?} each",
+            "no answer to a {}-byte datagram after {attempts} sends of {wait:?} (+ up to half) each",
             request.len()
         )
     }
 
-    /// Sends `payload` and waits for the identical echo (3 sends of 2 s at most).
+    /// Sends `payload` and waits for the identical echo (5 sends of 2-3 s at most: a loaded
+    /// machine drops large datagrams when socket buffers fill, as UDP may).
     pub fn echo(&mut self, payload: &[u8]) -> Result<()> {
-        self.exchange(payload, 3, Duration::from_secs(2), |answer| {
+        self.exchange(payload, 5, Duration::from_secs(2), |answer| {
             answer == payload
         })
         .map(drop)
