@@ -9,9 +9,10 @@
 # use this file: they build their images offline with `docker import` (tests/src/docker.rs).
 
 FROM rust:1-bookworm AS build
-# protoc: discovery plugins that speak gRPC (etcd) generate their client at build time.
+# protoc and the well-known .proto files it imports: discovery plugins that speak gRPC (etcd)
+# generate their client at build time.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

@@ -7,8 +7,33 @@ use embassy_core::{copy::CopyMode, descriptor::parse_duration, ServiceDescriptor
 
 pub use crate::docker::watch::ModeChoice;
 
-/// Where plugins are looked for unless `--plugin-dir` or `EMBASSY_PLUGIN_DIR` says otherwise.
-pub const DEFAULT_PLUGIN_DIR: &str = "/usr/lib/embassy/plugins";
+/// Where plugins are looked for, relative to the installation prefix (`PREFIX/bin/embassy`
+/// looks in `PREFIX/lib/embassy/plugins`).
+pub const PLUGIN_SUBDIR: &str = "lib/embassy/plugins";
+/// The plugin directory when the binary's own location cannot be read.
+pub const FALLBACK_PLUGIN_DIR: &str = "/usr/lib/embassy/plugins";
+
+/// Where plugins are looked for unless `--plugin-dir` or `EMBASSY_PLUGIN_DIR` says otherwise:
+/// `PREFIX/lib/embassy/plugins` for a binary installed as `PREFIX/bin/embassy`, so an install
+/// into any prefix (`scripts/install`, or `/usr` in the image) finds its own plugins.
+pub fn default_plugin_dir() -> &'static str {
+    static DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        std::env::current_exe()
+            .and_then(|exe| exe.canonicalize())
+            .ok()
+            .as_deref()
+            .and_then(plugin_dir_for)
+            .map(|dir| dir.display().to_string())
+            .unwrap_or_else(|| FALLBACK_PLUGIN_DIR.to_string())
+    })
+}
+
+/// `PREFIX/lib/embassy/plugins` for the executable `PREFIX/bin/embassy`.
+fn plugin_dir_for(exe: &std::path::Path) -> Option<PathBuf> {
+    let prefix = exe.parent()?.parent()?;
+    Some(prefix.join(PLUGIN_SUBDIR))
+}
 /// The engine `--docker` follows when given no URI.
 pub const DEFAULT_DOCKER_URI: &str = "unix:///var/run/docker.sock";
 
@@ -32,8 +57,9 @@ pub struct Cli {
     #[command(flatten)]
     pub run: RunArgs,
 
-    /// Directory of plugin libraries (*.so); every one is loaded.
-    #[arg(long, global = true, env = "EMBASSY_PLUGIN_DIR", default_value = DEFAULT_PLUGIN_DIR, value_name = "DIR")]
+    /// Directory of plugin libraries (*.so); every one is loaded. The default is
+    /// PREFIX/lib/embassy/plugins for this binary installed as PREFIX/bin/embassy.
+    #[arg(long, global = true, env = "EMBASSY_PLUGIN_DIR", default_value = default_plugin_dir(), value_name = "DIR")]
     pub plugin_dir: PathBuf,
 
     /// More logging (-v debug, -vv trace); EMBASSY_LOG=<filter> overrides.
@@ -148,5 +174,27 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
         _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_plugin_dir_follows_the_install_prefix() {
+        let check = |exe: &str, expected: Option<&str>| {
+            assert_eq!(
+                plugin_dir_for(std::path::Path::new(exe)),
+                expected.map(PathBuf::from),
+                "{exe}"
+            );
+        };
+        check("/usr/bin/embassy", Some("/usr/lib/embassy/plugins"));
+        check(
+            "/opt/embassy/bin/embassy",
+            Some("/opt/embassy/lib/embassy/plugins"),
+        );
+        check("/embassy", None);
     }
 }

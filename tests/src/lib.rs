@@ -34,8 +34,9 @@ pub mod tls;
 pub struct Artifacts {
     /// `target/<profile>`: the binary and the plugin libraries.
     pub profile_dir: PathBuf,
-    /// Outputs of the fixture workspaces built against other contracts
-    /// (`tests/fixtures/changed-contract`, `tests/fixtures/next-minor`).
+    /// Outputs of the fixture workspaces: test-only plugins (`tests/fixtures/plugins`) and
+    /// libraries built against other contracts (`tests/fixtures/changed-contract`,
+    /// `tests/fixtures/next-minor`).
     pub fixtures_dir: PathBuf,
 }
 
@@ -97,12 +98,7 @@ fn build() -> Result<Artifacts> {
         None => bail!("cannot tell the build profile from {}", exe.display()),
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut packages = vec![
-        "embassy-host",
-        "embassy-fixture-panicking-balancer",
-        "embassy-fixture-scheme-clash",
-        "embassy-plugin-consul",
-    ];
+    let mut packages = vec!["embassy-host", "embassy-plugin-consul"];
     packages.extend(STANDARD_PLUGINS);
     let mut main = Command::new(&cargo);
     main.current_dir(&root)
@@ -114,6 +110,7 @@ fn build() -> Result<Artifacts> {
     run_cargo(main)?;
     let fixtures_target = target_dir.join("fixtures");
     for fixture in [
+        "tests/fixtures/plugins",
         "tests/fixtures/changed-contract",
         "tests/fixtures/next-minor",
     ] {
@@ -328,6 +325,7 @@ impl Embassy {
         let child = Command::new(binary)
             .args(args)
             .env_remove("DISCOVERY")
+            .env_remove("EMBASSY_PLUGIN_DIR")
             .env("EMBASSY_LOG", "info,embassy_core=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

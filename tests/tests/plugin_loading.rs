@@ -126,7 +126,7 @@ fn plugins_json() {
 #[test]
 fn two_libraries_of_one_kind_load_side_by_side_and_a_duplicate_name_is_refused() {
     let a = artifacts();
-    let plugins = standard_plugin_dir(&[a.library("embassy-fixture-panicking-balancer")]);
+    let plugins = standard_plugin_dir(&[a.fixture_library("embassy-fixture-panicking-balancer")]);
     // The same round-robin library under a second file name: same plugin name.
     std::fs::copy(
         a.library("embassy-plugin-round-robin"),
@@ -157,7 +157,7 @@ fn two_libraries_of_one_kind_load_side_by_side_and_a_duplicate_name_is_refused()
 fn a_second_plugin_claiming_a_scheme_is_refused_naming_both_files() {
     let a = artifacts();
     // File-name order decides: the fixture sorts before the real file plugin and wins.
-    let plugins = standard_plugin_dir(&[a.library("embassy-fixture-scheme-clash")]);
+    let plugins = standard_plugin_dir(&[a.fixture_library("embassy-fixture-scheme-clash")]);
     let (code, stdout, stderr) = run_embassy([
         "plugins",
         "--plugin-dir",

@@ -185,7 +185,7 @@ fn least_conn_sends_new_connections_to_idle_endpoints() {
 #[test]
 fn a_panicking_balancer_fails_one_connection_not_the_host() {
     let a = Upstream::start("a");
-    let fixture = artifacts().library("embassy-fixture-panicking-balancer");
+    let fixture = artifacts().fixture_library("embassy-fixture-panicking-balancer");
     let (mut proxy, port) = serve(&addresses(&[&a]), &["--balancer", "panicking"], &[fixture]);
     for round in 0..3 {
         // The fixture panics on even-numbered picks and answers on odd ones.
