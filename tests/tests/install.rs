@@ -28,8 +28,9 @@ fn target_dir() -> &'static Path {
         .expect("target/<profile> has a parent")
 }
 
-/// `target/release` after the user's build, `cargo build --release --workspace` (shared by
-/// this file's tests; cargo is a no-op when it is fresh).
+/// `target/release` after the user's build of the workspace, less the test and bench crates as
+/// `scripts/install` and the Dockerfile build it (shared by this file's tests; cargo is a
+/// no-op when it is fresh).
 fn release_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -38,6 +39,7 @@ fn release_dir() -> &'static PathBuf {
             .current_dir(workspace())
             .env("CARGO_TARGET_DIR", target_dir())
             .args(["build", "--release", "--locked", "--workspace"])
+            .args(["--exclude", "embassy-tests", "--exclude", "embassy-bench"])
             .status()
             .expect("run cargo");
         assert!(status.success(), "cargo build --release --workspace failed");
