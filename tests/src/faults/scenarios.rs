@@ -486,8 +486,9 @@ fn hung_upstream(options: &Options, report: &mut Report) -> Result<()> {
     wait_serving(web_port, WAIT)?;
     let pid = proxy.embassy.pid();
     let baseline = descriptors(pid);
+    // Eight clients at a time: a healthy service needs some descriptors of its own.
     let traffic = Traffic::start(Load {
-        workers: 2,
+        workers: 8,
         pause: Duration::from_millis(10),
         max_time: bound + Duration::from_secs(10),
         max_attempts: 50_000,
@@ -641,8 +642,8 @@ fn dockerd_restart(options: &Options, report: &mut Report) -> Result<()> {
         "no connection of the container kept through the restart fails",
     );
     report.check(
-        "a container started right after the engine returned is served within 1 s of its start",
-        served.is_some_and(|at| at <= started + Duration::from_secs(1)),
+        "a container started right after the engine returned is served within 500 ms of its start",
+        served.is_some_and(|at| at <= started + Duration::from_millis(500)),
         match served {
             Some(at) => format!(
                 "served {} ms after its start, {} ms after the engine answered",
