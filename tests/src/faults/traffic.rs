@@ -241,13 +241,16 @@ impl Traffic {
         let issued = Arc::new(AtomicUsize::new(0));
         let deadline = Instant::now() + load.max_time;
         let workers = (0..load.workers)
-            .map(|_| {
+            .map(|worker| {
                 let (stop, attempts, issued) = (
                     Arc::clone(&stop),
                     Arc::clone(&attempts),
                     Arc::clone(&issued),
                 );
                 let work = move || {
+                    // Staggered starts: workers in lockstep would leave moments with no
+                    // connection in flight at all.
+                    thread::sleep(Duration::from_millis(worker as u64 * 13 % 50));
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                         if issued.fetch_add(1, Ordering::Relaxed) >= load.max_attempts {
                             break;
