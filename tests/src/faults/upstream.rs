@@ -121,7 +121,7 @@ impl FaultUpstream {
         Ok(())
     }
 
-    /// `{"address": ...}` as the file plugin and etcd's registrator format read it.
+    /// `127.0.0.1:PORT`, as a services file entry or an etcd registrator value.
     pub fn endpoint(&self) -> String {
         self.addr.to_string()
     }
