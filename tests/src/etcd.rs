@@ -269,37 +269,272 @@ impl Etcd {
 
     /// One HTTP/1.0 exchange with the admin port: (status, body).
     fn http(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String)> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.admin_port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let auth = self
-            .token
-            .as_ref()
-            .map(|token| format!("Authorization: {token}\r\n"))
-            .unwrap_or_default();
-        write!(
-            stream,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n{auth}\r\n{body}",
-            body.len()
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .context("HTTP response without a body")?;
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("HTTP status line")?;
-        Ok((status, body.to_string()))
+        http(self.admin_port, self.token.as_deref(), method, path, body)
     }
+}
+
+/// One HTTP/1.0 exchange with etcd's JSON gateway on 127.0.0.1:`port`: (status, body).
+fn http(
+    port: u16,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let auth = token
+        .map(|token| format!("Authorization: {token}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n{auth}\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("HTTP response without a body")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("HTTP status line")?;
+    Ok((status, body.to_string()))
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A real etcd cluster of several members on loopback (plain HTTP), for leader-loss tests:
+/// members are killed and restarted one by one, on the same ports and data.
+pub struct EtcdCluster {
+    members: Vec<ClusterMember>,
+}
+
+struct ClusterMember {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members at once (they wait for each other's quorum) and waits until every
+    /// one is healthy.
+    pub fn start(size: usize) -> Result<EtcdCluster> {
+        let mut members = Vec::with_capacity(size);
+        for i in 0..size {
+            members.push(ClusterMember {
+                name: format!("embassy-test-{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                dir: tempfile::tempdir()?,
+                child: None,
+            });
+        }
+        let mut cluster = EtcdCluster { members };
+        for i in 0..size {
+            cluster.spawn(i)?;
+        }
+        for i in 0..size {
+            cluster.wait_healthy(i, Duration::from_secs(30))?;
+        }
+        Ok(cluster)
+    }
+
+    /// The `--discovery` URI naming every member.
+    pub fn uri(&self) -> String {
+        let members: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .collect();
+        format!("etcd://{}", members.join(","))
+    }
+
+    /// `127.0.0.1:PORT` of member `i`'s client port.
+    pub fn member(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let initial: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect();
+        let member = &mut self.members[i];
+        let peer = format!("http://127.0.0.1:{}", member.peer_port);
+        let client = format!("http://127.0.0.1:{}", member.client_port);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(member.dir.path().join("etcd.log"))?;
+        let binary = std::env::var("EMBASSY_TEST_ETCD").unwrap_or_else(|_| "etcd".into());
+        let mut command = Command::new(&binary);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCD") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .args(["--name", &member.name, "--data-dir"])
+            .arg(member.dir.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-token", "embassy-test-cluster"])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        member.child = Some(command.spawn().map_err(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                anyhow::anyhow!("{binary} not found. {INSTALL_HINT}")
+            } else {
+                anyhow::anyhow!("cannot start {binary}: {error}")
+            }
+        })?);
+        Ok(())
+    }
+
+    fn wait_healthy(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, body)) = http(self.members[i].client_port, None, "GET", "/health", None)
+            {
+                if body.contains("true") {
+                    return Ok(());
+                }
+            }
+            if let Some(child) = self.members[i].child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "etcd member {i} exited ({status}) while starting:\n{}",
+                        self.log(i)
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd member {i} not healthy within {timeout:?}:\n{}",
+                    self.log(i)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Member `i`'s own log so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.members[i].dir.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    /// The index of the member every live member calls leader, once they agree (at most
+    /// `timeout`).
+    pub fn leader(&self, timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut ids = Vec::new();
+            let mut leaders = Vec::new();
+            for member in &self.members {
+                let status = member.child.as_ref().and_then(|_| {
+                    let (code, body) = http(
+                        member.client_port,
+                        None,
+                        "POST",
+                        "/v3/maintenance/status",
+                        Some(&json!({})),
+                    )
+                    .ok()?;
+                    (code == 200).then(|| serde_json::from_str::<Value>(&body).ok())?
+                });
+                let id = status
+                    .as_ref()
+                    .and_then(|s| s["header"]["member_id"].as_str().map(str::to_string));
+                if let Some(leader) = status.as_ref().and_then(|s| s["leader"].as_str()) {
+                    leaders.push(leader.to_string());
+                }
+                ids.push(id);
+            }
+            if let Some(first) = leaders.first() {
+                if leaders.iter().all(|l| l == first) && first != "0" {
+                    if let Some(i) = ids.iter().position(|id| id.as_deref() == Some(first)) {
+                        return Ok(i);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no agreed etcd leader within {timeout:?} (members {ids:?}, leaders {leaders:?})");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again on its ports and data; waits until it is healthy.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i);
+        self.spawn(i)?;
+        self.wait_healthy(i, Duration::from_secs(30))
+    }
+
+    /// Puts `value` at `key` through the first live member that takes it.
+    pub fn put(&self, key: &str, value: &str) -> Result<()> {
+        let body = json!({"key": base64(key.as_bytes()), "value": base64(value.as_bytes())});
+        self.write("/v3/kv/put", &body)
+    }
+
+    /// Deletes `key` through the first live member that takes it.
+    pub fn delete(&self, key: &str) -> Result<()> {
+        self.write(
+            "/v3/kv/deleterange",
+            &json!({"key": base64(key.as_bytes())}),
+        )
+    }
+
+    fn write(&self, path: &str, body: &Value) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut last = String::new();
+            for member in self.members.iter().filter(|m| m.child.is_some()) {
+                match http(member.client_port, None, "POST", path, Some(body)) {
+                    Ok((200, _)) => return Ok(()),
+                    Ok((status, text)) => last = format!("HTTP {status}: {text}"),
+                    Err(error) => last = format!("{error:#}"),
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("etcd {path} {body}: no member took it: {last}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
     }
 }
 

@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod docker;
 pub mod etcd;
+pub mod faults;
 pub mod tls;
 
 /// Where the workspace's build outputs are, built once per test process.
@@ -84,13 +85,14 @@ fn build() -> Result<Artifacts> {
         .parent()
         .context("workspace root")?
         .to_path_buf();
-    // This test binary lives in target/<profile>/deps.
+    // A test binary lives in target/<profile>/deps, a binary using the harness (the fault
+    // suite's) in target/<profile>.
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("profile dir")?
-        .to_path_buf();
+    let mut profile_dir = exe.parent().context("profile dir")?;
+    if profile_dir.file_name().is_some_and(|name| name == "deps") {
+        profile_dir = profile_dir.parent().context("profile dir")?;
+    }
+    let profile_dir = profile_dir.to_path_buf();
     let target_dir = profile_dir.parent().context("target dir")?.to_path_buf();
     let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") => "dev",
@@ -322,17 +324,30 @@ impl Embassy {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let child = Command::new(binary)
+        let child = Embassy::command(binary, args)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
+        Embassy::adopt(child)
+    }
+
+    /// The command [`Embassy::start_binary`] spawns (stderr piped, debug logging of the
+    /// engine, no inherited discovery settings), for a caller that changes it first (limits,
+    /// log level) and hands the child to [`Embassy::adopt`].
+    pub fn command<I, S>(binary: &Path, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut command = Command::new(binary);
+        command
             .args(args)
             .env_remove("DISCOVERY")
             .env_remove("EMBASSY_PLUGIN_DIR")
             .env("EMBASSY_LOG", "info,embassy_core=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
-        Embassy::adopt(child)
+            .stderr(Stdio::piped());
+        command
     }
 
     /// Wraps a child started by the test itself (with a piped stderr).
