@@ -6,6 +6,7 @@ use clap::{error::ErrorKind, Parser};
 use embassy_host::{
     cli::{Cli, Command},
     logging,
+    requests::checked_run_args,
     run::{self, UsageError, EXIT_USAGE},
 };
 
@@ -60,9 +61,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Run(args)) => *args,
         None => cli.run,
     };
+    let requests = checked_run_args(&args, std::env::vars())?;
     let (plugins, _) = run::load_plugins(&cli.plugin_dir)?;
     let runtime = run::runtime(args.threads)?;
-    let code = runtime.block_on(run::run(plugins, args));
+    let code = runtime.block_on(run::run(plugins, args, requests));
     // Connection tasks are dropped; a name lookup still running must not hold the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code

@@ -20,6 +20,27 @@ pub struct Request {
     pub origin: String,
 }
 
+/// The usage checks of `embassy run`, made before any plugin is loaded: the static requests
+/// (see [`static_requests`]), something to serve, a discovery backend.
+pub fn checked_run_args(
+    args: &RunArgs,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<Vec<Request>, UsageError> {
+    let requests = static_requests(args, vars)?;
+    if requests.is_empty() && args.docker.is_none() {
+        return Err(UsageError(format!(
+            "nothing to serve: give --service DESCRIPTOR, set {}NAME=DESCRIPTOR variables or --docker",
+            args.prefix
+        )));
+    }
+    if args.discovery.is_none() {
+        return Err(UsageError(
+            "no discovery backend: give --discovery URI (or DISCOVERY=URI), e.g. file:///etc/embassy/services.json".into(),
+        ));
+    }
+    Ok(requests)
+}
+
 /// Descriptors from `--service` and from the variables with `--prefix` in `vars`, checked:
 /// every variable must hold a valid descriptor and no two different descriptors may ask for
 /// one port. The error lists every problem, on one line.

@@ -16,7 +16,7 @@ use crate::{
         Change, ContainerLabel, Mode,
     },
     plugins::{log_load_error, PluginRegistry},
-    requests::static_requests,
+    requests::Request,
     signals::Signals,
     supervisor::balancer_config,
     supervisor::{ServeDefaults, Supervisor},
@@ -71,21 +71,16 @@ pub fn raise_open_file_limit() {
 
 /// Runs the proxy until SIGTERM or SIGINT. Every service of the static configuration
 /// (`--service`, Embassy's own variables) must be served, or the start fails.
-pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitCode> {
+/// `requests` come from [`crate::requests::checked_run_args`].
+pub async fn run(
+    plugins: PluginRegistry,
+    args: RunArgs,
+    requests: Vec<Request>,
+) -> anyhow::Result<ExitCode> {
     raise_open_file_limit();
     // Before the first listener opens: from here on SIGHUP cannot kill the process.
     let mut signals = Signals::new().context("cannot listen for signals")?;
-    let requests = static_requests(&args, std::env::vars())?;
-    if requests.is_empty() && args.docker.is_none() {
-        return Err(UsageError(format!(
-            "nothing to serve: give --service DESCRIPTOR, set {}NAME=DESCRIPTOR variables or --docker",
-            args.prefix
-        ))
-        .into());
-    }
-    let Some(uri) = args.discovery.as_deref() else {
-        return Err(UsageError("no discovery backend: give --discovery URI (or DISCOVERY=URI), e.g. file:///etc/embassy/services.json".into()).into());
-    };
+    let uri = args.discovery.as_deref().context("no discovery backend")?;
     plugins
         .balancer(&args.balancer)
         .context("--balancer names no loaded plugin")?;

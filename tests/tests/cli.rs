@@ -56,11 +56,11 @@ fn nothing_to_serve_or_no_discovery_are_usage_errors() {
     let dir = plugins.path().display().to_string();
     let (code, _, stderr) = run_embassy(["--plugin-dir", &dir, "--prefix", "EMBASSY_TEST_NONE_"]);
     assert_eq!(code, 64, "{stderr}");
-    assert_eq!(errors(&stderr).len(), 1, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(errors(&stderr)[0].contains("nothing to serve"), "{stderr}");
     let (code, _, stderr) = run_embassy(["--plugin-dir", &dir, "--service", "web;8080/tcp"]);
     assert_eq!(code, 64, "{stderr}");
-    assert_eq!(errors(&stderr).len(), 1, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
         errors(&stderr)[0].contains("no discovery backend: give --discovery URI"),
         "{stderr}"
@@ -207,7 +207,7 @@ fn a_bad_variable_or_a_port_clash_in_the_static_configuration_is_a_usage_error()
         &service_arg(format!("web;{port}/tcp")),
     );
     assert_eq!(code, 64, "{stderr}");
-    assert_eq!(errors(&stderr).len(), 1, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains(r#"BACKEND_BROKEN="app3;notaport/tcp" is no service descriptor: port "notaport" is not a number"#),
         "{stderr}"
