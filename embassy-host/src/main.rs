@@ -8,6 +8,7 @@ use embassy_host::{
     logging,
     requests::checked_run_args,
     run::{self, UsageError, EXIT_USAGE},
+    signals,
 };
 
 fn main() -> ExitCode {
@@ -62,6 +63,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         None => cli.run,
     };
     let requests = checked_run_args(&args, std::env::vars())?;
+    // The short-lived commands above keep SIGHUP's default.
+    signals::ignore_hangup();
     let (plugins, _) = run::load_plugins(&cli.plugin_dir)?;
     let runtime = run::runtime(args.threads)?;
     let code = runtime.block_on(run::run(plugins, args, requests));

@@ -8,6 +8,15 @@
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::info;
 
+/// Ignores SIGHUP until [`Signals::new`] installs the handler that logs it: the proxy must not
+/// die of one while its plugins load.
+pub fn ignore_hangup() {
+    // SAFETY: sets one signal's disposition to SIG_IGN; no handler code of ours is involved.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
 /// A signal asking Embassy to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
