@@ -18,8 +18,7 @@ use crate::{
     plugins::{log_load_error, PluginRegistry},
     requests::Request,
     signals::Signals,
-    supervisor::balancer_config,
-    supervisor::{ServeDefaults, Supervisor},
+    supervisor::{balancer_config, ServeDefaults, Supervisor},
 };
 
 /// Exit code for a usage error (sysexits' EX_USAGE).
@@ -81,9 +80,7 @@ pub async fn run(
     // Before the first listener opens: from here on SIGHUP cannot kill the process.
     let mut signals = Signals::new().context("cannot listen for signals")?;
     let uri = args.discovery.as_deref().context("no discovery backend")?;
-    plugins
-        .balancer(&args.balancer)
-        .context("--balancer names no loaded plugin")?;
+    plugins.balancer(&args.balancer).context("--balancer")?;
     let discovery = plugins
         .open_discovery(uri, &args.discovery_options)
         .with_context(|| format!("cannot open discovery backend {uri}"))?;
