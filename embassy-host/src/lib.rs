@@ -5,8 +5,11 @@
 
 pub mod cli;
 pub mod docker;
+pub mod logging;
 pub mod netns;
 pub mod plugins;
+pub mod requests;
 pub mod run;
+pub mod signals;
 pub mod sink;
 pub mod supervisor;

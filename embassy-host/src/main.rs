@@ -1,13 +1,15 @@
 //! `embassy`: parse the command line, load plugins, run.
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::{process::ExitCode, time::Duration};
 
 use clap::{error::ErrorKind, Parser};
 use embassy_host::{
     cli::{Cli, Command},
-    run::{self, EXIT_USAGE},
+    logging,
+    requests::checked_run_args,
+    run::{self, UsageError, EXIT_USAGE},
+    signals,
 };
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -31,19 +33,28 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(cli.verbose);
-    match dispatch(cli) {
+    // Kept to the end of main: dropping it writes out what is still queued.
+    let log = logging::init(cli.verbose);
+    let code = match dispatch(cli) {
         Ok(code) => code,
         Err(error) => {
             tracing::error!("{error:#}");
-            ExitCode::FAILURE
+            if error.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
-    }
+    };
+    drop(log);
+    code
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let args = match cli.command {
-        Some(Command::Check { descriptors }) => return Ok(run::check(&descriptors)),
+        Some(Command::Check { descriptors }) => {
+            return Ok(run::check(&descriptors, &cli.plugin_dir))
+        }
         Some(Command::Plugins { json }) => {
             let (plugins, failed) = run::load_plugins(&cli.plugin_dir)?;
             return run::list_plugins(&plugins, json, failed);
@@ -51,21 +62,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Run(args)) => *args,
         None => cli.run,
     };
+    let requests = checked_run_args(&args, std::env::vars())?;
+    // The short-lived commands above keep SIGHUP's default.
+    signals::ignore_hangup();
     let (plugins, _) = run::load_plugins(&cli.plugin_dir)?;
     let runtime = run::runtime(args.threads)?;
-    runtime.block_on(run::run(plugins, args))
-}
-
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_env("EMBASSY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let code = runtime.block_on(run::run(plugins, args, requests));
+    // Connection tasks are dropped; a name lookup still running must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }

@@ -39,6 +39,10 @@ pub enum PluginLoadError {
         /// abi_stable's full report (often hundreds of lines), logged with --verbose.
         detail: String,
     },
+    /// An entry that looks meant as a plugin but cannot be one: a `*.so` directory or
+    /// special file, or a symlink that leads nowhere (dangling, or a loop).
+    #[error("{path}: {reason}, skipped")]
+    Unusable { path: PathBuf, reason: String },
     #[error("{path}: plugin failed to initialise: {reason}")]
     InitFailed { path: PathBuf, reason: String },
     #[error("{path}: plugin name '{name}' is already taken by {}", first.display())]
@@ -55,9 +59,9 @@ pub enum PluginLoadError {
     },
 }
 
-/// Why the directory itself could not be read.
+/// Why the directory itself could not be read (the cause is the source, not repeated here).
 #[derive(Debug, Error)]
-#[error("cannot read plugin directory {}: {source}", dir.display())]
+#[error("cannot read plugin directory {}", dir.display())]
 pub struct PluginDirError {
     pub dir: PathBuf,
     #[source]
@@ -108,7 +112,8 @@ pub struct PluginRegistry {
 
 impl PluginRegistry {
     /// Loads every `*.so` (`*.dylib` on macOS) in `dir`, in file-name order. Files that fail
-    /// are returned as errors beside the registry; the others are registered.
+    /// are returned as errors beside the registry; the others are registered. So is every odd
+    /// entry (see [`PluginLoadError::Unusable`]); other files and directories are skipped.
     pub fn load_dir(dir: &Path) -> Result<(PluginRegistry, Vec<PluginLoadError>), PluginDirError> {
         let read = |source| PluginDirError {
             dir: dir.to_path_buf(),
@@ -126,13 +131,21 @@ impl PluginRegistry {
             let is_library = path
                 .extension()
                 .is_some_and(|ext| ext == std::env::consts::DLL_EXTENSION);
-            if !is_library || !path.is_file() {
-                trace!(path = %path.display(), "not a shared library, skipped");
-                continue;
-            }
-            match registry.register(&path) {
-                Ok(()) => {}
-                Err(error) => errors.push(error),
+            let result = match entry_kind(&path) {
+                Ok(()) if is_library => registry.register(&path),
+                Err(reason) if is_library || reason.is_broken_link() => {
+                    Err(PluginLoadError::Unusable {
+                        path,
+                        reason: reason.to_string(),
+                    })
+                }
+                _ => {
+                    trace!(path = %path.display(), "not a shared library, skipped");
+                    Ok(())
+                }
+            };
+            if let Err(error) = result {
+                errors.push(error);
             }
         }
         Ok((registry, errors))
@@ -191,20 +204,24 @@ impl PluginRegistry {
         &self.plugins
     }
 
+    /// The balancer plugin called `name`, or an error naming the loaded ones.
+    pub fn balancer(&self, name: &str) -> Result<&LoadedPlugin, PluginUseError> {
+        self.plugins
+            .iter()
+            .find(|p| p.name == name && p.kind == PluginKind::Balancer.as_str())
+            .ok_or_else(|| PluginUseError::UnknownBalancer {
+                name: name.to_string(),
+                available: self.names(PluginKind::Balancer),
+            })
+    }
+
     /// A new balancer instance for one service.
     pub fn new_balancer(
         &self,
         name: &str,
         config: BalancerConfig,
     ) -> Result<BalancerBox, PluginUseError> {
-        let plugin = self
-            .plugins
-            .iter()
-            .find(|p| p.name == name && p.kind == PluginKind::Balancer.as_str())
-            .ok_or_else(|| PluginUseError::UnknownBalancer {
-                name: name.to_string(),
-                available: self.names(PluginKind::Balancer),
-            })?;
+        let plugin = self.balancer(name)?;
         (plugin.module.new_balancer())(config)
             .into_result()
             .map_err(|error| PluginUseError::Plugin {
@@ -264,6 +281,48 @@ impl PluginRegistry {
         } else {
             names.join(", ")
         }
+    }
+}
+
+/// Why a directory entry is not a file a library could be loaded from.
+#[derive(Debug)]
+enum OddEntry {
+    Directory,
+    Special,
+    DanglingLink,
+    LinkLoop,
+    Unreadable(std::io::Error),
+}
+
+impl OddEntry {
+    fn is_broken_link(&self) -> bool {
+        matches!(self, OddEntry::DanglingLink | OddEntry::LinkLoop)
+    }
+}
+
+impl std::fmt::Display for OddEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OddEntry::Directory => f.write_str("a directory, not a library"),
+            OddEntry::Special => f.write_str("not a regular file"),
+            OddEntry::DanglingLink => f.write_str("a dangling symlink (its target does not exist)"),
+            OddEntry::LinkLoop => f.write_str("a symlink loop"),
+            OddEntry::Unreadable(error) => write!(f, "cannot be read: {error}"),
+        }
+    }
+}
+
+/// `Ok` for a regular file (after following symlinks).
+fn entry_kind(path: &Path) -> Result<(), OddEntry> {
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(meta) if meta.is_dir() => Err(OddEntry::Directory),
+        Ok(_) => Err(OddEntry::Special),
+        Err(error) => Err(match error.raw_os_error() {
+            Some(libc::ELOOP) => OddEntry::LinkLoop,
+            Some(libc::ENOENT) if fs::symlink_metadata(path).is_ok() => OddEntry::DanglingLink,
+            _ => OddEntry::Unreadable(error),
+        }),
     }
 }
 
@@ -334,6 +393,10 @@ fn summarize(report: &str) -> String {
 
 /// Logs a load error: one line, plus abi_stable's full report at debug level.
 pub fn log_load_error(error: &PluginLoadError) {
+    if let PluginLoadError::Unusable { .. } = error {
+        warn!("{error}");
+        return;
+    }
     error!("{error}; other plugins are unaffected");
     if let PluginLoadError::Incompatible { detail, .. } = error {
         debug!("full compatibility report:\n{detail}");

@@ -4,10 +4,7 @@ use std::{process::ExitCode, sync::Arc};
 
 use anyhow::{bail, Context};
 use embassy_core::ServiceDescriptor;
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    sync::mpsc,
-};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -19,49 +16,19 @@ use crate::{
         Change, ContainerLabel, Mode,
     },
     plugins::{log_load_error, PluginRegistry},
-    supervisor::{ServeDefaults, Supervisor},
+    requests::Request,
+    signals::Signals,
+    supervisor::{balancer_config, ServeDefaults, Supervisor},
 };
 
 /// Exit code for a usage error (sysexits' EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 
-/// A service request and where it came from, for error messages.
-#[derive(Debug)]
-pub struct Request {
-    pub descriptor: ServiceDescriptor,
-    pub origin: String,
-}
-
-/// Descriptors from `--service` and from variables with `prefix` in `vars` (bad ones logged).
-pub fn requests(args: &RunArgs, vars: impl Iterator<Item = (String, String)>) -> Vec<Request> {
-    let mut requests: Vec<Request> = args
-        .services
-        .iter()
-        .map(|descriptor| Request {
-            descriptor: descriptor.clone(),
-            origin: "--service".to_string(),
-        })
-        .collect();
-    if args.prefix.is_empty() {
-        return requests;
-    }
-    let mut vars: Vec<(String, String)> = vars
-        .filter(|(name, _)| name.starts_with(&args.prefix))
-        .collect();
-    vars.sort();
-    for (name, value) in vars {
-        match value.parse::<ServiceDescriptor>() {
-            Ok(descriptor) => requests.push(Request {
-                descriptor,
-                origin: name,
-            }),
-            Err(error) => {
-                error!(variable = %name, value = %value, "invalid service descriptor: {error}")
-            }
-        }
-    }
-    requests
-}
+/// What was given cannot be used as it stands (a missing option, a bad variable, a plugin
+/// directory that does not exist): one line, exit [`EXIT_USAGE`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 /// The runtime the proxy runs on: `threads` workers (0: one per core this process may use).
 /// With one, a single-threaded runtime: no work stealing and no cross-thread wake-ups, like
@@ -101,19 +68,19 @@ pub fn raise_open_file_limit() {
     }
 }
 
-/// Runs the proxy until SIGTERM or SIGINT.
-pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitCode> {
+/// Runs the proxy until SIGTERM or SIGINT. Every service of the static configuration
+/// (`--service`, Embassy's own variables) must be served, or the start fails.
+/// `requests` come from [`crate::requests::checked_run_args`].
+pub async fn run(
+    plugins: PluginRegistry,
+    args: RunArgs,
+    requests: Vec<Request>,
+) -> anyhow::Result<ExitCode> {
     raise_open_file_limit();
-    let requests = requests(&args, std::env::vars());
-    if requests.is_empty() && args.docker.is_none() {
-        bail!(
-            "nothing to serve: give --service DESCRIPTOR, set {}NAME=DESCRIPTOR variables or --docker",
-            args.prefix
-        );
-    }
-    let Some(uri) = args.discovery.as_deref() else {
-        bail!("no discovery backend: give --discovery URI (or DISCOVERY=URI), e.g. file:///etc/embassy/services.json");
-    };
+    // Before the first listener opens: from here on SIGHUP cannot kill the process.
+    let mut signals = Signals::new().context("cannot listen for signals")?;
+    let uri = args.discovery.as_deref().context("no discovery backend")?;
+    plugins.balancer(&args.balancer).context("--balancer")?;
     let discovery = plugins
         .open_discovery(uri, &args.discovery_options)
         .with_context(|| format!("cannot open discovery backend {uri}"))?;
@@ -135,20 +102,21 @@ pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitC
             error!(service = %request.descriptor, origin = %request.origin, "cannot serve: {error}");
         }
     }
-    if supervisor.is_empty() && args.docker.is_none() {
-        bail!("no service could be served ({failures} failed, see above)");
+    if failures > 0 {
+        bail!(
+            "{failures} of the {} services given with --service or {}* variables cannot be served (see above); not starting",
+            requests.len(),
+            args.prefix
+        );
     }
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let stop_watching = CancellationToken::new();
     let (mut changes, mut served) = match &args.docker {
         Some(uri) => start_docker(uri, &args, stop_watching.clone()).await?,
         None => (mpsc::channel(1).1, None),
     };
-    let signal = loop {
+    let stop = loop {
         tokio::select! {
-            _ = terminate.recv() => break "SIGTERM",
-            _ = interrupt.recv() => break "SIGINT",
+            stop = signals.stop() => break stop,
             Some(change) = changes.recv() => {
                 if let Some(served) = served.as_mut() {
                     served.apply(&mut supervisor, change).await;
@@ -157,8 +125,14 @@ pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitC
         }
     };
     stop_watching.cancel();
-    info!(signal, grace = ?args.grace_period, "stopping: no new connections");
-    let left = supervisor.shutdown(args.grace_period).await;
+    info!(signal = stop.name(), grace = ?args.grace_period, "stopping: no new connections");
+    let left = tokio::select! {
+        left = supervisor.shutdown(args.grace_period) => left,
+        again = signals.stop() => {
+            warn!(signal = again.name(), "second stop signal during the grace period: exiting now, cutting the connections still open");
+            return Ok(ExitCode::from(again.forced_exit_code()));
+        }
+    };
     if left > 0 {
         warn!(
             connections = left,
@@ -230,11 +204,37 @@ pub fn list_plugins(
     })
 }
 
-/// `embassy check`: explains each descriptor.
-pub fn check(descriptors: &[String]) -> ExitCode {
+/// `embassy check`: explains each descriptor. With the plugins of `plugin_dir` at hand, a
+/// descriptor's balancer must be one of them (and accept the descriptor's options); without
+/// them only the syntax is checked, and the output says so.
+pub fn check(descriptors: &[String], plugin_dir: &std::path::Path) -> ExitCode {
+    let plugins = match PluginRegistry::load_dir(plugin_dir) {
+        Ok((plugins, errors)) => {
+            errors.iter().for_each(log_load_error);
+            Some(plugins)
+        }
+        Err(error) => {
+            println!(
+                "note: {error} ({}): syntax checked only, balancer names not checked",
+                error.source
+            );
+            None
+        }
+    };
     let mut invalid = 0;
     for text in descriptors {
-        match text.parse::<ServiceDescriptor>() {
+        let checked = text.parse::<ServiceDescriptor>().map_err(|e| e.to_string());
+        let checked = match (checked, &plugins) {
+            (Ok(d), Some(plugins)) => match d.option("balancer") {
+                Some(name) => plugins
+                    .new_balancer(name, balancer_config(&d))
+                    .map(|_| d)
+                    .map_err(|e| e.to_string()),
+                None => Ok(d),
+            },
+            (checked, _) => checked,
+        };
+        match checked {
             Ok(d) => {
                 let kind = if d.is_key_prefix() {
                     "etcd key prefix"
@@ -267,11 +267,15 @@ pub fn check(descriptors: &[String]) -> ExitCode {
     }
 }
 
-/// Loads the plugin directory, logging each file that failed.
+/// Loads the plugin directory, logging each file that failed. A directory that cannot be
+/// read is a usage error.
 pub fn load_plugins(dir: &std::path::Path) -> anyhow::Result<(PluginRegistry, usize)> {
-    let (registry, errors) = PluginRegistry::load_dir(dir).context(
-        "set --plugin-dir or EMBASSY_PLUGIN_DIR to the directory holding the plugin libraries",
-    )?;
+    let (registry, errors) = PluginRegistry::load_dir(dir).map_err(|error| {
+        UsageError(format!(
+            "{error}: {}; set --plugin-dir or EMBASSY_PLUGIN_DIR to the directory holding the plugin libraries",
+            error.source
+        ))
+    })?;
     for error in &errors {
         log_load_error(error);
     }

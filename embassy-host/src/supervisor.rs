@@ -157,13 +157,9 @@ impl Supervisor {
         let balancer_name = descriptor
             .option("balancer")
             .unwrap_or(&self.defaults.balancer);
-        let balancer = self.plugins.new_balancer(
-            balancer_name,
-            BalancerConfig {
-                service: descriptor.service.as_str().into(),
-                options: options_of(descriptor),
-            },
-        )?;
+        let balancer = self
+            .plugins
+            .new_balancer(balancer_name, balancer_config(descriptor))?;
         let listener = place.bind(addr, descriptor.protocol).await?;
         let mut service = Service::new(
             descriptor.clone(),
@@ -265,6 +261,14 @@ impl Supervisor {
             Ok(()) => 0,
             Err(_) => self.connections.len(),
         }
+    }
+}
+
+/// What a balancer instance for `descriptor` is created with (also by `embassy check`).
+pub fn balancer_config(descriptor: &ServiceDescriptor) -> BalancerConfig {
+    BalancerConfig {
+        service: descriptor.service.as_str().into(),
+        options: options_of(descriptor),
     }
 }
 

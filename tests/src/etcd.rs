@@ -31,6 +31,9 @@ pub struct Etcd {
     child: Option<Child>,
     /// Sent with every request once auth is enabled.
     token: Option<String>,
+    /// The member's name and etcd's `--initial-cluster` (`None`: a cluster of this one).
+    name: String,
+    initial_cluster: Option<String>,
 }
 
 impl Etcd {
@@ -55,9 +58,53 @@ impl Etcd {
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
             token: None,
+            name: "embassy-test".to_string(),
+            initial_cluster: None,
         };
         etcd.spawn().unwrap_or_else(|error| panic!("{error:#}"));
         etcd
+    }
+
+    /// Starts a cluster of `size` plain-HTTP members and waits until every one serves.
+    pub fn start_cluster(size: usize) -> Vec<Etcd> {
+        let mut members: Vec<Etcd> = (0..size)
+            .map(|n| {
+                let client_port = free_port();
+                Etcd {
+                    client_port,
+                    admin_port: client_port,
+                    peer_port: free_port(),
+                    tls: None,
+                    dir: tempfile::tempdir().expect("temp dir"),
+                    child: None,
+                    token: None,
+                    name: format!("member{n}"),
+                    initial_cluster: None,
+                }
+            })
+            .collect();
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for member in &mut members {
+            member.initial_cluster = Some(cluster.clone());
+            member
+                .spawn_process()
+                .unwrap_or_else(|error| panic!("{error:#}"));
+        }
+        for member in &mut members {
+            member
+                .wait_healthy(Duration::from_secs(30))
+                .unwrap_or_else(|error| panic!("{error:#}"));
+        }
+        members
+    }
+
+    /// The member's name in its cluster.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// `127.0.0.1:PORT` of the client port.
@@ -72,7 +119,16 @@ impl Etcd {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        self.spawn_process()?;
+        self.wait_healthy(Duration::from_secs(30))
+    }
+
+    fn spawn_process(&mut self) -> Result<()> {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let initial_cluster = self
+            .initial_cluster
+            .clone()
+            .unwrap_or_else(|| format!("{}={peer}", self.name));
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let mut listen = client.clone();
@@ -92,13 +148,13 @@ impl Etcd {
             }
         }
         command
-            .args(["--name", "embassy-test", "--data-dir"])
+            .args(["--name", &self.name, "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &listen])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("embassy-test={peer}")])
+            .args(["--initial-cluster", &initial_cluster])
             .args(["--initial-cluster-token", "embassy-test"])
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdin(Stdio::null())
@@ -122,10 +178,11 @@ impl Etcd {
             }
         })?;
         self.child = Some(child);
-        self.wait_healthy(Duration::from_secs(30))
+        Ok(())
     }
 
-    fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+    /// Waits until this member serves (a cluster member: until its cluster has a leader).
+    pub fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok((200, body)) = self.http("GET", "/health", None) {

@@ -45,16 +45,27 @@ fn check_explains_valid_descriptors_and_names_what_is_wrong() {
     );
 }
 
+/// The lines of `stderr` at ERROR level.
+fn errors(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.contains("ERROR")).collect()
+}
+
 #[test]
-fn nothing_to_serve_or_no_discovery_are_clear_errors() {
+fn nothing_to_serve_or_no_discovery_are_usage_errors() {
     let plugins = standard_plugin_dir(&[]);
     let dir = plugins.path().display().to_string();
     let (code, _, stderr) = run_embassy(["--plugin-dir", &dir, "--prefix", "EMBASSY_TEST_NONE_"]);
-    assert_eq!(code, 1);
-    assert!(stderr.contains("nothing to serve"), "{stderr}");
+    assert_eq!(code, 64, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(errors(&stderr)[0].contains("nothing to serve"), "{stderr}");
     let (code, _, stderr) = run_embassy(["--plugin-dir", &dir, "--service", "web;8080/tcp"]);
-    assert_eq!(code, 1);
-    assert!(stderr.contains("no discovery backend"), "{stderr}");
+    assert_eq!(code, 64, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        errors(&stderr)[0].contains("no discovery backend: give --discovery URI"),
+        "{stderr}"
+    );
+    // A discovery backend no plugin serves is no usage error: another directory might.
     let (code, _, stderr) = run_embassy([
         "--plugin-dir",
         &dir,
@@ -69,6 +80,69 @@ fn nothing_to_serve_or_no_discovery_are_clear_errors() {
             "no discovery plugin serves 'zk://' (loaded: etcd (etcd, etcds), file (file))"
         ),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_plugin_dir_is_a_usage_error_naming_the_cause_once() {
+    let dir = "/nonexistent/embassy-plugins";
+    for args in [
+        &[
+            "--plugin-dir",
+            dir,
+            "--service",
+            "web;8080/tcp",
+            "--discovery",
+            "file:///x.json",
+        ][..],
+        &["plugins", "--plugin-dir", dir][..],
+    ] {
+        let (code, _, stderr) = run_embassy(args);
+        assert_eq!(code, 64, "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("cannot read plugin directory /nonexistent/embassy-plugins: No such file or directory (os error 2); set --plugin-dir"),
+            "{stderr}"
+        );
+        assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
+    }
+}
+
+#[test]
+fn check_names_an_unknown_balancer_when_the_plugins_are_at_hand() {
+    let plugins = standard_plugin_dir(&[]);
+    let dir = plugins.path().display().to_string();
+    let (code, stdout, _) = run_embassy([
+        "check",
+        "--plugin-dir",
+        &dir,
+        "web;80/tcp;balancer=least-conn",
+        "api;81/tcp;balancer=nonexistent",
+    ]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains("ok: web;80/tcp;balancer=least-conn"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("invalid: \"api;81/tcp;balancer=nonexistent\": no balancer plugin named 'nonexistent' (loaded: least-conn, round-robin)"),
+        "{stdout}"
+    );
+    // Without the plugins, the syntax alone is checked, and the output says so.
+    let (code, stdout, _) = run_embassy([
+        "check",
+        "--plugin-dir",
+        "/nonexistent/embassy-plugins",
+        "api;81/tcp;balancer=nonexistent",
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains("note: cannot read plugin directory /nonexistent/embassy-plugins (No such file or directory (os error 2)): syntax checked only, balancer names not checked"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: api;81/tcp;balancer=nonexistent"),
+        "{stdout}"
     );
 }
 
@@ -91,7 +165,6 @@ fn backend_variables_in_embassys_own_environment_are_served() {
             "BACKEND_APP2",
             format!("app2;{port2}/tcp;balancer=least-conn"),
         )
-        .env("BACKEND_BROKEN", "app3;notaport/tcp")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
@@ -99,40 +172,92 @@ fn backend_variables_in_embassys_own_environment_are_served() {
     embassy
         .wait_for_log(&format!("127.0.0.1:{port2}"), Duration::from_secs(20))
         .expect("second listener");
-    let broken = embassy.log_lines("BACKEND_BROKEN");
-    assert_eq!(broken.len(), 1, "{broken:?}");
-    assert!(
-        broken[0].contains("port \"notaport\" is not a number"),
-        "{}",
-        broken[0]
-    );
     assert_eq!(Client::connect(port1).expect("app1").upstream, "a");
     assert_eq!(Client::connect(port2).expect("app2").upstream, "b");
 }
 
-#[test]
-fn a_port_already_taken_is_named_and_the_other_services_still_run() {
-    let a = Upstream::start("a");
+/// Runs embassy on the file plugin with `args` and `vars` in its environment, to completion.
+fn run_with(vars: &[(&str, String)], args: &[String]) -> (i32, String) {
     let plugins = standard_plugin_dir(&[]);
+    let dir = tempfile::tempdir().expect("temp");
+    let services = dir.path().join("services.json");
+    write_services(&services, &json!({ "web": ["127.0.0.1:1"] }));
+    let mut command = std::process::Command::new(artifacts().embassy());
+    command
+        .args(["--plugin-dir", &plugins.path().display().to_string()])
+        .args(["--discovery", &format!("file://{}", services.display())])
+        .args(args)
+        .env_remove("DISCOVERY")
+        .env_remove("EMBASSY_PLUGIN_DIR");
+    for (name, value) in vars {
+        command.env(name, value);
+    }
+    let output = command.output().expect("run embassy");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_bad_variable_or_a_port_clash_in_the_static_configuration_is_a_usage_error() {
+    let port = free_port();
+    let (code, stderr) = run_with(
+        &[("BACKEND_BROKEN", "app3;notaport/tcp".to_string())],
+        &service_arg(format!("web;{port}/tcp")),
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(r#"BACKEND_BROKEN="app3;notaport/tcp" is no service descriptor: port "notaport" is not a number"#),
+        "{stderr}"
+    );
+
+    let (code, stderr) = run_with(
+        &[("BACKEND_API", format!("api;{port}/tcp"))],
+        &service_arg(format!("web;{port}/tcp")),
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains(&format!("port {port}/tcp is asked for by 'web;{port}/tcp' (--service) and by 'api;{port}/tcp' (BACKEND_API)")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("listening"),
+        "nothing was served: {stderr}"
+    );
+}
+
+#[test]
+fn a_static_service_that_cannot_be_served_fails_the_start() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken_port = taken.local_addr().expect("addr").port();
-    let port = free_port();
+    let (port, other) = (free_port(), free_port());
     let mut args: Vec<String> = service_arg(format!("web;{taken_port}/tcp")).into();
     args.extend(service_arg(format!("web;{port}/tcp")));
-    let mut proxy = FileBacked::start(
-        &json!({ "web": [a.addr.to_string()] }),
-        plugins.path(),
-        &args,
-        "cannot serve",
-    );
-    let embassy = &mut proxy.embassy;
-    let line = embassy.log_lines("cannot serve").remove(0);
+    args.extend(service_arg(format!("api;{other}/tcp;balancer=nonexistent")));
+    let (code, stderr) = run_with(&[], &args);
+    assert_eq!(code, 1, "{stderr}");
+    let lines = errors(&stderr);
+    assert_eq!(lines.len(), 3, "two services, then the verdict: {stderr}");
     assert!(
-        line.contains(&format!("port 127.0.0.1:{taken_port} is already in use")),
-        "{line}"
+        lines[0].contains(&format!("port 127.0.0.1:{taken_port} is already in use")),
+        "{}",
+        lines[0]
     );
-    embassy
-        .wait_for_log("listening", Duration::from_secs(20))
-        .expect("other service listens");
-    assert_eq!(Client::connect(port).expect("served").upstream, "a");
+    assert!(
+        lines[1].contains(&format!("service=api;{other}/tcp;balancer=nonexistent"))
+            && lines[1].contains(
+                "no balancer plugin named 'nonexistent' (loaded: least-conn, round-robin)"
+            ),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].contains(
+            "2 of the 3 services given with --service or BACKEND_* variables cannot be served"
+        ),
+        "{}",
+        lines[2]
+    );
 }

@@ -565,3 +565,77 @@ fn udp_and_tcp_descriptors_split_one_prefix_by_protocol() {
     let counts = distribution(ports[1], 6).expect("tcp connections");
     assert_eq!(counts.get("t"), Some(&6), "{counts:?}");
 }
+
+/// One member of three is killed under the watch: the watch moves to another member, changes
+/// keep arriving, and the log names the member lost and the one taken over, never "etcd
+/// unreachable".
+#[test]
+fn losing_one_of_three_members_is_a_failover_not_an_outage() {
+    let mut cluster = Etcd::start_cluster(3);
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let key_a = instance_key(&a);
+    cluster[0].put(&key_a, &registrar(&a, &[]));
+    let members: Vec<String> = cluster.iter().map(Etcd::member).collect();
+    let plugins = standard_plugin_dir(&[]);
+    let port = free_port();
+    let child = std::process::Command::new(artifacts().embassy())
+        .args(["--plugin-dir", &plugins.path().display().to_string()])
+        .args(["--discovery", &format!("etcd://{}", members.join(","))])
+        .args(["--discovery-opt", "timeout=3s"])
+        .args(["--service", &format!("/services/prod/apache/80;{port}/tcp")])
+        .env_remove("DISCOVERY")
+        // The plugin's debug line says which member each watch is on.
+        .env("EMBASSY_LOG", "info,embassy_core=debug,plugin=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn embassy");
+    let mut embassy = Embassy::adopt(child);
+    let watching = embassy
+        .wait_for_log("watching", Duration::from_secs(30))
+        .expect("a watch is created");
+    let on = cluster
+        .iter()
+        .position(|m| watching.contains(&format!("member={} (", m.name())))
+        .unwrap_or_else(|| panic!("no member named in {watching}"));
+    assert!(reaches(port, "a"), "served before the loss");
+    let traffic = Traffic::start(port);
+
+    cluster[on].stop();
+    let other = (on + 1) % 3;
+    cluster[other]
+        .wait_healthy(Duration::from_secs(30))
+        .expect("the other two keep a leader");
+    cluster[other].put(&instance_key(&b), &registrar(&b, &[]));
+    cluster[other].delete(&key_a);
+    assert!(settles_on(port, &["b"]), "changes arrive after the loss");
+
+    let lost = embassy.log_lines("etcd member lost");
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert!(
+        lost[0].contains(&format!(
+            "member={} (http://{})",
+            cluster[on].name(),
+            members[on]
+        )),
+        "{}",
+        lost[0]
+    );
+    let moved = embassy
+        .wait_for_log("failed over to another member", Duration::from_secs(10))
+        .expect("failover logged");
+    assert!(
+        !moved.contains(&format!("to={} (", cluster[on].name())),
+        "{moved}"
+    );
+    assert!(
+        embassy.log_lines("etcd unreachable").is_empty(),
+        "{:?}",
+        embassy.log()
+    );
+    let (ok, failures) = traffic.finish();
+    assert!(
+        ok > 0 && failures.is_empty(),
+        "{ok} ok, failures: {failures:?}"
+    );
+}

@@ -262,12 +262,58 @@ fn a_host_built_against_the_next_minor_refuses_older_plugins_clearly() {
 }
 
 #[test]
-fn a_missing_plugin_dir_is_a_clear_error() {
+fn a_missing_plugin_dir_is_a_usage_error() {
     let (code, _, stderr) =
         run_embassy(["plugins", "--plugin-dir", "/nonexistent/embassy-plugins"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 64);
     assert!(
         stderr.contains("cannot read plugin directory /nonexistent/embassy-plugins"),
+        "{stderr}"
+    );
+}
+
+/// Entries meant as plugins that cannot be one get a warning each, naming them and why, and
+/// count as failed files; other files and directories are skipped without a word.
+#[test]
+fn odd_entries_in_the_plugin_dir_are_reported_one_by_one() {
+    use std::os::unix::fs::symlink;
+    let plugins = standard_plugin_dir(&[]);
+    let dir = plugins.path();
+    std::fs::create_dir(dir.join("y.so")).expect("dir");
+    symlink(dir.join("loop.so"), dir.join("loop.so")).expect("loop");
+    symlink(dir.join("missing-target"), dir.join("dangling.so")).expect("dangling");
+    symlink(dir.join("gone"), dir.join("dangling-without-suffix")).expect("dangling");
+    std::fs::create_dir(dir.join("subdir")).expect("dir");
+    std::fs::write(dir.join("README.txt"), "notes").expect("write");
+    let (code, stdout, stderr) =
+        run_embassy(["plugins", "--plugin-dir", &dir.display().to_string()]);
+    assert_eq!(code, 1, "odd entries make the listing fail: {stderr}");
+    assert_eq!(
+        stdout.lines().count(),
+        4,
+        "the plugins still load: {stdout}"
+    );
+    let warned = |name: &str, why: &str| {
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains(&format!("/{name}:")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{name}: {stderr}");
+        assert!(
+            lines[0].contains("WARN") && lines[0].contains(why),
+            "{}",
+            lines[0]
+        );
+    };
+    warned("y.so", "a directory, not a library, skipped");
+    warned("loop.so", "a symlink loop, skipped");
+    warned(
+        "dangling.so",
+        "a dangling symlink (its target does not exist), skipped",
+    );
+    warned("dangling-without-suffix", "a dangling symlink");
+    assert!(
+        !stderr.contains("subdir") && !stderr.contains("README"),
         "{stderr}"
     );
 }

@@ -22,16 +22,18 @@ use bollard::{
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::{
     identity::own_container_candidates, joins, requests_of, short_id, Change, Container,
     DockerError, Mode,
 };
 
-/// First and largest wait between reconnection attempts.
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// First and largest wait between reconnection attempts. The engine is local and a failed
+/// attempt costs one connect(2) on its socket, so the cap is low: once the engine answers
+/// again, Embassy catches up within about [`BACKOFF_MAX`] rather than after a long backoff.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// A session that lasted this long was healthy: the next failure starts from the first wait.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Per request (not for the event stream's body, which lasts as long as the session).
@@ -119,6 +121,28 @@ pub enum ModeChoice {
     NetworkContainer,
 }
 
+/// The wait after `wait`: doubled, up to [`BACKOFF_MAX`].
+fn next_backoff(wait: Duration) -> Duration {
+    (wait * 2).min(BACKOFF_MAX)
+}
+
+/// `wait` moved by up to a quarter either way (`entropy` picks where), so Embassies that lost
+/// one engine together do not retry in step.
+fn jittered(wait: Duration, entropy: u32) -> Duration {
+    let quarter = wait / 4;
+    let span = quarter.as_nanos() * 2;
+    let offset = span * u128::from(entropy) / (u128::from(u32::MAX) + 1);
+    // offset < span <= wait/2, which fits in u64 nanoseconds for any wait used here.
+    wait - quarter + Duration::from_nanos(u64::try_from(offset).unwrap_or(0))
+}
+
+/// A few varying bits, enough to spread retries (no randomness crate for this).
+fn entropy() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
 /// Follows one engine for as long as `stop` is not cancelled.
 pub struct Watcher {
     pub uri: String,
@@ -143,17 +167,18 @@ impl Watcher {
             if started.elapsed() > HEALTHY_SESSION {
                 backoff = BACKOFF_MIN;
             }
+            let wait = jittered(backoff, entropy());
             if connected {
                 warn!(%error, uri = %self.uri, "docker engine lost: serving what exists, reconnecting");
                 connected = false;
             } else {
-                debug!(%error, retry_in = ?backoff, "docker engine still unreachable");
+                trace!(%error, retry_in = ?wait, "docker engine still unreachable");
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff = next_backoff(backoff);
         }
     }
 
@@ -285,5 +310,39 @@ impl Watcher {
             started_at: state.started_at.unwrap_or_default(),
             requests,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While the engine is away, attempts come quickly and never more than about half a second
+    /// apart, so a container started just after the engine returns is served promptly.
+    #[test]
+    fn reconnect_waits_stay_short_and_spread() {
+        let mut wait = BACKOFF_MIN;
+        let mut schedule = Vec::new();
+        for _ in 0..8 {
+            schedule.push(wait.as_millis());
+            wait = next_backoff(wait);
+        }
+        assert_eq!(schedule, [100, 200, 400, 500, 500, 500, 500, 500]);
+        let check = |wait_ms: u64, entropy: u32, expected_ms: u64| {
+            let got = jittered(Duration::from_millis(wait_ms), entropy);
+            assert_eq!(
+                got,
+                Duration::from_millis(expected_ms),
+                "{wait_ms} ms, {entropy}"
+            );
+        };
+        check(500, 0, 375);
+        check(500, u32::MAX / 2 + 1, 500);
+        check(100, 0, 75);
+        let most = jittered(BACKOFF_MAX, u32::MAX);
+        assert!(
+            most < Duration::from_millis(625) && most > Duration::from_millis(624),
+            "{most:?}"
+        );
     }
 }

@@ -1,12 +1,18 @@
 //! Following one service: read every key under its prefix, then watch from the revision right
 //! after that read so no change falls between the two; on compaction or connection loss, read
 //! again. All watches share the backend's one client (one HTTP/2 connection per member).
+//!
+//! With several members, a watch whose member goes away is a failover, not an outage: the
+//! client's balanced channel sends the retries to members at random, so they are made
+//! quickly for up to the request timeout before etcd is called unreachable. The log names
+//! the member lost (each watch knows its member from etcd's response header) and the one the
+//! watches moved to.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     future::Future,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use embassy_plugin_api::{BackendHealth, Endpoint, HostSink, WatchRequest};
@@ -33,6 +39,12 @@ pub(crate) struct Backend {
     client: OnceCell<Client>,
     /// The plugin-wide view of the connection, so a state change is logged once.
     reachable: Mutex<Option<bool>>,
+    /// Member id to `name (client URLs)`, from etcd's member list, for logs.
+    member_names: tokio::sync::Mutex<HashMap<u64, String>>,
+    /// Members whose watches broke and that no watch has used since (a loss is logged once).
+    lost_members: Mutex<HashSet<u64>>,
+    /// The member lost last, until a watch is created on another one (logged then, once).
+    failing_over_from: Mutex<Option<String>>,
     /// Runs between each read and the watch that follows it, with the read's revision.
     #[cfg(test)]
     before_watch: Mutex<Option<BeforeWatch>>,
@@ -45,6 +57,9 @@ impl Backend {
             options,
             client: OnceCell::new(),
             reachable: Mutex::new(None),
+            member_names: tokio::sync::Mutex::new(HashMap::new()),
+            lost_members: Mutex::new(HashSet::new()),
+            failing_over_from: Mutex::new(None),
             #[cfg(test)]
             before_watch: Mutex::new(None),
         }
@@ -79,6 +94,59 @@ impl Backend {
                 "{what}: no answer within {:?}",
                 self.config.request_timeout
             )),
+        }
+    }
+
+    /// `name (client URLs)` of a member, from etcd's member list (read when an id is new).
+    async fn member_name(&self, id: u64) -> String {
+        let mut names = self.member_names.lock().await;
+        if !names.contains_key(&id) {
+            if let Ok(client) = self.client().await {
+                let mut cluster = client.cluster_client();
+                match self.timed("listing members", cluster.member_list()).await {
+                    Ok(list) => {
+                        for member in list.members() {
+                            let urls = member.client_urls().join(",");
+                            names.insert(member.id(), format!("{} ({urls})", member.name()));
+                        }
+                    }
+                    Err(error) => debug!(%error, "cannot name etcd members"),
+                }
+            }
+        }
+        names.get(&id).cloned().unwrap_or_else(|| format!("{id:x}"))
+    }
+
+    /// A watch on `member` broke; the first watch to see it logs it.
+    fn member_lost(&self, member: u64, name: String, error: &str) {
+        let first = self
+            .lost_members
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(member);
+        if first {
+            let members = self.config.endpoints.join(",");
+            warn!(member = %name, %members, %error, "etcd member lost, failing over to the other members");
+            *self
+                .failing_over_from
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(name);
+        }
+    }
+
+    /// A watch was created on `member`: logs a failover that this completes.
+    fn watching_on(&self, member: u64, name: &str) {
+        self.lost_members
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&member);
+        let from = self
+            .failing_over_from
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take_if(|from| from != name);
+        if let Some(from) = from {
+            info!(from = %from, to = %name, "etcd watches failed over to another member");
         }
     }
 
@@ -155,6 +223,10 @@ struct Service {
     last_sent: Option<Vec<Endpoint>>,
     /// This watch's view of the connection, reported to the host on changes only.
     unreachable: bool,
+    /// The member the live watch is on (from the header of etcd's answer).
+    member: Option<u64>,
+    /// Since when the service has been retrying after its member was lost.
+    failing_over_since: Option<Instant>,
 }
 
 /// The watch task of one service; runs until aborted.
@@ -168,15 +240,16 @@ pub(crate) async fn follow(backend: Arc<Backend>, request: WatchRequest, sink: A
         skipped: HashMap::new(),
         last_sent: None,
         unreachable: false,
+        member: None,
+        failing_over_since: None,
     };
     let mut backoff = FIRST_BACKOFF;
     loop {
         let revision = match service.load(&backend).await {
             Ok(revision) => revision,
             Err(error) => {
-                service.lost(&backend, &sink, &error);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(backend.config.backoff_max);
+                let wait = service.failed(&backend, &sink, &error, &mut backoff).await;
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
@@ -198,9 +271,8 @@ pub(crate) async fn follow(backend: Arc<Backend>, request: WatchRequest, sink: A
                 info!(service = %service.request.service, revision = revision + 1, compacted, "watch revision compacted, reading the prefix again");
             }
             WatchEnd::Failed(error) => {
-                service.lost(&backend, &sink, &error);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(backend.config.backoff_max);
+                let wait = service.failed(&backend, &sink, &error, &mut backoff).await;
+                tokio::time::sleep(wait).await;
             }
         }
     }
@@ -296,6 +368,14 @@ impl Service {
                 ));
             }
             if response.created() {
+                if let Some(header) = response.header() {
+                    let member = header.member_id();
+                    self.member = Some(member);
+                    let name = backend.member_name(member).await;
+                    debug!(service = %self.request.service, member = %name, "watching");
+                    backend.watching_on(member, &name);
+                }
+                self.failing_over_since = None;
                 self.found(backend, sink);
                 *backoff = FIRST_BACKOFF;
             }
@@ -356,6 +436,36 @@ impl Service {
             sink.update(endpoints.clone());
             self.last_sent = Some(endpoints);
         }
+    }
+
+    /// After a failed read or watch: how long to wait before the next try. A watch whose
+    /// member broke, with other members configured, starts a failover: quick retries, and etcd
+    /// counts as unreachable only if none answers within the request timeout.
+    async fn failed(
+        &mut self,
+        backend: &Backend,
+        sink: &WatchSink,
+        error: &str,
+        backoff: &mut Duration,
+    ) -> Duration {
+        if let Some(member) = self.member.take() {
+            if backend.config.endpoints.len() > 1 {
+                let name = backend.member_name(member).await;
+                backend.member_lost(member, name, error);
+                self.failing_over_since = Some(Instant::now());
+            }
+        }
+        if let Some(since) = self.failing_over_since {
+            if since.elapsed() < backend.config.request_timeout {
+                debug!(service = %self.request.service, %error, "failing over: retrying on another etcd member");
+                return FIRST_BACKOFF;
+            }
+            self.failing_over_since = None;
+        }
+        self.lost(backend, sink, error);
+        let wait = *backoff;
+        *backoff = (*backoff * 2).min(backend.config.backoff_max);
+        wait
     }
 
     fn lost(&mut self, backend: &Backend, sink: &WatchSink, error: &str) {
