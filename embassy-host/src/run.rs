@@ -3,7 +3,10 @@
 use std::{process::ExitCode, sync::Arc};
 
 use anyhow::{bail, Context};
-use embassy_core::ServiceDescriptor;
+use embassy_core::{
+    service::{default_max_connections, ConnectionDefaults, RESERVED_DESCRIPTORS},
+    ServiceDescriptor,
+};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -81,29 +84,47 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-/// Raises the soft open-file limit to the hard one: a proxy holds two descriptors per
-/// connection, and the usual soft default (1024) would cap it at about 500.
-pub fn raise_open_file_limit() {
+/// Below this open-file limit (after raising it) Embassy warns at start.
+pub const LOW_OPEN_FILE_LIMIT: u64 = 4096;
+
+/// Raises the soft open-file limit to the hard one (a proxy holds two descriptors per
+/// connection, and the usual soft default, 1024, would cap it at about 500) and returns the
+/// limit in force; warns when it is low.
+pub fn raise_open_file_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return u64::MAX; // unknown: assume no limit rather than cap every service at 1
+        }
+        if limit.rlim_cur < limit.rlim_max {
             let from = limit.rlim_cur;
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            let mut raised = limit;
+            raised.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 debug!(from, to = limit.rlim_max, "open-file limit raised");
+                limit = raised;
             }
         }
     }
+    let open_files: u64 = limit.rlim_cur;
+    if open_files < LOW_OPEN_FILE_LIMIT {
+        warn!(
+            limit = open_files,
+            connections = open_files.saturating_sub(RESERVED_DESCRIPTORS) / 2,
+            per_service = default_max_connections(open_files),
+            "the open-file limit is low: it allows about this many connections in all (two descriptors each), and max_connections defaults to half of them per service; raise it (ulimit -n, LimitNOFILE=, docker run --ulimit nofile=)"
+        );
+    }
+    open_files
 }
 
 /// Runs the proxy until SIGTERM or SIGINT.
 pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitCode> {
-    raise_open_file_limit();
+    let open_files = raise_open_file_limit();
     let requests = requests(&args, std::env::vars());
     if requests.is_empty() && args.docker.is_none() {
         bail!(
@@ -124,8 +145,16 @@ pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitC
         ServeDefaults {
             bind: args.bind,
             balancer: args.balancer.clone(),
-            connect_timeout: args.connect_timeout,
             copy_mode: args.copy_mode,
+            connections: ConnectionDefaults {
+                connect_timeout: args.connect_timeout,
+                idle_timeout: args.idle_timeout,
+                half_close_timeout: args.half_close_timeout,
+                queue_timeout: args.queue_timeout,
+                max_connections: args
+                    .max_connections
+                    .unwrap_or_else(|| default_max_connections(open_files)),
+            },
         },
     );
     let mut failures = 0;
@@ -162,7 +191,7 @@ pub async fn run(plugins: PluginRegistry, args: RunArgs) -> anyhow::Result<ExitC
     if left > 0 {
         warn!(
             connections = left,
-            "grace period over, closing the connections still open"
+            "grace period over: the connections still open were reset"
         );
     }
     info!("stopped");
