@@ -25,6 +25,7 @@ use socket2::SockRef;
 use tokio::{
     net::TcpStream,
     sync::Notify,
+    task::unconstrained,
     time::{sleep_until, Instant},
 };
 
@@ -265,7 +266,9 @@ async fn drive(
             timer_armed = false;
         }
         while !timer_armed || timer.is_elapsed() {
-            if timer.as_mut().poll(cx).is_pending() {
+            // Outside the task's cooperative budget: a timer refused for budget would stay
+            // unregistered, and an idle connection would never be looked at again.
+            if pin!(unconstrained(timer.as_mut())).poll(cx).is_pending() {
                 timer_armed = true;
                 break;
             }
@@ -317,7 +320,10 @@ async fn userspace_one_way(
         while !rest.is_empty() {
             to.writable().await?;
             match to.try_write(rest) {
-                Ok(written) => rest = &rest[written..],
+                Ok(written) => {
+                    bump(progress); // a slow reader taking bytes is progress too
+                    rest = &rest[written..];
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => return Err(error),
             }
@@ -377,7 +383,7 @@ mod splice {
             from.readable().await?;
             super::bump(progress);
             let moved = if bulk {
-                splice_available(from, to).await?
+                splice_available(from, to, progress).await?
             } else {
                 match relay_small(from, to) {
                     Ok(Relayed::All(n)) => {
@@ -486,8 +492,13 @@ mod splice {
     }
 
     /// Splices everything `from` has now; `None` at end of stream. Holds a pipe only while
-    /// bytes flow, so an idle direction holds none.
-    async fn splice_available(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
+    /// bytes flow, so an idle direction holds none. Bumps `progress` per chunk: a long
+    /// transfer may never leave this loop.
+    async fn splice_available(
+        from: &TcpStream,
+        to: &TcpStream,
+        progress: &AtomicU64,
+    ) -> io::Result<Option<usize>> {
         let pipe = Pipe::take()?;
         let mut moved = 0;
         loop {
@@ -500,6 +511,7 @@ mod splice {
                     return Ok(None);
                 }
                 Ok(mut pending) => {
+                    super::bump(progress);
                     moved += pending;
                     while pending > 0 {
                         // Errors leave bytes in the pipe: it is dropped, not pooled.
@@ -508,6 +520,7 @@ mod splice {
                                 splice(pipe.read.as_raw_fd(), to.as_raw_fd(), pending)
                             })
                             .await?;
+                        super::bump(progress); // a slow reader taking bytes is progress too
                     }
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
@@ -676,6 +689,30 @@ mod tests {
                 assert!(!task.is_finished(), "{mode:?}: ended while bytes flowed");
             }
             assert_eq!(ended(task).await, Ended::Idle, "{mode:?}: then idle");
+        }
+    }
+
+    /// The watchdog re-arms between bulk reads too (where the task's budget runs out), so a
+    /// connection that goes quiet after a transfer still ends.
+    #[tokio::test]
+    async fn a_connection_quiet_after_bulk_ends_at_the_idle_timeout() {
+        for mode in MODES {
+            let (task, mut client, mut upstream) =
+                start(mode, timeouts(200, 60_000), Arc::default()).await;
+            let reader = tokio::spawn(async move {
+                let mut buffer = vec![0u8; 1 << 16];
+                let mut total = 0usize;
+                while total < 64 << 20 {
+                    total += upstream.read(&mut buffer).await.expect("read");
+                }
+                upstream
+            });
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..64 {
+                client.write_all(&chunk).await.expect("write");
+            }
+            let _upstream = reader.await.expect("reader");
+            assert_eq!(ended(task).await, Ended::Idle, "{mode:?}");
         }
     }
 
