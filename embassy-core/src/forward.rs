@@ -80,6 +80,9 @@ pub async fn serve_tcp(
             accept_failures = 0;
         }
         accepted = accepted.wrapping_add(1);
+        if let Some(episode) = limited.as_mut() {
+            episode.accepted += 1;
+        }
         let connection = service.open_connection();
         let snapshot = service.endpoints.load();
         let first = match service.pick(&snapshot) {
@@ -112,11 +115,13 @@ pub async fn serve_tcp(
 }
 
 /// A run of time at `max_connections`, logged as one line when it starts and one when the
-/// service is comfortably below the cap again.
+/// service is comfortably below the cap again (noticed at the next accept).
 struct Limited {
     since: Instant,
     /// Times the accept loop stopped at the cap.
     pauses: u64,
+    /// Connections accepted meanwhile: each had waited in the backlog for a free slot.
+    accepted: u64,
 }
 
 impl Limited {
@@ -129,6 +134,7 @@ impl Limited {
         Limited {
             since: Instant::now(),
             pauses: 0,
+            accepted: 0,
         }
     }
 
@@ -137,7 +143,8 @@ impl Limited {
             max_connections = service.limit.max(),
             open = service.limit.open(),
             limited_for = ?self.since.elapsed(),
-            held_back = self.pauses,
+            pauses = self.pauses,
+            held_back = self.accepted,
             "below the connection limit again"
         );
     }
