@@ -6,10 +6,28 @@
 //! one scratch buffer per thread instead, which is cheaper than two splices for a few bytes. So
 //! an idle connection holds neither a pipe nor a buffer. Elsewhere, or when asked, a user-space
 //! copy with one buffer per direction per connection.
+//!
+//! Both modes run under one watchdog per connection ([`Timeouts`]): the copy loops only bump a
+//! plain counter per read; one timer per connection, firing a few times per timeout, compares
+//! it with what it saw last. So the timeouts cost nothing per byte and no timer is re-armed
+//! per read.
 
-use std::io;
+use std::{
+    future::{poll_fn, Future},
+    io,
+    pin::pin,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    task::Poll,
+    time::Duration,
+};
 
-use tokio::{io::copy_bidirectional_with_sizes, net::TcpStream};
+use socket2::SockRef;
+use tokio::{
+    net::TcpStream,
+    sync::Notify,
+    task::unconstrained,
+    time::{sleep_until, Instant},
+};
 
 /// How a connection's bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,18 +53,297 @@ impl CopyMode {
 /// User-space buffer per direction: large enough for bulk transfers.
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// Copies both ways until both sides have closed their sending half; returns the bytes sent
-/// client → upstream and upstream → client.
+/// A connection's time limits, both measured as time without a byte moving either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Both directions open and silent this long: close both (Envoy's tcp_proxy
+    /// `idle_timeout`).
+    pub idle: Duration,
+    /// One side has sent its FIN and nothing moved for this long: close both (HAProxy's
+    /// `timeout client-fin` / `server-fin`). Shorter than `idle`, because a half-closed
+    /// connection whose other side stays silent is usually a peer that will never finish, and
+    /// it holds two descriptors meanwhile. Measured as inactivity, not from the FIN, so a
+    /// download that follows a client's `shutdown(SHUT_WR)` runs as long as bytes flow.
+    pub half_close: Duration,
+}
+
+/// The watchdog looks a few times per timeout, so a connection closes between the timeout and
+/// a quarter more.
+const TICKS_PER_TIMEOUT: u32 = 4;
+/// Shortest watchdog period, whatever the timeouts.
+const MIN_TICK: Duration = Duration::from_millis(10);
+/// A young connection starts listening for a [`Cut`] at its first watchdog tick, at most this
+/// late: connections shorter than this never touch the cut signal's lock.
+const CUT_LISTEN_AFTER: Duration = Duration::from_secs(1);
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both sides finished: bytes sent client → upstream and upstream → client.
+    Closed { sent: u64, received: u64 },
+    /// Nothing moved for [`Timeouts::idle`].
+    Idle,
+    /// Half-closed, and nothing moved for [`Timeouts::half_close`].
+    HalfClosed,
+    /// [`Cut::cut`] was called (end of the grace period): the caller resets both sides.
+    Cut,
+}
+
+/// Cuts every connection that listens to it: the end of a graceful stop. Connections check a
+/// flag per wake-up (an atomic load); only those alive for [`CUT_LISTEN_AFTER`] register to be
+/// woken, once each, so short connections never take its lock.
+#[derive(Debug, Default)]
+pub struct Cut {
+    cut: AtomicBool,
+    notify: Notify,
+}
+
+impl Cut {
+    /// Ends every connection listening to this signal; the young ones within
+    /// [`CUT_LISTEN_AFTER`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    #[inline]
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
+    /// Waits until [`Cut::cut`] is called (for paths that are not per byte).
+    pub async fn wait(&self) {
+        let notified = self.notify.notified();
+        let mut notified = pin!(notified);
+        notified.as_mut().enable();
+        if !self.is_cut() {
+            notified.await;
+        }
+    }
+}
+
+/// Copies both ways until both sides have closed their sending half, a timeout strikes or
+/// `cut` fires.
 pub async fn copy_bidirectional(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    client: &TcpStream,
+    upstream: &TcpStream,
     mode: CopyMode,
-) -> io::Result<(u64, u64)> {
+    timeouts: Timeouts,
+    cut: &Cut,
+) -> io::Result<Ended> {
+    let progress = AtomicU64::new(0);
+    let one_done = AtomicBool::new(false);
     match mode {
         #[cfg(target_os = "linux")]
-        CopyMode::Splice => splice::bidirectional(client, upstream).await,
-        _ => copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER).await,
+        CopyMode::Splice => {
+            drive(
+                splice::one_way(client, upstream, &one_done, &progress),
+                splice::one_way(upstream, client, &one_done, &progress),
+                &progress,
+                timeouts,
+                cut,
+            )
+            .await
+        }
+        _ => {
+            drive(
+                userspace_one_way(client, upstream, &one_done, &progress),
+                userspace_one_way(upstream, client, &one_done, &progress),
+                &progress,
+                timeouts,
+                cut,
+            )
+            .await
+        }
     }
+}
+
+/// One more read happened. Both directions run in one task, never at once, so a plain load and
+/// store (no locked instruction) is enough.
+#[inline]
+fn bump(progress: &AtomicU64) {
+    progress.store(
+        progress.load(Ordering::Relaxed).wrapping_add(1),
+        Ordering::Relaxed,
+    );
+}
+
+/// What the watchdog knows between ticks.
+struct Watchdog {
+    timeouts: Timeouts,
+    half_closed: bool,
+    /// `progress` as of the last tick, and since when it has not changed.
+    seen: u64,
+    quiet_since: Instant,
+}
+
+impl Watchdog {
+    fn limit(&self) -> Duration {
+        if self.half_closed {
+            self.timeouts.half_close.min(self.timeouts.idle)
+        } else {
+            self.timeouts.idle
+        }
+    }
+
+    fn period(&self) -> Duration {
+        (self.limit() / TICKS_PER_TIMEOUT).max(MIN_TICK)
+    }
+
+    /// One look at the counter; `Some` when the connection must end.
+    fn tick(&mut self, now: Instant, progress: u64) -> Option<Ended> {
+        if progress != self.seen {
+            self.seen = progress;
+            self.quiet_since = now;
+        } else if now.duration_since(self.quiet_since) >= self.limit() {
+            return Some(if self.half_closed {
+                Ended::HalfClosed
+            } else {
+                Ended::Idle
+            });
+        }
+        None
+    }
+
+    /// When to look next: a period from now, or exactly when the limit runs out if sooner.
+    fn next(&self, now: Instant) -> Instant {
+        (now + self.period()).min(self.quiet_since + self.limit())
+    }
+}
+
+/// Runs both directions and the watchdog in the caller's task. The directions are polled on
+/// every wake-up as they would be by `try_join!`; the timer only when it fired (or needs
+/// arming), and the cut signal's flag is one atomic load.
+async fn drive(
+    client_to_upstream: impl Future<Output = io::Result<u64>>,
+    upstream_to_client: impl Future<Output = io::Result<u64>>,
+    progress: &AtomicU64,
+    timeouts: Timeouts,
+    cut: &Cut,
+) -> io::Result<Ended> {
+    let mut there = pin!(client_to_upstream);
+    let mut back = pin!(upstream_to_client);
+    let mut sent = None;
+    let mut received = None;
+    let start = Instant::now();
+    let mut watchdog = Watchdog {
+        timeouts,
+        half_closed: false,
+        seen: 0,
+        quiet_since: start,
+    };
+    let mut timer = pin!(sleep_until(
+        watchdog.next(start).min(start + CUT_LISTEN_AFTER)
+    ));
+    let mut timer_armed = false;
+    let mut cut_wait = pin!(cut.notify.notified());
+    let mut listening_for_cut = false;
+    poll_fn(|cx| {
+        let was_open = sent.is_none() && received.is_none();
+        if sent.is_none() {
+            if let Poll::Ready(result) = there.as_mut().poll(cx) {
+                sent = Some(result?);
+            }
+        }
+        if received.is_none() {
+            if let Poll::Ready(result) = back.as_mut().poll(cx) {
+                received = Some(result?);
+            }
+        }
+        if let (Some(sent), Some(received)) = (sent, received) {
+            return Poll::Ready(Ok(Ended::Closed { sent, received }));
+        }
+        if listening_for_cut && cut.is_cut() {
+            return Poll::Ready(Ok(Ended::Cut));
+        }
+        if was_open && (sent.is_some() || received.is_some()) {
+            // The first FIN: from now on the half-close limit applies (one timer reset).
+            let now = Instant::now();
+            watchdog.half_closed = true;
+            watchdog.seen = progress.load(Ordering::Relaxed);
+            watchdog.quiet_since = now;
+            timer.as_mut().reset(watchdog.next(now));
+            timer_armed = false;
+        }
+        while !timer_armed || timer.is_elapsed() {
+            // Outside the task's cooperative budget: a timer refused for budget would stay
+            // unregistered, and an idle connection would never be looked at again.
+            if pin!(unconstrained(timer.as_mut())).poll(cx).is_pending() {
+                timer_armed = true;
+                break;
+            }
+            let now = Instant::now();
+            if let Some(ended) = watchdog.tick(now, progress.load(Ordering::Relaxed)) {
+                return Poll::Ready(Ok(ended));
+            }
+            if !listening_for_cut {
+                // Registers this task with the cut signal, once per connection.
+                if cut_wait.as_mut().poll(cx).is_ready() || cut.is_cut() {
+                    return Poll::Ready(Ok(Ended::Cut));
+                }
+                listening_for_cut = true;
+            }
+            timer.as_mut().reset(watchdog.next(now));
+            timer_armed = false;
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Moves `from` → `to` through a buffer of this connection's until `from` reaches end of
+/// stream, then half-closes `to` (unless the other direction already ended: both sockets close
+/// right after, which sends the same FIN).
+async fn userspace_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    one_done: &AtomicBool,
+    progress: &AtomicU64,
+) -> io::Result<u64> {
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        bump(progress);
+        let read = match from.try_read(&mut buffer) {
+            Ok(0) => {
+                if !one_done.swap(true, Ordering::AcqRel) {
+                    shutdown_write(to)?;
+                }
+                return Ok(total);
+            }
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        };
+        let mut rest = &buffer[..read];
+        while !rest.is_empty() {
+            to.writable().await?;
+            match to.try_write(rest) {
+                Ok(written) => {
+                    bump(progress); // a slow reader taking bytes is progress too
+                    rest = &rest[written..];
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err(error),
+            }
+        }
+        total += read as u64;
+    }
+}
+
+/// `shutdown(SHUT_WR)`; a peer already gone is not an error.
+fn shutdown_write(to: &TcpStream) -> io::Result<()> {
+    match SockRef::from(to).shutdown(std::net::Shutdown::Write) {
+        Err(error) if error.kind() != io::ErrorKind::NotConnected => Err(error),
+        _ => Ok(()),
+    }
+}
+
+/// Makes the next close of `socket` send a reset instead of a FIN (`SO_LINGER` 0): the peer
+/// learns the stream was cut, not finished.
+pub fn reset_on_close(socket: &TcpStream) {
+    let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 
 #[cfg(target_os = "linux")]
@@ -55,7 +352,7 @@ mod splice {
         cell::RefCell,
         io,
         os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-        sync::atomic::{AtomicBool, Ordering},
+        sync::atomic::{AtomicBool, AtomicU64, Ordering},
     };
 
     use tokio::{io::Interest, net::TcpStream};
@@ -64,19 +361,6 @@ mod splice {
     const CHUNK: usize = 1 << 20;
     /// Idle pipes kept per thread.
     const POOL_LIMIT: usize = 64;
-
-    /// Both directions at once; the first error ends both (a reset on one side must not leave
-    /// the other direction waiting forever).
-    pub(super) async fn bidirectional(
-        client: &TcpStream,
-        upstream: &TcpStream,
-    ) -> io::Result<(u64, u64)> {
-        let one_done = AtomicBool::new(false);
-        tokio::try_join!(
-            one_way(client, upstream, &one_done),
-            one_way(upstream, client, &one_done)
-        )
-    }
 
     /// Moves `from` → `to` until `from` reaches end of stream, then half-closes `to`.
     ///
@@ -87,13 +371,19 @@ mod splice {
     ///
     /// The direction that ends second skips the `shutdown`: both sockets close right after,
     /// and closing a socket whose input is drained sends the same FIN.
-    async fn one_way(from: &TcpStream, to: &TcpStream, one_done: &AtomicBool) -> io::Result<u64> {
+    pub(super) async fn one_way(
+        from: &TcpStream,
+        to: &TcpStream,
+        one_done: &AtomicBool,
+        progress: &AtomicU64,
+    ) -> io::Result<u64> {
         let mut total = 0u64;
         let mut bulk = false;
         loop {
             from.readable().await?;
+            super::bump(progress);
             let moved = if bulk {
-                splice_available(from, to).await?
+                splice_available(from, to, progress).await?
             } else {
                 match relay_small(from, to) {
                     Ok(Relayed::All(n)) => {
@@ -202,8 +492,13 @@ mod splice {
     }
 
     /// Splices everything `from` has now; `None` at end of stream. Holds a pipe only while
-    /// bytes flow, so an idle direction holds none.
-    async fn splice_available(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
+    /// bytes flow, so an idle direction holds none. Bumps `progress` per chunk: a long
+    /// transfer may never leave this loop.
+    async fn splice_available(
+        from: &TcpStream,
+        to: &TcpStream,
+        progress: &AtomicU64,
+    ) -> io::Result<Option<usize>> {
         let pipe = Pipe::take()?;
         let mut moved = 0;
         loop {
@@ -216,6 +511,7 @@ mod splice {
                     return Ok(None);
                 }
                 Ok(mut pending) => {
+                    super::bump(progress);
                     moved += pending;
                     while pending > 0 {
                         // Errors leave bytes in the pipe: it is dropped, not pooled.
@@ -224,6 +520,7 @@ mod splice {
                                 splice(pipe.read.as_raw_fd(), to.as_raw_fd(), pending)
                             })
                             .await?;
+                        super::bump(progress); // a slow reader taking bytes is progress too
                     }
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
@@ -303,6 +600,209 @@ mod splice {
                     pool.push(self);
                 }
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    /// Two connected sockets on loopback: (the proxy's end, the peer's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let peer = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (ours, _) = listener.accept().await.expect("accept");
+        (ours, peer)
+    }
+
+    const MODES: [CopyMode; 2] = [CopyMode::Userspace, CopyMode::Splice];
+
+    fn timeouts(idle_ms: u64, half_close_ms: u64) -> Timeouts {
+        Timeouts {
+            idle: Duration::from_millis(idle_ms),
+            half_close: Duration::from_millis(half_close_ms),
+        }
+    }
+
+    /// Runs a copy between two fresh pairs; returns its task and the two peers.
+    async fn start(
+        mode: CopyMode,
+        limits: Timeouts,
+        cut: Arc<Cut>,
+    ) -> (
+        tokio::task::JoinHandle<io::Result<Ended>>,
+        TcpStream,
+        TcpStream,
+    ) {
+        let (client, client_peer) = pair().await;
+        let (upstream, upstream_peer) = pair().await;
+        let task = tokio::spawn(async move {
+            copy_bidirectional(&client, &upstream, mode, limits, &cut).await
+        });
+        (task, client_peer, upstream_peer)
+    }
+
+    async fn ended(task: tokio::task::JoinHandle<io::Result<Ended>>) -> Ended {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the copy ends within 10 s")
+            .expect("task")
+            .expect("no i/o error")
+    }
+
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_silent_connection_ends_at_the_idle_timeout() {
+        for mode in MODES {
+            let started = Instant::now();
+            let (task, _client, _upstream) =
+                start(mode, timeouts(300, 60_000), Arc::default()).await;
+            assert_eq!(ended(task).await, Ended::Idle, "{mode:?}");
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(300),
+                "{mode:?}: ended after {took:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn traffic_keeps_a_connection_open_past_the_idle_timeout() {
+        for mode in MODES {
+            let (task, mut client, mut upstream) =
+                start(mode, timeouts(300, 60_000), Arc::default()).await;
+            // 1.2 s of a message every 50 ms: four idle timeouts' worth of time.
+            for round in 0..24u8 {
+                client.write_all(&[round]).await.expect("write");
+                let mut byte = [0u8];
+                upstream.read_exact(&mut byte).await.expect("relayed");
+                assert_eq!(byte[0], round);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                assert!(!task.is_finished(), "{mode:?}: ended while bytes flowed");
+            }
+            assert_eq!(ended(task).await, Ended::Idle, "{mode:?}: then idle");
+        }
+    }
+
+    /// The watchdog re-arms between bulk reads too (where the task's budget runs out), so a
+    /// connection that goes quiet after a transfer still ends.
+    #[tokio::test]
+    async fn a_connection_quiet_after_bulk_ends_at_the_idle_timeout() {
+        for mode in MODES {
+            let (task, mut client, mut upstream) =
+                start(mode, timeouts(200, 60_000), Arc::default()).await;
+            let reader = tokio::spawn(async move {
+                let mut buffer = vec![0u8; 1 << 16];
+                let mut total = 0usize;
+                while total < 64 << 20 {
+                    total += upstream.read(&mut buffer).await.expect("read");
+                }
+                upstream
+            });
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..64 {
+                client.write_all(&chunk).await.expect("write");
+            }
+            let _upstream = reader.await.expect("reader");
+            assert_eq!(ended(task).await, Ended::Idle, "{mode:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_silent_connection_ends_at_the_half_close_timeout() {
+        for mode in MODES {
+            let (task, client, mut upstream) =
+                start(mode, timeouts(60_000, 300), Arc::default()).await;
+            // The client finishes; the upstream neither answers nor closes.
+            let (_read, mut write) = client.into_split();
+            write.shutdown().await.expect("shutdown");
+            let mut buffer = [0u8; 1];
+            assert_eq!(
+                upstream.read(&mut buffer).await.expect("read"),
+                0,
+                "FIN relayed"
+            );
+            assert_eq!(ended(task).await, Ended::HalfClosed, "{mode:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_connection_lives_while_bytes_flow() {
+        for mode in MODES {
+            let (task, client, mut upstream) =
+                start(mode, timeouts(60_000, 300), Arc::default()).await;
+            let (mut client_read, mut client_write) = client.into_split();
+            client_write.shutdown().await.expect("shutdown");
+            // A download after the request's FIN: 1.2 s of it, a chunk every 50 ms.
+            for _ in 0..24 {
+                upstream.write_all(b"chunk").await.expect("write");
+                let mut chunk = [0u8; 5];
+                client_read.read_exact(&mut chunk).await.expect("relayed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                assert!(!task.is_finished(), "{mode:?}: ended while bytes flowed");
+            }
+            drop(upstream);
+            assert!(
+                matches!(ended(task).await, Ended::Closed { received: 120, .. }),
+                "{mode:?}: finished normally"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn cut_ends_young_and_old_connections() {
+        for mode in MODES {
+            let cut = Arc::new(Cut::default());
+            let (old, _c1, _u1) = start(mode, timeouts(60_000, 60_000), Arc::clone(&cut)).await;
+            // Past its first watchdog tick: registered for the cut.
+            tokio::time::sleep(CUT_LISTEN_AFTER + Duration::from_millis(200)).await;
+            let (young, _c2, _u2) = start(mode, timeouts(60_000, 60_000), Arc::clone(&cut)).await;
+            let cut_at = Instant::now();
+            cut.cut();
+            assert_eq!(ended(old).await, Ended::Cut, "{mode:?}");
+            assert!(
+                cut_at.elapsed() < CUT_LISTEN_AFTER,
+                "a registered connection ends at once"
+            );
+            assert_eq!(
+                ended(young).await,
+                Ended::Cut,
+                "{mode:?}: at its first tick"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_exchange_reports_its_bytes() {
+        for mode in MODES {
+            let (task, mut client, mut upstream) =
+                start(mode, timeouts(60_000, 60_000), Arc::default()).await;
+            client.write_all(b"ping").await.expect("write");
+            client.shutdown().await.expect("shutdown");
+            let mut request = Vec::new();
+            upstream.read_to_end(&mut request).await.expect("read");
+            assert_eq!(request, b"ping");
+            upstream.write_all(b"pong!").await.expect("write");
+            drop(upstream);
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.expect("read");
+            assert_eq!(reply, b"pong!");
+            assert_eq!(
+                ended(task).await,
+                Ended::Closed {
+                    sent: 4,
+                    received: 5
+                },
+                "{mode:?}"
+            );
         }
     }
 }

@@ -33,6 +33,22 @@ pub const KNOWN_OPTIONS: &[(&str, &str)] = &[
         "connect_timeout",
         "upstream connect timeout, e.g. 500ms or 3s",
     ),
+    (
+        "idle_timeout",
+        "close a TCP connection after this long with no byte either way (default: --idle-timeout)",
+    ),
+    (
+        "half_close_timeout",
+        "close a TCP connection one side has finished after this long with no byte moving (default: --half-close-timeout)",
+    ),
+    (
+        "queue_timeout",
+        "how long a TCP connection accepted with no endpoint waits for one, then is reset (default: --queue-timeout)",
+    ),
+    (
+        "max_connections",
+        "most TCP connections open at once; more wait in the listen backlog (default: --max-connections)",
+    ),
     ("udp_idle", "seconds a UDP session may stay idle"),
     ("udp_max_sessions", "most UDP sessions kept at once"),
 ];
@@ -251,10 +267,12 @@ fn parse_option(option: &str) -> Result<(String, String), DescriptorError> {
                 "a plugin name has no spaces or punctuation of the grammar",
             ))
         }
-        "connect_timeout" if parse_duration(value).is_none() => {
+        "connect_timeout" | "idle_timeout" | "half_close_timeout" | "queue_timeout"
+            if parse_duration(value).is_none() =>
+        {
             return Err(invalid("expected a duration such as 500ms or 3s"))
         }
-        "udp_idle" | "udp_max_sessions" if !matches!(value.parse::<u64>(), Ok(n) if n > 0) => {
+        "udp_idle" | "udp_max_sessions" | "max_connections" if !matches!(value.parse::<u64>(), Ok(n) if n > 0) => {
             return Err(invalid("expected a whole number greater than 0"))
         }
         _ => {}
@@ -262,7 +280,7 @@ fn parse_option(option: &str) -> Result<(String, String), DescriptorError> {
     Ok((key.to_string(), value.to_string()))
 }
 
-/// `500ms`, `3s`, `2m` or a bare number of seconds.
+/// `500ms`, `3s`, `2m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
     use std::time::Duration;
     let split = text
@@ -274,6 +292,7 @@ pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
         "ms" => Duration::from_millis(number),
         "" | "s" => Duration::from_secs(number),
         "m" => Duration::from_secs(number.checked_mul(60)?),
+        "h" => Duration::from_secs(number.checked_mul(3600)?),
         _ => return None,
     };
     (!duration.is_zero()).then_some(duration)
@@ -405,7 +424,7 @@ mod tests {
         );
         check(
             "web;80/tcp;colour=blue",
-            "error: unknown option \"colour\" (known: balancer, connect_timeout, udp_idle, udp_max_sessions)",
+            "error: unknown option \"colour\" (known: balancer, connect_timeout, idle_timeout, half_close_timeout, queue_timeout, max_connections, udp_idle, udp_max_sessions)",
         );
         check(
             "web;80/tcp;balancer=a;balancer=b",
@@ -414,6 +433,18 @@ mod tests {
         check(
             "web;80/tcp;connect_timeout=soon",
             "error: option connect_timeout=\"soon\" is invalid: expected a duration such as 500ms or 3s",
+        );
+        check(
+            "web;80/tcp;idle_timeout=5m;half_close_timeout=10s;queue_timeout=500ms;max_connections=100",
+            "web;80/tcp;half_close_timeout=10s;idle_timeout=5m;max_connections=100;queue_timeout=500ms",
+        );
+        check(
+            "web;80/tcp;half_close_timeout=0s",
+            "error: option half_close_timeout=\"0s\" is invalid: expected a duration such as 500ms or 3s",
+        );
+        check(
+            "web;80/tcp;max_connections=-1",
+            "error: option max_connections=\"-1\" is invalid: expected a whole number greater than 0",
         );
         check(
             "dns;53/udp;udp_idle=0",
@@ -436,7 +467,8 @@ mod tests {
         assert_eq!(parse_duration("3"), Some(Duration::from_secs(3)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("0s"), None);
-        assert_eq!(parse_duration("3h"), None);
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("3d"), None);
         assert_eq!(parse_duration(""), None);
     }
 }

@@ -2,19 +2,24 @@
 //!
 //! Readers on the connection path `load` the current snapshot without locking. Each endpoint's
 //! live-connection counter lives outside the snapshot and is carried over by address, so a
-//! balancer keeps seeing the load of connections opened under an older snapshot.
+//! balancer keeps seeing the load of connections opened under an older snapshot; so is its
+//! [`Health`], so a failing endpoint is reported once per state change across updates.
 
 use std::{
     collections::HashMap,
+    fmt::Display,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
 use embassy_plugin_api::{Endpoint, EndpointView};
+use tokio::sync::{futures::Notified, Notify};
+use tracing::{info, warn};
 
 /// Where an upstream lives: an address ready to connect, or a name resolved at connect time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +59,64 @@ pub struct Upstream {
     pub addr: UpstreamAddr,
     /// Live connections to this address, shared across snapshots.
     pub active: Arc<AtomicU64>,
+    /// Connect failures of this address, shared across snapshots.
+    pub health: Arc<Health>,
+}
+
+/// While an endpoint keeps failing, one summary line per this period at most.
+pub const FAILURE_SUMMARY_PERIOD: Duration = Duration::from_secs(10);
+
+/// An endpoint's connect failures, logged per state change: the first failure (with its
+/// error), a summary at most every [`FAILURE_SUMMARY_PERIOD`] while it keeps failing, and
+/// recovery with the count. Atomics only; a success costs one load.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Failures since the last success; 0 while healthy.
+    failing: AtomicU64,
+    /// When the last line about this endpoint was logged, in seconds of [`coarse_seconds`].
+    reported: AtomicU64,
+}
+
+impl Health {
+    #[inline]
+    pub fn succeeded(&self, addr: &UpstreamAddr) {
+        if self.failing.load(Ordering::Relaxed) != 0 {
+            let failures = self.failing.swap(0, Ordering::AcqRel);
+            if failures > 0 {
+                info!(upstream = %addr, failures, "endpoint reachable again");
+            }
+        }
+    }
+
+    pub fn failed(&self, addr: &UpstreamAddr, error: &dyn Display) {
+        let failures = self.failing.fetch_add(1, Ordering::AcqRel) + 1;
+        let now = coarse_seconds();
+        if failures == 1 {
+            self.reported.store(now, Ordering::Relaxed);
+            warn!(%error, upstream = %addr, "connect failed; further failures of this endpoint are counted until it answers again");
+            return;
+        }
+        let reported = self.reported.load(Ordering::Relaxed);
+        if now >= reported + FAILURE_SUMMARY_PERIOD.as_secs()
+            && self
+                .reported
+                .compare_exchange(reported, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(%error, upstream = %addr, failures, "endpoint still failing");
+        }
+    }
+
+    /// Failures since the last success.
+    pub fn failures(&self) -> u64 {
+        self.failing.load(Ordering::Relaxed)
+    }
+}
+
+/// Seconds since the first call: a clock for the failure path only.
+fn coarse_seconds() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs()
 }
 
 /// An immutable snapshot of a service's endpoints, with the views balancers pick over.
@@ -103,7 +166,16 @@ impl SetChange {
 pub struct ServiceEndpoints {
     current: ArcSwap<EndpointSet>,
     /// Touched only when a new set arrives, never on the connection path.
-    counters: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    counters: Mutex<HashMap<String, Carried>>,
+    /// Woken by every [`replace`](Self::replace), for connections waiting for an endpoint.
+    changed: Notify,
+}
+
+/// What an address keeps across snapshots.
+#[derive(Debug, Clone)]
+struct Carried {
+    active: Arc<AtomicU64>,
+    health: Arc<Health>,
 }
 
 impl ServiceEndpoints {
@@ -118,6 +190,12 @@ impl ServiceEndpoints {
     #[inline]
     pub fn is_current(&self, set: &Arc<EndpointSet>) -> bool {
         Arc::ptr_eq(&self.current.load(), set)
+    }
+
+    /// Completes at the next [`replace`](Self::replace) after it is enabled or first polled
+    /// (the waiting path only: it takes a lock).
+    pub fn changed(&self) -> Notified<'_> {
+        self.changed.notified()
     }
 
     /// Replaces the whole set. Start-up and every later update come through here.
@@ -139,15 +217,22 @@ impl ServiceEndpoints {
             if next_counters.contains_key(address) {
                 continue; // the same instance listed twice would skew balancing
             }
-            let active = match counters.get(address) {
-                Some(counter) => Arc::clone(counter),
+            let carried = match counters.get(address) {
+                Some(carried) => carried.clone(),
                 None => {
                     change.added.push(address.to_string());
-                    Arc::new(AtomicU64::new(0))
+                    Carried {
+                        active: Arc::new(AtomicU64::new(0)),
+                        health: Arc::default(),
+                    }
                 }
             };
-            next_counters.insert(address.to_string(), Arc::clone(&active));
-            upstreams.push(Upstream { addr, active });
+            next_counters.insert(address.to_string(), carried.clone());
+            upstreams.push(Upstream {
+                addr,
+                active: carried.active,
+                health: carried.health,
+            });
             weights.push(endpoint.weight.max(1));
         }
         change.removed = counters
@@ -167,6 +252,7 @@ impl ServiceEndpoints {
             .collect();
         self.current
             .store(Arc::new(EndpointSet { upstreams, views }));
+        self.changed.notify_waiters();
         change
     }
 }
@@ -223,6 +309,38 @@ mod tests {
         assert_eq!(new.views()[1].active_connections(), 0);
         drop(_guard);
         assert_eq!(new.views()[0].active_connections(), 0);
+    }
+
+    #[test]
+    fn health_is_carried_across_snapshots() {
+        let service = ServiceEndpoints::default();
+        service.replace(&endpoints(&["127.0.0.1:1"]));
+        let old = service.load();
+        let addr = &old.upstreams()[0].addr;
+        old.upstreams()[0].health.failed(addr, &"refused");
+        old.upstreams()[0].health.failed(addr, &"refused");
+        service.replace(&endpoints(&["127.0.0.1:1", "127.0.0.1:2"]));
+        let new = service.load();
+        assert_eq!(new.upstreams()[0].health.failures(), 2, "kept by address");
+        assert_eq!(new.upstreams()[1].health.failures(), 0);
+        new.upstreams()[0].health.succeeded(addr);
+        assert_eq!(
+            old.upstreams()[0].health.failures(),
+            0,
+            "one state per address"
+        );
+    }
+
+    #[tokio::test]
+    async fn replace_wakes_waiters() {
+        let service = ServiceEndpoints::default();
+        let changed = service.changed();
+        let mut changed = std::pin::pin!(changed);
+        changed.as_mut().enable();
+        service.replace(&endpoints(&["127.0.0.1:1"]));
+        tokio::time::timeout(Duration::from_secs(5), changed)
+            .await
+            .expect("woken by replace");
     }
 
     #[test]

@@ -2,8 +2,13 @@
 //!
 //! The balancer is asked once per connection, in the listener's own accept loop, so a
 //! round-robin counter is never contended across worker threads. Connecting and copying run
-//! in a task per connection; a failed connect moves on to the next endpoints of the same
-//! snapshot without asking the balancer again.
+//! in a task per connection; a failed connect moves on to other endpoints of the same
+//! snapshot without asking the balancer again, spread over them by a per-connection offset.
+//!
+//! At `max_connections` the accept loop stops accepting: new connections wait in the kernel's
+//! listen backlog (as with HAProxy's `maxconn`), costing no descriptor, and are taken as soon
+//! as one closes. A connection accepted while the service has no endpoint waits for one up to
+//! `queue_timeout` (the one slow path: it picks in its task), then is reset.
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -11,19 +16,21 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
     io::Interest,
     net::{TcpListener, TcpStream},
-    time::timeout,
+    time::{sleep_until, timeout, Instant},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
-    copy::{copy_bidirectional, CopyMode},
+    copy::{copy_bidirectional, reset_on_close, Ended},
     endpoints::{ActiveGuard, EndpointSet, UpstreamAddr},
-    service::Service,
+    service::{OpenConnection, Service},
 };
 
 /// How many endpoints one connection tries before giving up.
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+/// Pause after a failed `accept` (out of descriptors and the like) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Serves `listener` until `shutdown` fires; connections are spawned on `connections` so a
 /// graceful stop can wait for them.
@@ -34,26 +41,60 @@ pub async fn serve_tcp(
     connections: TaskTracker,
 ) {
     let accepted_nodelay = accepts_with_nodelay(&listener);
+    let mut accepted: u64 = 0;
+    let mut accept_failures: u64 = 0;
+    let mut limited: Option<Limited> = None;
     loop {
-        let accepted = tokio::select! {
+        if service.limit.at_cap() {
+            let episode = limited.get_or_insert_with(|| Limited::start(&service, &listener));
+            episode.pauses += 1;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = service.limit.below_cap() => {}
+            }
+        } else if limited
+            .as_ref()
+            .is_some_and(|_| service.limit.open() <= service.limit.low_water())
+        {
+            if let Some(episode) = limited.take() {
+                episode.end(&service);
+            }
+        }
+        let accepted_now = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
+            accepted_now = listener.accept() => accepted_now,
         };
-        let (client, peer) = match accepted {
-            Ok(accepted) => accepted,
+        let (client, peer) = match accepted_now {
+            Ok(accepted_now) => accepted_now,
             Err(error) => {
-                // Out of descriptors and the like: back off instead of spinning.
-                warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                accept_failures += 1;
+                if accept_failures == 1 {
+                    warn!(%error, retry = ?ACCEPT_BACKOFF, "accept failed; failures are counted until it succeeds again");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
+        if accept_failures > 0 {
+            info!(failures = accept_failures, "accepting again");
+            accept_failures = 0;
+        }
+        accepted = accepted.wrapping_add(1);
+        if let Some(episode) = limited.as_mut() {
+            episode.accepted += 1;
+        }
+        let connection = service.open_connection();
         let snapshot = service.endpoints.load();
         let first = match service.pick(&snapshot) {
-            Ok(Some(index)) => index,
+            Ok(Some(index)) => {
+                service.queue.endpoint_available(&service.descriptor);
+                Some(index)
+            }
             Ok(None) => {
-                warn!(%peer, endpoints = snapshot.len(), "no endpoint available, closing connection");
-                continue;
+                service
+                    .queue
+                    .hold(&service.descriptor, service.queue_timeout);
+                None
             }
             Err(error) => {
                 warn!(%peer, %error, "balancer failed, closing connection");
@@ -62,10 +103,10 @@ pub async fn serve_tcp(
         };
         let span = info_span!("conn", %peer);
         let path = Path {
+            service: connection,
             snapshot,
             first,
-            connect_timeout: service.connect_timeout,
-            copy_mode: service.copy_mode,
+            salt: spread(accepted),
             accepted_nodelay,
         };
         connections.spawn(forward(client, path).instrument(span));
@@ -73,47 +114,196 @@ pub async fn serve_tcp(
     info!("listener closed");
 }
 
+/// A run of time at `max_connections`, logged as one line when it starts and one when the
+/// service is comfortably below the cap again (noticed at the next accept).
+struct Limited {
+    since: Instant,
+    /// Times the accept loop stopped at the cap.
+    pauses: u64,
+    /// Connections accepted meanwhile: each had waited in the backlog for a free slot.
+    accepted: u64,
+}
+
+impl Limited {
+    fn start(service: &Service, listener: &TcpListener) -> Limited {
+        warn!(
+            max_connections = service.limit.max(),
+            backlog = backlog(listener),
+            "connection limit reached: new connections wait in the listen backlog"
+        );
+        Limited {
+            since: Instant::now(),
+            pauses: 0,
+            accepted: 0,
+        }
+    }
+
+    fn end(self, service: &Service) {
+        info!(
+            max_connections = service.limit.max(),
+            open = service.limit.open(),
+            limited_for = ?self.since.elapsed(),
+            pauses = self.pauses,
+            held_back = self.accepted,
+            "below the connection limit again"
+        );
+    }
+}
+
+/// Connections waiting in `listener`'s accept queue, where the kernel reports it.
+fn backlog(listener: &TcpListener) -> Option<u32> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes into it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: TCP_INFO on a socket `listener` owns, into a local of the size given.
+        let ok = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        } == 0;
+        // On a listening socket `tcpi_unacked` is the accept queue's length.
+        ok.then_some(info.tcpi_unacked)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = listener;
+        None
+    }
+}
+
+/// A per-connection number for spreading failover: the accept count, scrambled (Fibonacci
+/// hashing) so it does not follow a round-robin balancer's own rhythm.
+#[inline]
+fn spread(accepted: u64) -> u32 {
+    (accepted.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
+}
+
+/// The endpoint index of connect attempt `attempt`: the pick first, then the other endpoints in
+/// list order from a place that `salt` chooses, so the failover load of a dead endpoint is
+/// spread over all the others instead of landing on its neighbour. Never the pick again, and
+/// no endpoint twice within `len` attempts.
+#[inline]
+fn failover_index(first: usize, attempt: usize, salt: u32, len: usize) -> usize {
+    if attempt == 0 || len < 2 {
+        return first;
+    }
+    let others = len - 1;
+    (first + 1 + (salt as usize + attempt - 1) % others) % len
+}
+
 /// What the accept loop decided for one connection.
 struct Path {
+    /// The service, counting this connection against its cap.
+    service: OpenConnection,
     /// The snapshot the pick was made on; kept for the connection's life.
     snapshot: Arc<EndpointSet>,
-    first: usize,
-    connect_timeout: Duration,
-    copy_mode: CopyMode,
+    /// The pick; `None` when there was no endpoint to pick.
+    first: Option<usize>,
+    salt: u32,
     /// The client socket came out of `accept` with `TCP_NODELAY` already set.
     accepted_nodelay: bool,
 }
 
 /// Connects to an upstream (starting at the picked one) and copies both ways until both sides
-/// close.
-async fn forward(mut client: TcpStream, path: Path) {
-    let Some((mut upstream, _active, addr)) =
-        connect(&path.snapshot, path.first, path.connect_timeout).await
+/// close, a timeout strikes or the graceful stop runs out.
+async fn forward(client: TcpStream, path: Path) {
+    let service = &path.service;
+    let (snapshot, first) = match path.first {
+        Some(first) => (path.snapshot, first),
+        None => match wait_for_endpoint(service).await {
+            Some(picked) => picked,
+            None => {
+                reset_on_close(&client);
+                return;
+            }
+        },
+    };
+    let Some((upstream, _active, addr)) =
+        connect(&snapshot, first, path.salt, service.connect_timeout).await
     else {
         return;
     };
     if !path.accepted_nodelay {
         let _ = client.set_nodelay(true);
     }
-    match copy_bidirectional(&mut client, &mut upstream, path.copy_mode).await {
-        Ok((sent, received)) => debug!(upstream = %addr, sent, received, "connection closed"),
+    match copy_bidirectional(
+        &client,
+        &upstream,
+        service.copy_mode,
+        service.timeouts,
+        &service.cut,
+    )
+    .await
+    {
+        Ok(Ended::Closed { sent, received }) => {
+            debug!(upstream = %addr, sent, received, "connection closed")
+        }
+        Ok(Ended::Idle) => {
+            debug!(upstream = %addr, idle_timeout = ?service.timeouts.idle, "connection closed: idle")
+        }
+        Ok(Ended::HalfClosed) => {
+            debug!(upstream = %addr, half_close_timeout = ?service.timeouts.half_close, "connection closed: half-closed and silent")
+        }
+        Ok(Ended::Cut) => {
+            // A reset, not a FIN: the client must not take a cut stream for a finished one.
+            reset_on_close(&client);
+            reset_on_close(&upstream);
+            debug!(upstream = %addr, "connection reset: the grace period is over");
+        }
         Err(error) => debug!(upstream = %addr, %error, "connection ended with an error"),
     }
 }
 
-/// Tries up to [`MAX_CONNECT_ATTEMPTS`] endpoints, starting at `first`.
+/// Holds a connection accepted with no endpoint until one appears (the pick is made here),
+/// `queue_timeout` passes or the graceful stop runs out; `None` means reset it.
+async fn wait_for_endpoint(service: &Service) -> Option<(Arc<EndpointSet>, usize)> {
+    let deadline = Instant::now() + service.queue_timeout;
+    loop {
+        let changed = service.endpoints.changed();
+        let mut changed = std::pin::pin!(changed);
+        changed.as_mut().enable();
+        let snapshot = service.endpoints.load();
+        match service.pick(&snapshot) {
+            Ok(Some(first)) => {
+                service.queue.served();
+                service.queue.endpoint_available(&service.descriptor);
+                return Some((snapshot, first));
+            }
+            Ok(None) => {}
+            Err(error) => {
+                warn!(%error, "balancer failed, closing connection");
+                return None;
+            }
+        }
+        tokio::select! {
+            _ = changed => {}
+            _ = sleep_until(deadline) => {
+                service.queue.timed_out(&service.descriptor, service.queue_timeout);
+                return None;
+            }
+            _ = service.cut.wait() => return None,
+        }
+    }
+}
+
+/// Tries up to [`MAX_CONNECT_ATTEMPTS`] endpoints, starting at `first`. Failures are logged per
+/// endpoint state change ([`Health`](crate::endpoints::Health)), not per connection.
 async fn connect(
     snapshot: &EndpointSet,
     first: usize,
+    salt: u32,
     connect_timeout: Duration,
 ) -> Option<(TcpStream, ActiveGuard, &UpstreamAddr)> {
     let upstreams = snapshot.upstreams();
-    for upstream in upstreams
-        .iter()
-        .cycle()
-        .skip(first)
-        .take(MAX_CONNECT_ATTEMPTS.min(upstreams.len()))
-    {
+    for attempt in 0..MAX_CONNECT_ATTEMPTS.min(upstreams.len()) {
+        let upstream = &upstreams[failover_index(first, attempt, salt, upstreams.len())];
         // Counted from the attempt on, so least-conn sees a burst of new connections at once.
         let active = ActiveGuard::new(&upstream.active);
         let attempt = match &upstream.addr {
@@ -128,14 +318,18 @@ async fn connect(
             }
         };
         match attempt {
-            Ok(Ok(stream)) => return Some((stream, active, &upstream.addr)),
-            Ok(Err(error)) => warn!(%error, upstream = %upstream.addr, "connect failed"),
-            Err(_) => {
-                warn!(upstream = %upstream.addr, timeout = ?connect_timeout, "connect timed out")
+            Ok(Ok(stream)) => {
+                upstream.health.succeeded(&upstream.addr);
+                return Some((stream, active, &upstream.addr));
             }
+            Ok(Err(error)) => upstream.health.failed(&upstream.addr, &error),
+            Err(_) => upstream.health.failed(
+                &upstream.addr,
+                &format_args!("timed out after {connect_timeout:?}"),
+            ),
         }
     }
-    warn!("no upstream accepted the connection, closing it");
+    debug!("no upstream accepted the connection, closing it");
     None
 }
 
@@ -190,6 +384,29 @@ pub fn listen_addr(bind: std::net::IpAddr, port: u16) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failover_spreads_over_the_other_endpoints_and_never_repeats() {
+        let len = 4;
+        let mut second = [0usize; 4];
+        for accepted in 0..4000u64 {
+            let salt = spread(accepted);
+            let tried: Vec<usize> = (0..len).map(|a| failover_index(2, a, salt, len)).collect();
+            assert_eq!(tried[0], 2, "the pick first");
+            let mut sorted = tried.clone();
+            sorted.sort();
+            assert_eq!(sorted, vec![0, 1, 2, 3], "each endpoint once: {tried:?}");
+            second[tried[1]] += 1;
+        }
+        assert_eq!(second[2], 0);
+        for (index, count) in second.iter().enumerate().filter(|(i, _)| *i != 2) {
+            assert!(
+                (1100..1570).contains(count),
+                "endpoint {index} got {count} of 4000 failovers: {second:?}"
+            );
+        }
+        assert_eq!(failover_index(0, 1, 7, 1), 0, "one endpoint: only itself");
+    }
 
     #[cfg(target_os = "linux")]
     #[tokio::test]

@@ -1,18 +1,70 @@
-//! A proxied service: its descriptor, its endpoints and its balancer.
+//! A proxied service: its descriptor, its endpoints, its balancer and its connection limits.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use embassy_plugin_api::PluginError;
+use tokio::sync::Notify;
+use tracing::{info, warn};
 
 use crate::{
     balancer::Picker,
-    copy::CopyMode,
+    copy::{CopyMode, Cut, Timeouts},
     descriptor::{parse_duration, ServiceDescriptor},
     endpoints::{EndpointSet, ServiceEndpoints},
 };
 
 /// Default upstream connect timeout when neither the descriptor nor the CLI sets one.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default idle timeout: Envoy's tcp_proxy default. Long enough for pooled database and cache
+/// connections that idle between bursts, short enough that a vanished peer is not held forever.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default half-close timeout: a peer that has said it is done and a peer that has been silent
+/// for 30 s since are, in practice, never finishing; each such connection holds two
+/// descriptors.
+pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a connection accepted while the service has no endpoint waits for one (as
+/// HAProxy's `timeout queue`): covers the first moments after start and a short gap in
+/// discovery, within a client's usual connect patience.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Descriptors kept out of the per-service budget: listeners, plugin files, discovery clients,
+/// the splice pipe pools, logging.
+pub const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// The default `max_connections` for an open-file limit of `limit`: half of the connections
+/// the limit allows (two descriptors each, after a reserve), so one service stuck on a hung
+/// upstream leaves the other half to the rest. Never below 1.
+pub fn default_max_connections(limit: u64) -> usize {
+    let per_service = limit.saturating_sub(RESERVED_DESCRIPTORS) / 2 / 2;
+    usize::try_from(per_service.max(1)).unwrap_or(usize::MAX)
+}
+
+/// The settings of a service's connections unless its descriptor overrides them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionDefaults {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub half_close_timeout: Duration,
+    pub queue_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionDefaults {
+    fn default() -> Self {
+        ConnectionDefaults {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            half_close_timeout: DEFAULT_HALF_CLOSE_TIMEOUT,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            max_connections: usize::MAX,
+        }
+    }
+}
 
 /// Everything the connection path needs for one service.
 pub struct Service {
@@ -22,27 +74,79 @@ pub struct Service {
     pub connect_timeout: Duration,
     /// How connections of this service move their bytes.
     pub copy_mode: CopyMode,
+    pub timeouts: Timeouts,
+    /// How long a connection accepted with no endpoint waits for one.
+    pub queue_timeout: Duration,
+    /// Open connections against `max_connections`.
+    pub limit: ConnectionLimit,
+    /// Connections waiting for a first endpoint.
+    pub queue: QueueState,
+    /// Fired at the end of a graceful stop; shared by every service of the process.
+    pub cut: Arc<Cut>,
 }
 
 impl Service {
     /// A service with no endpoints yet; `connect_timeout` applies unless the descriptor
-    /// overrides it.
+    /// overrides it, the other settings are the defaults.
     pub fn new(
         descriptor: ServiceDescriptor,
         picker: Box<dyn Picker>,
         connect_timeout: Duration,
     ) -> Self {
-        let connect_timeout = descriptor
-            .option("connect_timeout")
-            .and_then(parse_duration)
-            .unwrap_or(connect_timeout);
+        Service::with_defaults(
+            descriptor,
+            picker,
+            &ConnectionDefaults {
+                connect_timeout,
+                ..ConnectionDefaults::default()
+            },
+        )
+    }
+
+    /// A service with no endpoints yet; each of `defaults` applies unless the descriptor
+    /// overrides it.
+    pub fn with_defaults(
+        descriptor: ServiceDescriptor,
+        picker: Box<dyn Picker>,
+        defaults: &ConnectionDefaults,
+    ) -> Self {
+        // The parser has checked every value; an unreadable one cannot get here.
+        let duration = |key, default| {
+            descriptor
+                .option(key)
+                .and_then(parse_duration)
+                .unwrap_or(default)
+        };
+        let connect_timeout = duration("connect_timeout", defaults.connect_timeout);
+        let timeouts = Timeouts {
+            idle: duration("idle_timeout", defaults.idle_timeout),
+            half_close: duration("half_close_timeout", defaults.half_close_timeout),
+        };
+        let queue_timeout = duration("queue_timeout", defaults.queue_timeout);
+        let max_connections = descriptor
+            .option("max_connections")
+            .and_then(|value| value.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(defaults.max_connections.max(1));
         Service {
             descriptor,
             endpoints: ServiceEndpoints::default(),
             picker,
             connect_timeout,
             copy_mode: CopyMode::best(),
+            timeouts,
+            queue_timeout,
+            limit: ConnectionLimit::new(max_connections),
+            queue: QueueState::default(),
+            cut: Arc::default(),
         }
+    }
+
+    /// Counts one connection against `max_connections` until the handle drops.
+    #[inline]
+    pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
+        self.limit.open.fetch_add(1, Ordering::AcqRel);
+        OpenConnection(Arc::clone(self))
     }
 
     /// Asks the balancer for an index into `set`, checking it is in range.
@@ -68,5 +172,194 @@ impl std::fmt::Debug for Service {
             .field("descriptor", &self.descriptor.to_string())
             .field("endpoints", &self.endpoints.load().len())
             .finish()
+    }
+}
+
+/// A service's open connections against its cap. Only the accept loop opens, so it never
+/// overshoots; closing is one atomic subtraction, and wakes the accept loop only when it
+/// frees the first slot under the cap.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    open: AtomicUsize,
+    max: usize,
+    freed: Notify,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Self {
+        ConnectionLimit {
+            open: AtomicUsize::new(0),
+            max,
+            freed: Notify::new(),
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Connections open now (accepted and not yet closed).
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub fn at_cap(&self) -> bool {
+        self.open.load(Ordering::Acquire) >= self.max
+    }
+
+    /// Below this again, a limited episode is over (a tenth of head room, so a service that
+    /// hovers at its cap logs one episode, not one per connection).
+    pub fn low_water(&self) -> usize {
+        self.max - (self.max / 10).max(1)
+    }
+
+    fn close_one(&self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == self.max {
+            self.freed.notify_one();
+        }
+    }
+
+    /// Waits until a connection closes below the cap.
+    pub async fn below_cap(&self) {
+        loop {
+            let freed = self.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            if !self.at_cap() {
+                return;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// One open connection of a service: the connection task's handle on it, counted against
+/// `max_connections` until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<Service>);
+
+impl std::ops::Deref for OpenConnection {
+    type Target = Service;
+
+    fn deref(&self) -> &Service {
+        &self.0
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.limit.close_one();
+    }
+}
+
+/// Connections held while the service has no endpoint, logged once per state change.
+#[derive(Debug, Default)]
+pub struct QueueState {
+    holding: AtomicBool,
+    served: AtomicU64,
+    reset: AtomicU64,
+}
+
+impl QueueState {
+    /// A connection found no endpoint and waits (logs when this starts an episode).
+    pub fn hold(&self, descriptor: &ServiceDescriptor, timeout: Duration) {
+        if !self.holding.swap(true, Ordering::AcqRel) {
+            warn!(service = %descriptor, queue_timeout = ?timeout, "no endpoint available: holding new connections until one appears");
+        }
+    }
+
+    /// A held connection got an endpoint.
+    pub fn served(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A held connection waited `queue_timeout` in vain and is reset (logged for the first of
+    /// an episode).
+    pub fn timed_out(&self, descriptor: &ServiceDescriptor, timeout: Duration) {
+        if self.reset.fetch_add(1, Ordering::Relaxed) == 0 {
+            warn!(service = %descriptor, queue_timeout = ?timeout, "no endpoint within the queue timeout: resetting held connections (counted until one appears)");
+        }
+    }
+
+    /// An endpoint is available: ends the episode, if any, with its counts. One load per
+    /// connection otherwise.
+    #[inline]
+    pub fn endpoint_available(&self, descriptor: &ServiceDescriptor) {
+        if self.holding.load(Ordering::Relaxed) && self.holding.swap(false, Ordering::AcqRel) {
+            info!(
+                service = %descriptor,
+                served = self.served.swap(0, Ordering::Relaxed),
+                reset = self.reset.swap(0, Ordering::Relaxed),
+                "endpoint available: held connections resume"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_max_connections_leaves_half_of_the_descriptors_to_others() {
+        let check = |limit: u64, expected: usize| {
+            assert_eq!(default_max_connections(limit), expected, "limit {limit}");
+        };
+        check(256, 48);
+        check(1024, 240);
+        check(1_048_576, 262_128);
+        check(64, 1);
+        check(0, 1);
+    }
+
+    #[test]
+    fn descriptor_options_override_the_defaults() {
+        let first = |views: &[embassy_plugin_api::EndpointView]| (!views.is_empty()).then_some(0);
+        let defaults = ConnectionDefaults {
+            max_connections: 100,
+            ..ConnectionDefaults::default()
+        };
+        let plain = Service::with_defaults(
+            "web;80/tcp".parse().expect("valid"),
+            Box::new(first),
+            &defaults,
+        );
+        assert_eq!(plain.timeouts.idle, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(plain.timeouts.half_close, DEFAULT_HALF_CLOSE_TIMEOUT);
+        assert_eq!(plain.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
+        assert_eq!(plain.limit.max(), 100);
+        let own = Service::with_defaults(
+            "web;80/tcp;idle_timeout=5m;half_close_timeout=2s;queue_timeout=500ms;max_connections=7"
+                .parse()
+                .expect("valid"),
+            Box::new(first),
+            &defaults,
+        );
+        assert_eq!(own.timeouts.idle, Duration::from_secs(300));
+        assert_eq!(own.timeouts.half_close, Duration::from_secs(2));
+        assert_eq!(own.queue_timeout, Duration::from_millis(500));
+        assert_eq!(own.limit.max(), 7);
+    }
+
+    #[test]
+    fn the_limit_counts_open_connections() {
+        let first = |views: &[embassy_plugin_api::EndpointView]| (!views.is_empty()).then_some(0);
+        let service = Arc::new(Service::with_defaults(
+            "web;80/tcp;max_connections=2".parse().expect("valid"),
+            Box::new(first),
+            &ConnectionDefaults::default(),
+        ));
+        let limit = &service.limit;
+        let a = service.open_connection();
+        assert!(!limit.at_cap());
+        let b = service.open_connection();
+        assert!(limit.at_cap());
+        drop(a);
+        assert!(!limit.at_cap());
+        assert_eq!(limit.open(), 1);
+        drop(b);
+        assert_eq!(limit.open(), 0);
+        assert_eq!(limit.low_water(), 1);
     }
 }

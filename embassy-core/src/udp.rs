@@ -25,13 +25,13 @@ use std::{
     time::Duration,
 };
 
-use tokio::{io::Interest, net::UdpSocket, task::AbortHandle, time::Instant};
+use tokio::{io::Interest, net::UdpSocket, sync::mpsc, task::AbortHandle, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, trace, warn};
 
 use crate::{
     descriptor::ServiceDescriptor,
-    endpoints::{ActiveGuard, EndpointSet, Upstream, UpstreamAddr},
+    endpoints::{ActiveGuard, EndpointSet, Health, Upstream, UpstreamAddr},
     service::Service,
 };
 
@@ -145,7 +145,10 @@ pub async fn serve_udp(
     let settings = UdpSettings::of(&service.descriptor);
     let listen = Arc::new(socket);
     let snapshot = service.endpoints.load();
+    let (opened_sender, mut opened) = mpsc::channel(OPENED_QUEUE);
     let mut proxy = UdpProxy {
+        opening: HashMap::new(),
+        opened_sender,
         listen: Arc::clone(&listen),
         service,
         settings,
@@ -163,6 +166,7 @@ pub async fn serve_udp(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = sweep.tick() => proxy.sweep(),
+            Some(done) = opened.recv() => proxy.opened(done).await,
             received = listen.recv_from(&mut buffer) => match received {
                 Ok((len, client)) => proxy.forward(&buffer[..len], client).await,
                 // Linux reports no ICMP errors on an unconnected socket; anything else here is
@@ -174,7 +178,29 @@ pub async fn serve_udp(
     info!(sessions = proxy.sessions.len(), "listener closed");
 }
 
+/// Resolved sessions waiting for the loop; resolver tasks wait when it is full.
+const OPENED_QUEUE: usize = 64;
+
+/// A session whose named endpoint is being resolved off the loop.
+struct Opening {
+    /// The client's first datagram, sent once the session opens.
+    first: Vec<u8>,
+    active: ActiveGuard,
+    health: Arc<Health>,
+    upstream: UpstreamAddr,
+    generation: u64,
+}
+
+/// What a resolver task hands back.
+struct Opened {
+    client: SocketAddr,
+    result: std::io::Result<(UdpSocket, SocketAddr)>,
+}
+
 struct UdpProxy {
+    /// Sessions being opened off the loop, by client.
+    opening: HashMap<SocketAddr, Opening>,
+    opened_sender: mpsc::Sender<Opened>,
     listen: Arc<UdpSocket>,
     service: Arc<Service>,
     settings: UdpSettings,
@@ -217,7 +243,7 @@ impl UdpProxy {
                 Err(reason) => self.end(client, reason, None),
             }
         }
-        let Some(session) = self.open(client, now).await else {
+        let Some(session) = self.open(client, now, datagram).await else {
             return;
         };
         // Awaited: a new socket's writability is not known to the runtime until its first
@@ -241,8 +267,13 @@ impl UdpProxy {
     }
 
     /// Picks an endpoint and opens a session for `client`, evicting the oldest idle session
-    /// when the table is full.
-    async fn open(&mut self, client: SocketAddr, now: u64) -> Option<&Session> {
+    /// when the table is full. `None` when no session could be opened now, including while a
+    /// named endpoint is being resolved (then `datagram` is kept for it).
+    async fn open(&mut self, client: SocketAddr, now: u64, datagram: &[u8]) -> Option<&Session> {
+        if self.opening.contains_key(&client) {
+            trace!(%client, "session still opening, datagram dropped");
+            return None;
+        }
         let first = match self.service.pick(&self.snapshot) {
             Ok(Some(index)) => index,
             Ok(None) => {
@@ -258,12 +289,9 @@ impl UdpProxy {
             }
         };
         self.no_endpoint_logged = false;
-        if self.sessions.len() >= self.settings.max_sessions {
-            self.evict_oldest();
-        }
         let snapshot = Arc::clone(&self.snapshot);
         let upstreams = snapshot.upstreams();
-        // Opening a socket fails only locally (resolution, out of descriptors); try the next
+        // Opening a socket fails only locally (out of descriptors and the like); try the next
         // endpoints as the TCP path does, boundedly.
         for upstream in upstreams
             .iter()
@@ -271,70 +299,130 @@ impl UdpProxy {
             .skip(first)
             .take(crate::forward::MAX_CONNECT_ATTEMPTS.min(upstreams.len()))
         {
-            match self.connect(upstream).await {
-                Ok((socket, upstream_addr)) => {
-                    let socket = Arc::new(socket);
-                    let state = Arc::new(SessionState {
-                        last_active: AtomicU64::new(now),
-                        ended: AtomicBool::new(false),
-                    });
-                    let reply = self
-                        .tasks
-                        .spawn(relay_replies(
-                            Arc::clone(&socket),
-                            Arc::clone(&self.listen),
-                            client,
-                            Arc::clone(&state),
-                            self.clock,
-                        ))
-                        .abort_handle();
-                    debug!(%client, upstream = %upstream.addr, sessions = self.sessions.len() + 1, "udp session opened");
-                    let session = Session {
-                        upstream: socket,
-                        upstream_addr,
-                        state,
-                        active: ActiveGuard::new(&upstream.active),
-                        confirmed: self.generation,
-                        reply,
-                    };
-                    self.sessions.insert(client, session);
-                    return self.sessions.get(&client);
+            let addr = match &upstream.addr {
+                UpstreamAddr::Socket(addr) => *addr,
+                UpstreamAddr::Named(name) => {
+                    self.resolve_off_loop(client, upstream, name, datagram);
+                    return None;
                 }
-                Err(error) => {
-                    warn!(%error, upstream = %upstream.addr, "cannot open a udp socket to the endpoint")
+            };
+            match connect_udp(addr).await {
+                Ok(socket) => {
+                    upstream.health.succeeded(&upstream.addr);
+                    let active = ActiveGuard::new(&upstream.active);
+                    let generation = self.generation;
+                    return Some(self.start_session(client, socket, addr, active, generation, now));
                 }
+                Err(error) => upstream.health.failed(&upstream.addr, &error),
             }
         }
         None
     }
 
-    /// A socket connected to `upstream`, so that only its replies arrive and its ICMP errors
-    /// are reported.
-    async fn connect(&self, upstream: &Upstream) -> std::io::Result<(UdpSocket, SocketAddr)> {
-        let addr = match &upstream.addr {
-            UpstreamAddr::Socket(addr) => *addr,
-            // Resolved once per session; the loop waits at most the connect timeout for it.
-            UpstreamAddr::Named(name) => {
-                let mut found = tokio::time::timeout(
-                    self.service.connect_timeout,
-                    tokio::net::lookup_host(name.as_str()),
-                )
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(ErrorKind::TimedOut, "name resolution timed out")
-                })??;
-                found.next().ok_or_else(|| {
-                    std::io::Error::new(ErrorKind::NotFound, "name resolves to no address")
-                })?
+    /// Starts resolving `name` and connecting a socket to it in a task; [`UdpProxy::opened`]
+    /// takes the result.
+    fn resolve_off_loop(
+        &mut self,
+        client: SocketAddr,
+        upstream: &Upstream,
+        name: &str,
+        datagram: &[u8],
+    ) {
+        if self.opening.len() >= self.settings.max_sessions {
+            trace!(%client, "too many sessions opening, datagram dropped");
+            return;
+        }
+        self.opening.insert(
+            client,
+            Opening {
+                first: datagram.to_vec(),
+                active: ActiveGuard::new(&upstream.active),
+                health: Arc::clone(&upstream.health),
+                upstream: upstream.addr.clone(),
+                generation: self.generation,
+            },
+        );
+        let (name, timeout, sender) = (
+            name.to_string(),
+            self.service.connect_timeout,
+            self.opened_sender.clone(),
+        );
+        self.tasks.spawn(async move {
+            let result = match tokio::time::timeout(timeout, resolve_and_connect(&name)).await {
+                Ok(result) => result,
+                Err(_) => Err(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("name resolution timed out after {timeout:?}"),
+                )),
+            };
+            // The loop is gone when the listener closed: nothing to hand over.
+            let _ = sender.send(Opened { client, result }).await;
+        });
+    }
+
+    /// A resolver task finished: open the session and send the datagram that asked for it.
+    async fn opened(&mut self, done: Opened) {
+        let Some(opening) = self.opening.remove(&done.client) else {
+            return;
+        };
+        match done.result {
+            Ok((socket, addr)) => {
+                opening.health.succeeded(&opening.upstream);
+                let now = self.clock.now();
+                let session = self.start_session(
+                    done.client,
+                    socket,
+                    addr,
+                    opening.active,
+                    opening.generation,
+                    now,
+                );
+                if let Err(error) = session.upstream.send(&opening.first).await {
+                    debug!(client = %done.client, %error, "first datagram of the session could not be sent");
+                }
             }
+            Err(error) => opening.health.failed(&opening.upstream, &error),
+        }
+    }
+
+    /// Enters a session for `client` on a connected `socket` and starts its reply task.
+    fn start_session(
+        &mut self,
+        client: SocketAddr,
+        socket: UdpSocket,
+        upstream_addr: SocketAddr,
+        active: ActiveGuard,
+        confirmed: u64,
+        now: u64,
+    ) -> &Session {
+        if self.sessions.len() >= self.settings.max_sessions {
+            self.evict_oldest();
+        }
+        let socket = Arc::new(socket);
+        let state = Arc::new(SessionState {
+            last_active: AtomicU64::new(now),
+            ended: AtomicBool::new(false),
+        });
+        let reply = self
+            .tasks
+            .spawn(relay_replies(
+                Arc::clone(&socket),
+                Arc::clone(&self.listen),
+                client,
+                Arc::clone(&state),
+                self.clock,
+            ))
+            .abort_handle();
+        debug!(%client, upstream = %upstream_addr, sessions = self.sessions.len() + 1, "udp session opened");
+        let session = Session {
+            upstream: socket,
+            upstream_addr,
+            state,
+            active,
+            confirmed,
+            reply,
         };
-        let local = match addr.ip() {
-            IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
-            IpAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
-        };
-        let socket = UdpSocket::bind(local).await?;
-        socket.connect(addr).await?;
-        Ok((socket, addr))
+        self.sessions.entry(client).insert_entry(session).into_mut()
     }
 
     /// Ends sessions idle for longer than `udp_idle` and those whose upstream failed.
@@ -373,6 +461,29 @@ impl UdpProxy {
             self.end(client, EndReason::Evicted, None);
         }
     }
+}
+
+/// Resolves `name` and connects a socket to its first address.
+async fn resolve_and_connect(name: &str) -> std::io::Result<(UdpSocket, SocketAddr)> {
+    #[cfg(test)]
+    tests::resolve_delay().await;
+    let addr = tokio::net::lookup_host(name)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "name resolves to no address"))?;
+    Ok((connect_udp(addr).await?, addr))
+}
+
+/// A socket connected to `addr`, so that only its replies arrive and its ICMP errors are
+/// reported.
+async fn connect_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let local = match addr.ip() {
+        IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+        IpAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
+    };
+    let socket = UdpSocket::bind(local).await?;
+    socket.connect(addr).await?;
+    Ok(socket)
 }
 
 /// Whether `session` may carry on: not failed, and its endpoint still listed in `snapshot`
@@ -459,6 +570,17 @@ mod tests {
     use crate::service::DEFAULT_CONNECT_TIMEOUT;
     use embassy_plugin_api::{Endpoint, EndpointView};
 
+    /// How long the next name resolutions take on top of the real lookup: a slow resolver,
+    /// for the tests that need one.
+    static RESOLVE_DELAY_MS: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) async fn resolve_delay() {
+        let delay = RESOLVE_DELAY_MS.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+    }
+
     fn settings(descriptor: &str) -> UdpSettings {
         UdpSettings::of(&descriptor.parse().expect("valid descriptor"))
     }
@@ -491,7 +613,11 @@ mod tests {
 
     /// An echo upstream on loopback, served by a task.
     async fn echo_upstream() -> SocketAddr {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream");
+        echo_upstream_on("127.0.0.1".parse().expect("ip")).await
+    }
+
+    async fn echo_upstream_on(ip: IpAddr) -> SocketAddr {
+        let socket = UdpSocket::bind((ip, 0)).await.expect("bind upstream");
         let addr = socket.local_addr().expect("addr");
         tokio::spawn(async move {
             let mut buffer = vec![0u8; DATAGRAM_BUFFER];
@@ -568,5 +694,79 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), tasks.wait())
             .await
             .expect("reply tasks end with the listener");
+    }
+
+    /// A client whose session waits for a slow name resolution does not hold up the others,
+    /// and its first datagram is delivered once the name resolves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_name_resolution_stalls_only_its_own_client() {
+        let local = tokio::net::lookup_host("localhost:0")
+            .await
+            .expect("localhost resolves")
+            .next()
+            .expect("an address");
+        let upstream = echo_upstream_on(local.ip()).await;
+        // The first pick goes to the named endpoint, every later one to the address.
+        let picks = AtomicU64::new(0);
+        let picker = move |views: &[EndpointView]| {
+            (views.len() == 2).then(|| usize::from(picks.fetch_add(1, Ordering::Relaxed) > 0))
+        };
+        let service = Arc::new(Service::new(
+            "dns;53/udp".parse().expect("descriptor"),
+            Box::new(picker),
+            DEFAULT_CONNECT_TIMEOUT,
+        ));
+        service.endpoints.replace(&[
+            Endpoint::new(format!("localhost:{}", upstream.port())),
+            Endpoint::new(upstream.to_string()),
+        ]);
+        let listen = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let port = listen.local_addr().expect("addr").port();
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let serving = tokio::spawn(serve_udp(
+            listen,
+            Arc::clone(&service),
+            stop.clone(),
+            tasks.clone(),
+        ));
+
+        RESOLVE_DELAY_MS.store(1500, Ordering::Relaxed);
+        let slow = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        slow.connect(("127.0.0.1", port)).await.expect("connect");
+        slow.send(b"slow").await.expect("send");
+        let resolving = Instant::now();
+        let fast = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        fast.connect(("127.0.0.1", port)).await.expect("connect");
+        for round in 0..5u8 {
+            assert_eq!(
+                exchange(&fast, &[round]).await,
+                [round],
+                "relayed meanwhile"
+            );
+        }
+        assert!(
+            resolving.elapsed() < Duration::from_millis(1500),
+            "the other client was served while the name was resolving"
+        );
+        let mut buffer = [0u8; 16];
+        assert!(
+            matches!(slow.try_recv(&mut buffer), Err(e) if e.kind() == ErrorKind::WouldBlock),
+            "the slow session is still opening"
+        );
+        let len = tokio::time::timeout(Duration::from_secs(10), slow.recv(&mut buffer))
+            .await
+            .expect("answered once resolved")
+            .expect("recv");
+        assert_eq!(&buffer[..len], b"slow", "the first datagram was kept");
+        assert!(resolving.elapsed() >= Duration::from_millis(1500));
+        RESOLVE_DELAY_MS.store(0, Ordering::Relaxed);
+
+        stop.cancel();
+        serving.await.expect("listener ends");
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+            .await
+            .expect("tasks end with the listener");
     }
 }

@@ -116,6 +116,30 @@ pub struct RunArgs {
     #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = parse_duration_arg)]
     pub connect_timeout: Duration,
 
+    /// Close a TCP connection after this long with no byte moving either way (Envoy's
+    /// tcp_proxy default); a descriptor's idle_timeout overrides it.
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub idle_timeout: Duration,
+
+    /// Once one side of a TCP connection has finished sending, close both after this long with
+    /// no byte moving (HAProxy's timeout client-fin/server-fin). Shorter than the idle timeout:
+    /// a peer still silent 30 s after the other said goodbye is, in practice, never finishing,
+    /// and holds two descriptors meanwhile. A descriptor's half_close_timeout overrides it.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub half_close_timeout: Duration,
+
+    /// How long a connection accepted while its service has no endpoint waits for one before
+    /// it is reset (HAProxy's timeout queue); a descriptor's queue_timeout overrides it.
+    #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub queue_timeout: Duration,
+
+    /// Most TCP connections open at once per service; more wait in the listen backlog until one
+    /// closes (HAProxy's maxconn). Default: half of what the open-file limit allows after a
+    /// reserve of 64, at two descriptors per connection ((limit - 64) / 4), so one service on a
+    /// hung upstream cannot take every descriptor. A descriptor's max_connections overrides it.
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    pub max_connections: Option<usize>,
+
     /// How bytes are moved: `splice` (zero-copy through a pipe, Linux) or `userspace`
     /// (read/write through a buffer).
     #[arg(long = "copy", default_value = default_copy(), value_name = "MODE", value_parser = parse_copy_mode)]
@@ -140,7 +164,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
 
-    /// On SIGTERM/SIGINT, how long open connections may take to finish.
+    /// On SIGTERM/SIGINT, how long open connections may take to finish; those still open then
+    /// are reset, so their clients see the stream was cut.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration_arg)]
     pub grace_period: Duration,
 }
@@ -168,6 +193,13 @@ fn parse_copy_mode(text: &str) -> Result<CopyMode, String> {
 fn parse_duration_arg(text: &str) -> Result<Duration, String> {
     parse_duration(text)
         .ok_or_else(|| format!("{text:?} is not a duration such as 500ms, 3s or 1m"))
+}
+
+fn parse_count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{text:?} is not a whole number greater than 0")),
+    }
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {

@@ -3,7 +3,10 @@
 use std::{process::ExitCode, sync::Arc};
 
 use anyhow::{bail, Context};
-use embassy_core::ServiceDescriptor;
+use embassy_core::{
+    service::{default_max_connections, ConnectionDefaults, RESERVED_DESCRIPTORS},
+    ServiceDescriptor,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -48,24 +51,42 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-/// Raises the soft open-file limit to the hard one: a proxy holds two descriptors per
-/// connection, and the usual soft default (1024) would cap it at about 500.
-pub fn raise_open_file_limit() {
+/// Below this open-file limit (after raising it) Embassy warns at start.
+pub const LOW_OPEN_FILE_LIMIT: u64 = 4096;
+
+/// Raises the soft open-file limit to the hard one (a proxy holds two descriptors per
+/// connection, and the usual soft default, 1024, would cap it at about 500) and returns the
+/// limit in force; warns when it is low.
+pub fn raise_open_file_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return u64::MAX; // unknown: assume no limit rather than cap every service at 1
+        }
+        if limit.rlim_cur < limit.rlim_max {
             let from = limit.rlim_cur;
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            let mut raised = limit;
+            raised.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 debug!(from, to = limit.rlim_max, "open-file limit raised");
+                limit = raised;
             }
         }
     }
+    let open_files: u64 = limit.rlim_cur;
+    if open_files < LOW_OPEN_FILE_LIMIT {
+        warn!(
+            limit = open_files,
+            connections = open_files.saturating_sub(RESERVED_DESCRIPTORS) / 2,
+            per_service = default_max_connections(open_files),
+            "the open-file limit is low: it allows about this many connections in all (two descriptors each), and max_connections defaults to half of them per service; raise it (ulimit -n, LimitNOFILE=, docker run --ulimit nofile=)"
+        );
+    }
+    open_files
 }
 
 /// Runs the proxy until SIGTERM or SIGINT. Every service of the static configuration
@@ -76,7 +97,7 @@ pub async fn run(
     args: RunArgs,
     requests: Vec<Request>,
 ) -> anyhow::Result<ExitCode> {
-    raise_open_file_limit();
+    let open_files = raise_open_file_limit();
     // Before the first listener opens: from here on SIGHUP cannot kill the process.
     let mut signals = Signals::new().context("cannot listen for signals")?;
     let uri = args.discovery.as_deref().context("no discovery backend")?;
@@ -91,8 +112,16 @@ pub async fn run(
         ServeDefaults {
             bind: args.bind,
             balancer: args.balancer.clone(),
-            connect_timeout: args.connect_timeout,
             copy_mode: args.copy_mode,
+            connections: ConnectionDefaults {
+                connect_timeout: args.connect_timeout,
+                idle_timeout: args.idle_timeout,
+                half_close_timeout: args.half_close_timeout,
+                queue_timeout: args.queue_timeout,
+                max_connections: args
+                    .max_connections
+                    .unwrap_or_else(|| default_max_connections(open_files)),
+            },
         },
     );
     let mut failures = 0;
@@ -126,17 +155,19 @@ pub async fn run(
     };
     stop_watching.cancel();
     info!(signal = stop.name(), grace = ?args.grace_period, "stopping: no new connections");
-    let left = tokio::select! {
-        left = supervisor.shutdown(args.grace_period) => left,
-        again = signals.stop() => {
-            warn!(signal = again.name(), "second stop signal during the grace period: exiting now, cutting the connections still open");
-            return Ok(ExitCode::from(again.forced_exit_code()));
-        }
-    };
+    let (left, again) = supervisor.shutdown(args.grace_period, signals.stop()).await;
+    if let Some(again) = again {
+        warn!(
+            signal = again.name(),
+            connections = left,
+            "second stop signal during the grace period: the connections still open were reset, exiting now"
+        );
+        return Ok(ExitCode::from(again.forced_exit_code()));
+    }
     if left > 0 {
         warn!(
             connections = left,
-            "grace period over, closing the connections still open"
+            "grace period over: the connections still open were reset"
         );
     }
     info!("stopped");

@@ -15,7 +15,11 @@ use std::{
 };
 
 use abi_stable::{sabi_trait::TD_Opaque, std_types::RArc};
-use embassy_core::{copy::CopyMode, Listener, ListenerError, Service, ServiceDescriptor};
+use embassy_core::{
+    copy::{CopyMode, Cut},
+    service::ConnectionDefaults,
+    Listener, ListenerError, Service, ServiceDescriptor,
+};
 use embassy_plugin_api::{
     discovery::EndpointSink_TO, BalancerConfig, DiscoveryBox, Protocol, WatchHandleBox,
     WatchRequest,
@@ -55,9 +59,15 @@ pub enum ServeError {
 pub struct ServeDefaults {
     pub bind: IpAddr,
     pub balancer: String,
-    pub connect_timeout: Duration,
     pub copy_mode: CopyMode,
+    /// Connect, idle, half-close and queue timeouts and the connection cap, unless a
+    /// descriptor says otherwise.
+    pub connections: ConnectionDefaults,
 }
+
+/// After the grace period, how long cut connections get to go: those younger than a second
+/// notice the cut at their first watchdog tick, within a second.
+const CUT_WAIT: Duration = Duration::from_secs(2);
 
 /// The network namespace a listener lives in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +116,8 @@ pub struct Supervisor {
     active: HashMap<ListenKey, Active>,
     listeners: TaskTracker,
     connections: TaskTracker,
+    /// Resets the connections still open when the grace period is over.
+    cut: Arc<Cut>,
 }
 
 impl Supervisor {
@@ -121,6 +133,7 @@ impl Supervisor {
             active: HashMap::new(),
             listeners: TaskTracker::new(),
             connections: TaskTracker::new(),
+            cut: Arc::default(),
         }
     }
 
@@ -161,12 +174,13 @@ impl Supervisor {
             .plugins
             .new_balancer(balancer_name, balancer_config(descriptor))?;
         let listener = place.bind(addr, descriptor.protocol).await?;
-        let mut service = Service::new(
+        let mut service = Service::with_defaults(
             descriptor.clone(),
             Box::new(balancer),
-            self.defaults.connect_timeout,
+            &self.defaults.connections,
         );
         service.copy_mode = self.defaults.copy_mode;
+        service.cut = Arc::clone(&self.cut);
         let service = Arc::new(service);
         let sink =
             EndpointSink_TO::from_ptr(RArc::new(ServiceSink::new(Arc::clone(&service))), TD_Opaque);
@@ -243,9 +257,15 @@ impl Supervisor {
         self.active.is_empty()
     }
 
-    /// Stops accepting everywhere, then waits up to `grace` for open connections to finish.
-    /// Returns how many connections were still open when the grace period ran out.
-    pub async fn shutdown(mut self, grace: Duration) -> usize {
+    /// Stops accepting everywhere, then waits up to `grace` for open connections to finish,
+    /// then resets those still open (a reset, not a FIN, so their clients can tell a cut stream
+    /// from a finished one). `early` ends the grace period at once (a second stop signal); its
+    /// output is returned beside how many connections were still open when the grace ended.
+    pub async fn shutdown<T>(
+        mut self,
+        grace: Duration,
+        early: impl std::future::Future<Output = T>,
+    ) -> (usize, Option<T>) {
         for (_, mut active) in self.active.drain() {
             active.stop.cancel();
             active.watch.stop();
@@ -257,10 +277,19 @@ impl Supervisor {
         if open > 0 {
             info!(connections = open, grace = ?grace, "waiting for open connections to finish");
         }
-        match tokio::time::timeout(grace, self.connections.wait()).await {
-            Ok(()) => 0,
-            Err(_) => self.connections.len(),
-        }
+        let cut_early = tokio::select! {
+            finished = tokio::time::timeout(grace, self.connections.wait()) => {
+                if finished.is_ok() {
+                    return (0, None);
+                }
+                None
+            }
+            early = early => Some(early),
+        };
+        let left = self.connections.len();
+        self.cut.cut();
+        let _ = tokio::time::timeout(CUT_WAIT, self.connections.wait()).await;
+        (left, cut_early)
     }
 }
 
