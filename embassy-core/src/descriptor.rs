@@ -671,3 +671,164 @@ mod tests {
         assert_eq!(parse_duration(""), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A name the grammar allows (service or tag): anything but whitespace, control characters
+    /// and the grammar's punctuation.
+    fn name() -> impl Strategy<Value = String> {
+        "[^\\[\\];,\"'=\\s\\p{Cc}]{1,12}"
+    }
+
+    fn duration() -> impl Strategy<Value = String> {
+        (
+            1u64..100_000,
+            prop::sample::select(vec!["ms", "s", "m", ""]),
+        )
+            .prop_map(|(n, unit)| format!("{n}{unit}"))
+    }
+
+    fn count() -> impl Strategy<Value = String> {
+        (1u64..=u64::MAX).prop_map(|n| n.to_string())
+    }
+
+    /// Every descriptor the parser accepts, as a value (not as text).
+    fn descriptor() -> impl Strategy<Value = ServiceDescriptor> {
+        let tags = prop::collection::vec(name(), 0..4).prop_map(|mut tags| {
+            let mut seen = std::collections::HashSet::new();
+            tags.retain(|tag| seen.insert(tag.clone()));
+            tags
+        });
+        let protocol = prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)];
+        (
+            name(),
+            tags,
+            1u16..=65535,
+            protocol,
+            prop::option::of(name()),
+            prop::option::of(duration()),
+            prop::option::of(count()),
+            prop::option::of(count()),
+        )
+            .prop_map(
+                |(service, tags, port, protocol, balancer, timeout, idle, sessions)| {
+                    let mut options = BTreeMap::new();
+                    let mut set = |key: &str, value: Option<String>| {
+                        if let Some(value) = value {
+                            options.insert(key.to_string(), value);
+                        }
+                    };
+                    set("balancer", balancer);
+                    set("connect_timeout", timeout);
+                    if protocol == Protocol::Udp {
+                        set("udp_idle", idle);
+                        set("udp_max_sessions", sessions);
+                    }
+                    ServiceDescriptor {
+                        service,
+                        tags,
+                        port,
+                        protocol,
+                        options,
+                    }
+                },
+            )
+    }
+
+    /// Text near the grammar, so that many cases get past the first checks.
+    fn near_grammar() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9/\\[\\],;=+ \\t_.:-]{0,40}"
+    }
+
+    /// A parse that succeeds must print a canonical form that parses to the same value and
+    /// prints the same again.
+    fn assert_canonical(input: &str) -> Result<(), TestCaseError> {
+        if let Ok(parsed) = input.parse::<ServiceDescriptor>() {
+            let canonical = parsed.to_string();
+            let again: ServiceDescriptor = canonical
+                .parse()
+                .map_err(|e| TestCaseError::fail(format!("{canonical:?}: {e}")))?;
+            prop_assert_eq!(&again, &parsed, "{:?}", input);
+            prop_assert_eq!(again.to_string(), canonical);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_text_is_a_descriptor_or_an_error(input in any::<String>()) {
+            assert_canonical(&input)?;
+        }
+
+        #[test]
+        fn text_near_the_grammar_is_a_descriptor_or_an_error(input in near_grammar()) {
+            assert_canonical(&input)?;
+        }
+
+        #[test]
+        fn valid_descriptors_round_trip(descriptor in descriptor()) {
+            let text = descriptor.to_string();
+            prop_assert_eq!(text.parse::<ServiceDescriptor>(), Ok(descriptor.clone()), "{}", text);
+        }
+
+        /// One character inserted or removed anywhere: still total, still canonical.
+        #[test]
+        fn edited_descriptors_are_a_descriptor_or_an_error(
+            descriptor in descriptor(),
+            at in any::<prop::sample::Index>(),
+            insert in prop::option::of(any::<char>()),
+        ) {
+            let mut chars: Vec<char> = descriptor.to_string().chars().collect();
+            let at = at.index(chars.len() + 1);
+            match insert {
+                Some(c) => chars.insert(at, c),
+                None if at < chars.len() => {
+                    chars.remove(at);
+                }
+                None => {}
+            }
+            assert_canonical(&chars.into_iter().collect::<String>())?;
+        }
+
+        /// Whitespace inside a descriptor is always refused; at its ends it is trimmed.
+        #[test]
+        fn whitespace_inside_is_refused(
+            descriptor in descriptor(),
+            at in any::<prop::sample::Index>(),
+            space in prop::sample::select(vec![' ', '\t', '\n', '\u{a0}', '\u{3000}']),
+        ) {
+            let text = descriptor.to_string();
+            let inner: Vec<usize> = text.char_indices().map(|(i, _)| i).skip(1).collect();
+            let at = inner[at.index(inner.len())];
+            let spaced = format!("{}{space}{}", &text[..at], &text[at..]);
+            prop_assert!(spaced.parse::<ServiceDescriptor>().is_err(), "{:?} accepted", spaced);
+            let padded = format!("{space}{text}{space}");
+            prop_assert_eq!(padded.parse::<ServiceDescriptor>(), Ok(descriptor));
+        }
+
+        #[test]
+        fn durations_read_as_written(n in any::<u64>(), unit in prop::sample::select(vec!["ms", "s", "m", ""])) {
+            use std::time::Duration;
+            let expected = match unit {
+                "ms" => Some(Duration::from_millis(n)),
+                "m" => n.checked_mul(60).map(Duration::from_secs),
+                _ => Some(Duration::from_secs(n)),
+            }
+            .filter(|d| !d.is_zero());
+            prop_assert_eq!(parse_duration(&format!("{n}{unit}")), expected);
+        }
+
+        #[test]
+        fn any_text_is_a_duration_or_none(text in any::<String>()) {
+            if let Some(duration) = parse_duration(&text) {
+                prop_assert!(!duration.is_zero());
+            }
+        }
+    }
+}
