@@ -1,9 +1,10 @@
 //! The pure half of a watch: what to ask `/v1/health/service/:service`, what its answer means,
-//! and Consul's rules for blocking-query indexes.
+//! and Consul's rules for blocking-query indexes. What an error or a skipped instance quotes
+//! from the answer is cut ([`cut`]): serde's messages quote the offending string whole.
 
 use std::{collections::BTreeMap, net::Ipv6Addr};
 
-use embassy_plugin_api::{Endpoint, Protocol};
+use embassy_plugin_api::{text::cut, Endpoint, Protocol};
 use serde::Deserialize;
 
 use crate::ConsulError;
@@ -82,8 +83,8 @@ pub fn query_params(
 /// (`Service.Address`, else `Node.Address`) and applies registrator's protocol convention:
 /// `/udp` takes instances tagged `udp`; `/tcp` leaves them out when untagged ones exist too.
 pub fn parse_answer(body: &[u8], protocol: Protocol) -> Result<Answer, ConsulError> {
-    let entries: Vec<Entry> =
-        serde_json::from_slice(body).map_err(|error| ConsulError::Malformed(error.to_string()))?;
+    let entries: Vec<Entry> = serde_json::from_slice(body)
+        .map_err(|error| ConsulError::Malformed(cut(&error.to_string()).into_owned()))?;
     let is_udp = |entry: &Entry| {
         entry
             .service
@@ -113,12 +114,12 @@ pub fn parse_answer(body: &[u8], protocol: Protocol) -> Result<Answer, ConsulErr
         if host.is_empty() {
             skipped.push(format!(
                 "{}: neither Service.Address nor Node.Address is set",
-                service.id
+                cut(&service.id)
             ));
             continue;
         }
         if service.port == 0 {
-            skipped.push(format!("{}: registered without a port", service.id));
+            skipped.push(format!("{}: registered without a port", cut(&service.id)));
             continue;
         }
         let address = if host.parse::<Ipv6Addr>().is_ok() {
@@ -144,7 +145,7 @@ pub fn parse_index(header: Option<&[u8]>) -> Result<u64, ConsulError> {
     std::str::from_utf8(header)
         .ok()
         .and_then(|text| text.trim().parse().ok())
-        .ok_or_else(|| ConsulError::BadIndex(String::from_utf8_lossy(header).into_owned()))
+        .ok_or_else(|| ConsulError::BadIndex(cut(&String::from_utf8_lossy(header)).into_owned()))
 }
 
 /// The index to block on next, per Consul's blocking-query rules: an index that went
@@ -284,6 +285,37 @@ mod tests {
             r#"[{"Node":{"Address":"h"},"Service":{"ID":"a","Port":70000}}]"#,
             Protocol::Tcp,
             "error: malformed answer from consul: invalid value: integer `70000`, expected u16 at line 1 column 57",
+        );
+    }
+
+    /// serde quotes a bad string whole; a huge one makes a short error.
+    #[test]
+    fn huge_answers_are_cut_in_errors() {
+        let junk = "x".repeat(1 << 20);
+        let kept = "x".repeat(embassy_plugin_api::text::KEPT_CHARS - 22);
+        check(
+            &format!(r#"[{{"Node":{{}},"Service":{{"ID":"a","Port":"{junk}"}}]"#),
+            Protocol::Tcp,
+            &format!(
+                "error: malformed answer from consul: invalid type: string \"{kept}… ({} bytes)",
+                (1 << 20) + 62
+            ),
+        );
+        check(
+            &format!(r#"[{{"Node":{{}},"Service":{{"ID":"{junk}","Port":80}}}}]"#),
+            Protocol::Tcp,
+            &format!(
+                " | skipped {}… (1048576 bytes): neither Service.Address nor Node.Address is set",
+                "x".repeat(embassy_plugin_api::text::KEPT_CHARS)
+            ),
+        );
+        check_index(
+            5,
+            Some(&junk),
+            &format!(
+                "error: consul answered with a bad X-Consul-Index \"{}… (1048576 bytes)\"",
+                "x".repeat(embassy_plugin_api::text::KEPT_CHARS)
+            ),
         );
     }
 

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use abi_stable::std_types::RString;
-use embassy_plugin_api::{Endpoint, Protocol};
+use embassy_plugin_api::{text::cut, Endpoint, Protocol};
 use serde_json::{Map, Value};
 
 /// One instance of a service, as one key's value describes it.
@@ -36,7 +36,8 @@ impl Instance {
     }
 }
 
-/// Why a value is not an instance.
+/// Why a value is not an instance. Parts of the value it quotes are cut
+/// ([`cut`]), so a huge garbage value makes a short warning.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
     #[error("the value is empty")]
@@ -97,19 +98,18 @@ pub fn parse_instance(key: &str, value: &[u8]) -> Result<Instance, ValueError> {
 }
 
 fn plain(key: &str, text: &str) -> Result<Instance, ValueError> {
-    let (host, port) = text
-        .rsplit_once(':')
-        .ok_or_else(|| ValueError::Address(text.to_string()))?;
+    let bad = || ValueError::Address(cut(text).into_owned());
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
     let port = port
         .parse::<u16>()
         .ok()
         .filter(|&p| p > 0)
-        .ok_or_else(|| ValueError::Address(text.to_string()))?;
+        .ok_or_else(bad)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let last_segment = key.rsplit('/').next().unwrap_or(key);
     let protocol = last_segment.ends_with(":udp").then_some(Protocol::Udp);
     Ok(Instance {
-        address: join(host, port).ok_or_else(|| ValueError::Address(text.to_string()))?,
+        address: join(host, port).ok_or_else(bad)?,
         tags: Vec::new(),
         protocol,
         weight: 1,
@@ -126,7 +126,8 @@ fn registrar(object: &Map<String, Value>) -> Result<Instance, ValueError> {
         Some(Value::String(p)) if p.eq_ignore_ascii_case("udp") => Some(Protocol::Udp),
         Some(other) => return Err(field_error("proto", "\"tcp\" or \"udp\"", other)),
     };
-    let address = join(host, port).ok_or_else(|| ValueError::Address(format!("{host}:{port}")))?;
+    let address = join(host, port)
+        .ok_or_else(|| ValueError::Address(cut(&format!("{host}:{port}")).into_owned()))?;
     Ok(Instance {
         address,
         tags,
@@ -146,7 +147,8 @@ fn skydns(object: &Map<String, Value>) -> Result<Instance, ValueError> {
             .filter(|&w| w > 0)
             .ok_or_else(|| field_error("weight", "a whole number from 1", value))?,
     };
-    let address = join(host, port).ok_or_else(|| ValueError::Address(format!("{host}:{port}")))?;
+    let address = join(host, port)
+        .ok_or_else(|| ValueError::Address(cut(&format!("{host}:{port}")).into_owned()))?;
     Ok(Instance {
         address,
         tags: Vec::new(),
@@ -206,11 +208,7 @@ fn field_error(field: &'static str, expected: &'static str, found: &Value) -> Va
 
 /// A JSON value for an error message, cut so a huge document cannot flood the log.
 fn shorten(value: &Value) -> String {
-    let text = value.to_string();
-    match text.char_indices().nth(60) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text,
-    }
+    cut(&value.to_string()).into_owned()
 }
 
 /// `host:port`, bracketing IPv6 literals; `None` for a host that is neither an IP literal nor a
@@ -392,6 +390,34 @@ mod tests {
             "error: \"weight\" must be a whole number from 1, found 0",
         );
         assert_eq!(parse_instance(KEY, &[0xff, 0xfe]), Err(ValueError::NotUtf8));
+    }
+
+    /// A 1 MB garbage value makes a warning of a few hundred bytes, whatever part is garbage.
+    #[test]
+    fn huge_values_are_cut_in_errors() {
+        let junk = "x".repeat(1 << 20);
+        let kept = "x".repeat(embassy_plugin_api::text::KEPT_CHARS);
+        check(
+            KEY,
+            &junk,
+            &format!("error: address \"{kept}… (1048576 bytes)\" is not host:port"),
+        );
+        check(
+            KEY,
+            &format!("{junk}:80"),
+            &format!("error: address \"{kept}… (1048579 bytes)\" is not host:port"),
+        );
+        check(
+            KEY,
+            &format!(r#"{{"ipaddress": "{junk}", "host_port": 80}}"#),
+            &format!("error: address \"{kept}… (1048579 bytes)\" is not host:port"),
+        );
+        let quoted = format!("\"{}", "x".repeat(119));
+        check(
+            KEY,
+            &format!(r#"{{"ipaddress": "127.0.0.1", "host_port": "{junk}"}}"#),
+            &format!("error: \"host_port\" must be a port from 1 to 65535, found {quoted}… (1048578 bytes)"),
+        );
     }
 
     #[test]
