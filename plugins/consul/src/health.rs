@@ -368,3 +368,128 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// One registration as the agent reports it.
+    #[derive(Debug, Clone)]
+    struct Registration {
+        id: String,
+        node_address: String,
+        address: String,
+        port: u16,
+        tags: Option<Vec<String>>,
+        weight: Option<u32>,
+    }
+
+    fn registration() -> impl Strategy<Value = Registration> {
+        let address = prop_oneof![
+            Just(String::new()),
+            any::<std::net::Ipv4Addr>().prop_map(|ip| ip.to_string()),
+            any::<Ipv6Addr>().prop_map(|ip| ip.to_string()),
+            "[a-z][a-z0-9.-]{0,10}",
+        ];
+        let tags = prop::option::of(prop::collection::vec(
+            prop_oneof![Just("udp".to_string()), "[a-z]{1,4}"],
+            0..3,
+        ));
+        (
+            "[a-z0-9-]{1,8}",
+            address.clone(),
+            address,
+            any::<u16>(),
+            tags,
+            prop::option::of(any::<u32>()),
+        )
+            .prop_map(
+                |(id, node_address, address, port, tags, weight)| Registration {
+                    id,
+                    node_address,
+                    address,
+                    port,
+                    tags,
+                    weight,
+                },
+            )
+    }
+
+    fn to_json(r: &Registration) -> serde_json::Value {
+        let mut service = json!({"ID": r.id, "Service": "redis", "Address": r.address, "Port": r.port, "Tags": r.tags});
+        if let Some(weight) = r.weight {
+            service["Weights"] = json!({"Passing": weight, "Warning": 1});
+        }
+        json!({"Node": {"Node": "n", "Address": r.node_address}, "Service": service, "Checks": []})
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_bytes_are_an_answer_or_an_error(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                if let Err(error) = parse_answer(&body, protocol) {
+                    prop_assert!(error.to_string().len() < 1024, "{}", error);
+                }
+            }
+        }
+
+        #[test]
+        fn any_text_is_an_index_or_an_error(header in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Err(error) = parse_index(Some(&header)) {
+                prop_assert!(error.to_string().len() < 1024, "{}", error);
+            }
+        }
+
+        #[test]
+        fn indexes_read_back_and_never_go_backwards(previous in any::<u64>(), returned in any::<u64>()) {
+            prop_assert_eq!(parse_index(Some(returned.to_string().as_bytes())).ok(), Some(returned));
+            let next = next_index(previous, returned);
+            prop_assert!(next == returned && returned >= previous || next == 0);
+        }
+
+        /// An answer serves each dialable registration of the protocol once, sorted; each left
+        /// out is named in `skipped`.
+        #[test]
+        fn answers_read_back(registrations in prop::collection::vec(registration(), 0..6)) {
+            let body = serde_json::Value::Array(registrations.iter().map(to_json).collect()).to_string();
+            let is_udp = |r: &Registration| r.tags.as_deref().unwrap_or_default().iter().any(|t| t == UDP_TAG);
+            let any_untagged = registrations.iter().any(|r| !is_udp(r));
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let answer = parse_answer(body.as_bytes(), protocol)
+                    .map_err(|e| TestCaseError::fail(format!("{body}: {e}")))?;
+                let mut expected = BTreeSet::new();
+                let mut skipped = 0;
+                for r in &registrations {
+                    let wanted = match protocol {
+                        Protocol::Udp => is_udp(r),
+                        Protocol::Tcp => !is_udp(r) || !any_untagged,
+                    };
+                    if !wanted {
+                        continue;
+                    }
+                    let host = if r.address.is_empty() { &r.node_address } else { &r.address };
+                    if host.is_empty() || r.port == 0 {
+                        skipped += 1;
+                        continue;
+                    }
+                    expected.insert(if host.contains(':') {
+                        format!("[{host}]:{}", r.port)
+                    } else {
+                        format!("{host}:{}", r.port)
+                    });
+                }
+                let served: Vec<String> = answer.endpoints.iter().map(|e| e.address.to_string()).collect();
+                prop_assert_eq!(served, expected.into_iter().collect::<Vec<_>>());
+                prop_assert_eq!(answer.skipped.len(), skipped);
+                prop_assert!(answer.endpoints.iter().all(|e| e.weight > 0));
+            }
+        }
+    }
+}

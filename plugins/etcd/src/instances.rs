@@ -441,3 +441,145 @@ mod tests {
         assert!(!udp.serves(&tags(&[]), Protocol::Tcp));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A host as registrators write it, and the address Embassy dials for it with `port`.
+    fn host() -> impl Strategy<Value = (String, fn(&str, u16) -> String)> {
+        fn v4(host: &str, port: u16) -> String {
+            format!("{host}:{port}")
+        }
+        fn v6(host: &str, port: u16) -> String {
+            format!("[{host}]:{port}")
+        }
+        prop_oneof![
+            any::<Ipv4Addr>().prop_map(|ip| (ip.to_string(), v4 as fn(&str, u16) -> String)),
+            any::<Ipv6Addr>().prop_map(|ip| (ip.to_string(), v6 as fn(&str, u16) -> String)),
+            "[a-z0-9][a-z0-9.-]{0,30}"
+                .prop_filter("not an IP literal", |h| h.parse::<IpAddr>().is_err())
+                .prop_map(|h| (h, v4 as fn(&str, u16) -> String)),
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::from("/services/web/80/x")),
+            Just(String::from("/services/dns/h:dns:53:udp")),
+            any::<String>(),
+        ]
+    }
+
+    /// Every error names what is wrong in a bounded message, whatever the value's size.
+    fn assert_total(key: &str, value: &[u8]) -> Result<(), TestCaseError> {
+        match parse_instance(key, value) {
+            Ok(instance) => {
+                let (host, port) = instance.address.rsplit_once(':').ok_or_else(|| {
+                    TestCaseError::fail(format!("no port in {:?}", instance.address))
+                })?;
+                prop_assert!(!host.is_empty());
+                prop_assert!(port.parse::<u16>().is_ok_and(|p| p > 0), "{:?}", instance);
+                prop_assert!(instance.weight > 0);
+            }
+            Err(error) => {
+                prop_assert!(error.to_string().len() < 1024, "{}", error);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_bytes_are_an_instance_or_an_error(key in key(), value in prop::collection::vec(any::<u8>(), 0..256)) {
+            assert_total(&key, &value)?;
+        }
+
+        #[test]
+        fn any_text_is_an_instance_or_an_error(key in key(), value in any::<String>()) {
+            assert_total(&key, value.as_bytes())?;
+        }
+
+        /// JSON documents with the formats' field names and values of any type.
+        #[test]
+        fn any_document_is_an_instance_or_an_error(
+            fields in prop::collection::btree_map(
+                prop::sample::select(vec!["ipaddress", "host_port", "host", "port", "tags", "proto", "weight"]),
+                prop_oneof![
+                    Just(json!(null)),
+                    any::<bool>().prop_map(|b| json!(b)),
+                    any::<i64>().prop_map(|n| json!(n)),
+                    any::<f64>().prop_map(|n| json!(n)),
+                    "[a-z0-9.:\\[\\] ]{0,12}".prop_map(|s| json!(s)),
+                    prop::collection::vec("[a-z]{0,4}", 0..3).prop_map(|v| json!(v)),
+                    Just(json!([1, {"a": 2}])),
+                ],
+                0..6,
+            ),
+        ) {
+            let document = serde_json::to_vec(&fields).expect("a map serializes");
+            assert_total("/services/web/80/x", &document)?;
+        }
+
+        #[test]
+        fn registrar_documents_read_back(
+            (host, address) in host(),
+            port in 1u16..,
+            port_as_text in any::<bool>(),
+            tags in prop::collection::vec("[a-z0-9-]{1,8}", 0..4),
+            proto in prop::option::of(prop::sample::select(vec!["tcp", "udp", "TCP", "Udp"])),
+        ) {
+            let mut document = json!({"ipaddress": host, "tags": tags});
+            document["host_port"] = if port_as_text { json!(port.to_string()) } else { json!(port) };
+            if let Some(proto) = proto {
+                document["proto"] = json!(proto);
+            }
+            let instance = parse_instance("/services/web/80/x", document.to_string().as_bytes())
+                .map_err(|e| TestCaseError::fail(format!("{document}: {e}")))?;
+            let protocol = match proto {
+                Some(p) if p.eq_ignore_ascii_case("udp") => Some(Protocol::Udp),
+                Some(_) => Some(Protocol::Tcp),
+                None => tags.iter().any(|t| t == "udp").then_some(Protocol::Udp),
+            };
+            prop_assert_eq!(instance, Instance { address: address(&host, port), tags, protocol, weight: 1 });
+        }
+
+        #[test]
+        fn skydns_records_read_back((host, address) in host(), port in 1u16.., weight in prop::option::of(1u32..)) {
+            let mut document = json!({"host": host, "port": port, "priority": 10});
+            if let Some(weight) = weight {
+                document["weight"] = json!(weight);
+            }
+            let instance = parse_instance("/skydns/local/web/x", document.to_string().as_bytes())
+                .map_err(|e| TestCaseError::fail(format!("{document}: {e}")))?;
+            prop_assert_eq!(instance, Instance {
+                address: address(&host, port),
+                tags: Vec::new(),
+                protocol: None,
+                weight: weight.unwrap_or(1),
+            });
+        }
+
+        /// `ip:port` as registrator writes it, bare or as a JSON string; the address read is the
+        /// canonical `host:port` and reads back to itself.
+        #[test]
+        fn plain_addresses_read_back((host, address) in host(), port in 1u16.., as_json in any::<bool>(), udp in any::<bool>()) {
+            let written = address(&host, port);
+            let value = if as_json { json!(written).to_string() } else { written.clone() };
+            let key = if udp { "/services/dns/h:dns:53:udp" } else { "/services/dns/h:dns:53" };
+            let instance = parse_instance(key, value.as_bytes())
+                .map_err(|e| TestCaseError::fail(format!("{value}: {e}")))?;
+            prop_assert_eq!(&instance.address, &written);
+            prop_assert_eq!(instance.protocol, udp.then_some(Protocol::Udp));
+            let again = parse_instance(key, instance.address.as_bytes()).expect("canonical reads");
+            prop_assert_eq!(again, instance);
+        }
+    }
+}

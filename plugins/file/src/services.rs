@@ -325,3 +325,138 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// One endpoint as written in the file, and what it serves.
+    #[derive(Debug, Clone)]
+    struct Written {
+        address: String,
+        tags: Vec<String>,
+        weight: u32,
+        protocol: Option<Protocol>,
+        /// Written as a bare string (no tags, weight 1, both protocols).
+        bare: bool,
+    }
+
+    fn written() -> impl Strategy<Value = Written> {
+        (
+            "[a-z0-9.-]{1,12}",
+            1u16..,
+            prop::collection::vec("[a-z]{1,5}", 0..3),
+            1u32..,
+            prop::option::of(prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)]),
+            any::<bool>(),
+        )
+            .prop_map(|(host, port, tags, weight, protocol, bare)| Written {
+                address: format!("{host}:{port}"),
+                tags: if bare { Vec::new() } else { tags },
+                weight: if bare { 1 } else { weight },
+                protocol: if bare { None } else { protocol },
+                bare,
+            })
+    }
+
+    fn to_json(entry: &Written) -> Value {
+        if entry.bare {
+            return json!(entry.address);
+        }
+        let mut object =
+            json!({"address": entry.address, "tags": entry.tags, "weight": entry.weight});
+        if let Some(protocol) = entry.protocol {
+            object["proto"] = json!(protocol.as_str());
+        }
+        object
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_bytes_are_a_file_or_an_error(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            if let Err(error) = parse_services(&bytes) {
+                prop_assert!(error.len() < 1024, "{}", error);
+            }
+        }
+
+        /// JSON shaped like a services file, with values of any type where an entry's fields go.
+        #[test]
+        fn any_entries_are_a_file_or_an_error(
+            entries in prop::collection::vec(
+                prop_oneof![
+                    "[a-z0-9.:]{0,12}".prop_map(|s| json!(s)),
+                    any::<i64>().prop_map(|n| json!(n)),
+                    prop::collection::btree_map(
+                        prop::sample::select(vec!["address", "tags", "weight", "proto", "other"]),
+                        prop_oneof![
+                            Just(json!(null)),
+                            any::<i64>().prop_map(|n| json!(n)),
+                            any::<f64>().prop_map(|n| json!(n)),
+                            "[a-z0-9.:]{0,12}".prop_map(|s| json!(s)),
+                            prop::collection::vec("[a-z]{0,4}", 0..3).prop_map(|v| json!(v)),
+                            Just(json!([1])),
+                        ],
+                        0..5,
+                    ).prop_map(|m| json!(m)),
+                ],
+                0..4,
+            ),
+        ) {
+            let bytes = json!({"web": entries}).to_string();
+            match parse_services(bytes.as_bytes()) {
+                Ok(file) => {
+                    for protocol in [Protocol::Tcp, Protocol::Udp] {
+                        let request = WatchRequest::new("web", &[] as &[&str], protocol);
+                        for endpoint in file.endpoints_for(&request) {
+                            prop_assert!(check_address(&endpoint.address).is_ok());
+                            prop_assert!(endpoint.weight > 0);
+                        }
+                    }
+                }
+                Err(error) => prop_assert!(error.len() < 1024, "{}", error),
+            }
+        }
+
+        /// A file written from endpoints serves exactly those, per protocol and tag.
+        #[test]
+        fn written_files_read_back(
+            services in prop::collection::btree_map("[a-z/]{1,8}", prop::collection::vec(written(), 0..4), 0..4),
+            tag in "[a-z]{1,5}",
+        ) {
+            let document: serde_json::Map<String, Value> = services
+                .iter()
+                .map(|(name, entries)| (name.clone(), Value::Array(entries.iter().map(to_json).collect())))
+                .collect();
+            let file = parse_services(Value::Object(document).to_string().as_bytes())
+                .map_err(TestCaseError::fail)?;
+            prop_assert_eq!(file.names().collect::<Vec<_>>(), services.keys().map(String::as_str).collect::<Vec<_>>());
+            for (name, entries) in &services {
+                for protocol in [Protocol::Tcp, Protocol::Udp] {
+                    for tags in [Vec::new(), vec![tag.clone()]] {
+                        let expected: Vec<(String, Vec<String>, u32)> = entries
+                            .iter()
+                            .filter(|e| e.protocol.is_none_or(|p| p == protocol))
+                            .filter(|e| tags.iter().all(|t| e.tags.contains(t)))
+                            .map(|e| (e.address.clone(), e.tags.clone(), e.weight))
+                            .collect();
+                        let served: Vec<(String, Vec<String>, u32)> = file
+                            .endpoints_for(&WatchRequest::new(name, &tags, protocol))
+                            .iter()
+                            .map(|e| (
+                                e.address.to_string(),
+                                e.tags.iter().map(|t| t.to_string()).collect(),
+                                e.weight,
+                            ))
+                            .collect();
+                        prop_assert_eq!(served, expected);
+                    }
+                }
+            }
+        }
+    }
+}
