@@ -1,8 +1,11 @@
 //! Service descriptors: `<SERVICE>[<TAG>,..];<PORT>/<PROTO>[;key=value..]`.
 //!
 //! The parser is total: every input yields a descriptor or an error naming the part that is
-//! wrong and the offending text. `Display` prints the canonical form, which parses back to an
-//! equal descriptor.
+//! wrong and the offending text. It is also strict: inside the descriptor there is no
+//! whitespace, a port is plain decimal, the protocol is lowercase, a tag or option comes once,
+//! and a UDP option needs a UDP service, since each leniency would let a typo pass unnoticed.
+//! Only the ends of the whole string are trimmed. `Display` prints the canonical form, which
+//! parses back to an equal descriptor.
 
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
@@ -74,14 +77,34 @@ pub enum DescriptorError {
     EmptyTag(String),
     #[error("tag {tag:?} contains {found:?}, which is not allowed in a tag")]
     InvalidTagChar { tag: String, found: char },
-    #[error("port is missing before '/{0}'")]
-    EmptyPort(String),
+    #[error("tag {tag:?} is given twice in {list:?}")]
+    DuplicateTag { tag: String, list: String },
+    #[error("port is missing in {0:?}: the part after the service is empty")]
+    EmptyPortPart(String),
+    #[error("port is missing in {text:?}: nothing before '/{protocol}'")]
+    EmptyPort { text: String, protocol: String },
     #[error("port {0:?} is not a number from 1 to 65535")]
     InvalidPort(String),
+    #[error("port {port:?} has {what}: write {meant}")]
+    UnplainPort {
+        port: String,
+        what: &'static str,
+        meant: u16,
+    },
+    #[error("protocol is missing after {0:?}")]
+    EmptyProtocol(String),
     #[error("protocol {0:?} is not 'tcp' or 'udp'")]
     InvalidProtocol(String),
+    #[error("protocol {found:?} {what}: write '{meant}'")]
+    UnplainProtocol {
+        found: String,
+        what: &'static str,
+        meant: Protocol,
+    },
     #[error("option {0:?} is not of the form key=value")]
     MalformedOption(String),
+    #[error("option {0:?} contains whitespace, which is not allowed in a descriptor")]
+    OptionWhitespace(String),
     #[error("unknown option {key:?} (known: {known})")]
     UnknownOption { key: String, known: String },
     #[error("option {0:?} is given twice")]
@@ -92,7 +115,24 @@ pub enum DescriptorError {
         value: String,
         reason: &'static str,
     },
+    #[error("option {key:?} applies to {applies} services only, and this one is {protocol}")]
+    OptionOfOtherProtocol {
+        key: String,
+        applies: Protocol,
+        protocol: Protocol,
+    },
 }
+
+/// Options that mean something for one protocol only: on a service of the other they would be
+/// silently ignored.
+const PROTOCOL_OPTIONS: &[(&str, Protocol)] = &[
+    ("udp_idle", Protocol::Udp),
+    ("udp_max_sessions", Protocol::Udp),
+    ("idle_timeout", Protocol::Tcp),
+    ("half_close_timeout", Protocol::Tcp),
+    ("queue_timeout", Protocol::Tcp),
+    ("max_connections", Protocol::Tcp),
+];
 
 impl ServiceDescriptor {
     /// A plain descriptor: no tags, no options.
@@ -132,13 +172,23 @@ impl FromStr for ServiceDescriptor {
             .next()
             .ok_or_else(|| DescriptorError::MissingPort(text.to_string()))?;
         let (service, tags) = parse_head(head)?;
-        let (port, protocol) = parse_port_proto(port_proto)?;
+        let (port, protocol) = parse_port_proto(text, port_proto)?;
         let mut options = BTreeMap::new();
         for option in parts {
             let (key, value) = parse_option(option)?;
             if options.insert(key.clone(), value).is_some() {
                 return Err(DescriptorError::DuplicateOption(key));
             }
+        }
+        if let Some((key, applies)) = PROTOCOL_OPTIONS
+            .iter()
+            .find(|(key, applies)| *applies != protocol && options.contains_key(*key))
+        {
+            return Err(DescriptorError::OptionOfOtherProtocol {
+                key: key.to_string(),
+                applies: *applies,
+                protocol,
+            });
         }
         Ok(ServiceDescriptor {
             service,
@@ -199,10 +249,9 @@ fn parse_head(head: &str) -> Result<(String, Vec<String>), DescriptorError> {
     let tags = match tags {
         None => Vec::new(),
         Some("") => return Err(DescriptorError::EmptyTagList),
-        Some(list) => list
-            .split(',')
-            .map(|tag| {
-                let tag = tag.trim();
+        Some(list) => {
+            let mut tags: Vec<String> = Vec::new();
+            for tag in list.split(',') {
                 if tag.is_empty() {
                     return Err(DescriptorError::EmptyTag(format!("[{list}]")));
                 }
@@ -212,38 +261,114 @@ fn parse_head(head: &str) -> Result<(String, Vec<String>), DescriptorError> {
                         found,
                     });
                 }
-                Ok(tag.to_string())
-            })
-            .collect::<Result<_, _>>()?,
+                if tags.iter().any(|t| t == tag) {
+                    return Err(DescriptorError::DuplicateTag {
+                        tag: tag.to_string(),
+                        list: format!("[{list}]"),
+                    });
+                }
+                tags.push(tag.to_string());
+            }
+            tags
+        }
     };
     Ok((service.to_string(), tags))
 }
 
-fn parse_port_proto(text: &str) -> Result<(u16, Protocol), DescriptorError> {
-    let (port, proto) = match text.split_once('/') {
-        Some((port, proto)) => (port.trim(), proto.trim()),
+/// `text` is the whole descriptor, for naming it when the port is missing.
+fn parse_port_proto(text: &str, part: &str) -> Result<(u16, Protocol), DescriptorError> {
+    let (port, proto) = match part.split_once('/') {
+        Some((port, proto)) => (port, Some(proto)),
         // Like `docker run -p`, a missing protocol means tcp.
-        None => (text.trim(), "tcp"),
+        None => (part, None),
     };
     if port.is_empty() {
-        return Err(DescriptorError::EmptyPort(proto.to_string()));
+        return Err(match proto {
+            Some(protocol) => DescriptorError::EmptyPort {
+                text: text.to_string(),
+                protocol: protocol.to_string(),
+            },
+            None => DescriptorError::EmptyPortPart(text.to_string()),
+        });
     }
-    let port = match port.parse::<u16>() {
-        Ok(0) | Err(_) => return Err(DescriptorError::InvalidPort(port.to_string())),
-        Ok(port) => port,
-    };
-    let protocol = match proto.to_ascii_lowercase().as_str() {
-        "tcp" => Protocol::Tcp,
-        "udp" => Protocol::Udp,
-        _ => return Err(DescriptorError::InvalidProtocol(proto.to_string())),
+    let port = parse_port(port)?;
+    let protocol = match proto {
+        None => Protocol::Tcp,
+        Some(proto) => parse_protocol(port, proto)?,
     };
     Ok((port, protocol))
 }
 
+/// Plain decimal only: `+80`, `080` or ` 80` is refused (naming what to write instead), since
+/// a port written oddly is more often a typo than a style.
+fn parse_port(port: &str) -> Result<u16, DescriptorError> {
+    let invalid = || DescriptorError::InvalidPort(port.to_string());
+    let what = if port.contains(char::is_whitespace) {
+        "whitespace"
+    } else if port.starts_with('+') {
+        "a sign"
+    } else if port.len() > 1 && port.starts_with('0') {
+        "a leading zero"
+    } else if port.bytes().all(|b| b.is_ascii_digit()) {
+        return match port.parse::<u16>() {
+            Ok(0) | Err(_) => Err(invalid()),
+            Ok(port) => Ok(port),
+        };
+    } else {
+        return Err(invalid());
+    };
+    // What the operator most likely meant, if anything.
+    let bare: String = port.chars().filter(|c| !c.is_whitespace()).collect();
+    let bare = bare
+        .strip_prefix('+')
+        .unwrap_or(&bare)
+        .trim_start_matches('0');
+    match bare.parse::<u16>() {
+        Ok(meant) if meant > 0 && bare.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(DescriptorError::UnplainPort {
+                port: port.to_string(),
+                what,
+                meant,
+            })
+        }
+        _ => Err(invalid()),
+    }
+}
+
+/// `tcp` or `udp` exactly, as the canonical form writes them.
+fn parse_protocol(port: u16, proto: &str) -> Result<Protocol, DescriptorError> {
+    let known = |text: &str| match text {
+        "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        _ => None,
+    };
+    if let Some(protocol) = known(proto) {
+        return Ok(protocol);
+    }
+    if proto.is_empty() {
+        return Err(DescriptorError::EmptyProtocol(format!("{port}/")));
+    }
+    let (what, meant) = if proto.contains(char::is_whitespace) {
+        ("has whitespace", known(&proto.trim().to_ascii_lowercase()))
+    } else {
+        ("must be lowercase", known(&proto.to_ascii_lowercase()))
+    };
+    Err(match meant {
+        Some(meant) => DescriptorError::UnplainProtocol {
+            found: proto.to_string(),
+            what,
+            meant,
+        },
+        None => DescriptorError::InvalidProtocol(proto.to_string()),
+    })
+}
+
 fn parse_option(option: &str) -> Result<(String, String), DescriptorError> {
+    if option.contains(char::is_whitespace) {
+        return Err(DescriptorError::OptionWhitespace(option.to_string()));
+    }
     let (key, value) = option
         .split_once('=')
-        .map(|(k, v)| (k.trim(), v.trim()))
         .filter(|(k, v)| !k.is_empty() && !v.is_empty())
         .ok_or_else(|| DescriptorError::MalformedOption(option.to_string()))?;
     if !KNOWN_OPTIONS.iter().any(|(known, _)| *known == key) {
@@ -272,12 +397,20 @@ fn parse_option(option: &str) -> Result<(String, String), DescriptorError> {
         {
             return Err(invalid("expected a duration such as 500ms or 3s"))
         }
-        "udp_idle" | "udp_max_sessions" | "max_connections" if !matches!(value.parse::<u64>(), Ok(n) if n > 0) => {
+        "udp_idle" | "udp_max_sessions" | "max_connections" if !matches!(plain_number(value), Some(n) if n > 0) => {
             return Err(invalid("expected a whole number greater than 0"))
         }
         _ => {}
     }
     Ok((key.to_string(), value.to_string()))
+}
+
+/// A number written as plain decimal digits (no sign, no leading zero), as options take them.
+pub fn plain_number(text: &str) -> Option<u64> {
+    let plain = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    plain.then(|| text.parse().ok()).flatten()
 }
 
 /// `500ms`, `3s`, `2m`, `1h` or a bare number of seconds.
@@ -333,8 +466,7 @@ mod tests {
             "/services/prod/db/slaves/3306;3306/tcp",
         );
         check("web;8080", "web;8080/tcp");
-        check("  dns;53/UDP  ", "dns;53/udp");
-        check("web[ a , b ];80/tcp", "web[a,b];80/tcp");
+        check("  dns;53/udp\n", "dns;53/udp");
         check(
             "web;80/tcp;balancer=least-conn",
             "web;80/tcp;balancer=least-conn",
@@ -359,6 +491,10 @@ mod tests {
             "error: missing ';<PORT>/<PROTO>' after the service in \"web\"",
         );
         check(";80/tcp", "error: service name is empty");
+        check(
+            "web ;80/tcp",
+            "error: service \"web \" contains ' ', which is not allowed in a service name",
+        );
         check("[prod];80/tcp", "error: service name is empty");
         check(
             "my web;80/tcp",
@@ -388,7 +524,34 @@ mod tests {
             "web[pr=od];80/tcp",
             "error: tag \"pr=od\" contains '=', which is not allowed in a tag",
         );
-        check("web;/tcp", "error: port is missing before '/tcp'");
+        check(
+            "web[a,a];80/tcp",
+            "error: tag \"a\" is given twice in \"[a,a]\"",
+        );
+        check(
+            "web[a,b,a];80/tcp",
+            "error: tag \"a\" is given twice in \"[a,b,a]\"",
+        );
+        check(
+            "web[ a , b ];80/tcp",
+            "error: tag \" a \" contains ' ', which is not allowed in a tag",
+        );
+        check(
+            "web[a,\tb];80/tcp",
+            "error: tag \"\\tb\" contains '\\t', which is not allowed in a tag",
+        );
+        check(
+            "web;/tcp",
+            "error: port is missing in \"web;/tcp\": nothing before '/tcp'",
+        );
+        check(
+            "bad;;x",
+            "error: port is missing in \"bad;;x\": the part after the service is empty",
+        );
+        check(
+            "web;",
+            "error: port is missing in \"web;\": the part after the service is empty",
+        );
         check(
             "web;http/tcp",
             "error: port \"http\" is not a number from 1 to 65535",
@@ -406,10 +569,71 @@ mod tests {
             "error: port \"-1\" is not a number from 1 to 65535",
         );
         check(
+            "web; 80/tcp",
+            "error: port \" 80\" has whitespace: write 80",
+        );
+        check(
+            "web;80 /tcp",
+            "error: port \"80 \" has whitespace: write 80",
+        );
+        check(
+            "web;8 0/tcp",
+            "error: port \"8 0\" has whitespace: write 80",
+        );
+        check("web;+80/tcp", "error: port \"+80\" has a sign: write 80");
+        check(
+            "web;080/tcp",
+            "error: port \"080\" has a leading zero: write 80",
+        );
+        check(
+            "web;000443",
+            "error: port \"000443\" has a leading zero: write 443",
+        );
+        check(
+            "web;00/tcp",
+            "error: port \"00\" is not a number from 1 to 65535",
+        );
+        check(
+            "web;+0/tcp",
+            "error: port \"+0\" is not a number from 1 to 65535",
+        );
+        check(
+            "web;++80/tcp",
+            "error: port \"++80\" is not a number from 1 to 65535",
+        );
+        check(
+            "web;+99999/tcp",
+            "error: port \"+99999\" is not a number from 1 to 65535",
+        );
+        check(
             "web;80/sctp",
             "error: protocol \"sctp\" is not 'tcp' or 'udp'",
         );
-        check("web;80/", "error: protocol \"\" is not 'tcp' or 'udp'");
+        check("web;80/", "error: protocol is missing after \"80/\"");
+        check(
+            "web;80/TCP",
+            "error: protocol \"TCP\" must be lowercase: write 'tcp'",
+        );
+        check(
+            "dns;53/Udp",
+            "error: protocol \"Udp\" must be lowercase: write 'udp'",
+        );
+        check(
+            "web;80/tcp ;balancer=rr",
+            "error: protocol \"tcp \" has whitespace: write 'tcp'",
+        );
+        check(
+            "web;80/ TCP",
+            "error: protocol \" TCP\" has whitespace: write 'tcp'",
+        );
+        check(
+            "web;80/t cp",
+            "error: protocol \"t cp\" is not 'tcp' or 'udp'",
+        );
+        check(
+            "web;80/tcp/udp",
+            "error: protocol \"tcp/udp\" is not 'tcp' or 'udp'",
+        );
         check(
             "web;80/tcp;balancer",
             "error: option \"balancer\" is not of the form key=value",
@@ -425,6 +649,14 @@ mod tests {
         check(
             "web;80/tcp;colour=blue",
             "error: unknown option \"colour\" (known: balancer, connect_timeout, idle_timeout, half_close_timeout, queue_timeout, max_connections, udp_idle, udp_max_sessions)",
+        );
+        check(
+            "web;80/tcp; balancer=rr",
+            "error: option \" balancer=rr\" contains whitespace, which is not allowed in a descriptor",
+        );
+        check(
+            "web;80/tcp;balancer = rr",
+            "error: option \"balancer = rr\" contains whitespace, which is not allowed in a descriptor",
         );
         check(
             "web;80/tcp;balancer=a;balancer=b",
@@ -450,6 +682,30 @@ mod tests {
             "dns;53/udp;udp_idle=0",
             "error: option udp_idle=\"0\" is invalid: expected a whole number greater than 0",
         );
+        check(
+            "dns;53/udp;udp_idle=030",
+            "error: option udp_idle=\"030\" is invalid: expected a whole number greater than 0",
+        );
+        check(
+            "dns;53/udp;udp_max_sessions=+5",
+            "error: option udp_max_sessions=\"+5\" is invalid: expected a whole number greater than 0",
+        );
+        check(
+            "dns;53/udp;max_connections=100",
+            "error: option \"max_connections\" applies to tcp services only, and this one is udp",
+        );
+        check(
+            "dns;53/udp;idle_timeout=1m",
+            "error: option \"idle_timeout\" applies to tcp services only, and this one is udp",
+        );
+        check(
+            "web;80/tcp;udp_idle=30",
+            "error: option \"udp_idle\" applies to udp services only, and this one is tcp",
+        );
+        check(
+            "web;80;udp_max_sessions=10",
+            "error: option \"udp_max_sessions\" applies to udp services only, and this one is tcp",
+        );
     }
 
     #[test]
@@ -470,5 +726,166 @@ mod tests {
         assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_duration("3d"), None);
         assert_eq!(parse_duration(""), None);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A name the grammar allows (service or tag): anything but whitespace, control characters
+    /// and the grammar's punctuation.
+    fn name() -> impl Strategy<Value = String> {
+        "[^\\[\\];,\"'=\\s\\p{Cc}]{1,12}"
+    }
+
+    fn duration() -> impl Strategy<Value = String> {
+        (
+            1u64..100_000,
+            prop::sample::select(vec!["ms", "s", "m", ""]),
+        )
+            .prop_map(|(n, unit)| format!("{n}{unit}"))
+    }
+
+    fn count() -> impl Strategy<Value = String> {
+        (1u64..=u64::MAX).prop_map(|n| n.to_string())
+    }
+
+    /// Every descriptor the parser accepts, as a value (not as text).
+    fn descriptor() -> impl Strategy<Value = ServiceDescriptor> {
+        let tags = prop::collection::vec(name(), 0..4).prop_map(|mut tags| {
+            let mut seen = std::collections::HashSet::new();
+            tags.retain(|tag| seen.insert(tag.clone()));
+            tags
+        });
+        let protocol = prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)];
+        (
+            name(),
+            tags,
+            1u16..=65535,
+            protocol,
+            prop::option::of(name()),
+            prop::option::of(duration()),
+            prop::option::of(count()),
+            prop::option::of(count()),
+        )
+            .prop_map(
+                |(service, tags, port, protocol, balancer, timeout, idle, sessions)| {
+                    let mut options = BTreeMap::new();
+                    let mut set = |key: &str, value: Option<String>| {
+                        if let Some(value) = value {
+                            options.insert(key.to_string(), value);
+                        }
+                    };
+                    set("balancer", balancer);
+                    set("connect_timeout", timeout);
+                    if protocol == Protocol::Udp {
+                        set("udp_idle", idle);
+                        set("udp_max_sessions", sessions);
+                    }
+                    ServiceDescriptor {
+                        service,
+                        tags,
+                        port,
+                        protocol,
+                        options,
+                    }
+                },
+            )
+    }
+
+    /// Text near the grammar, so that many cases get past the first checks.
+    fn near_grammar() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9/\\[\\],;=+ \\t_.:-]{0,40}"
+    }
+
+    /// A parse that succeeds must print a canonical form that parses to the same value and
+    /// prints the same again.
+    fn assert_canonical(input: &str) -> Result<(), TestCaseError> {
+        if let Ok(parsed) = input.parse::<ServiceDescriptor>() {
+            let canonical = parsed.to_string();
+            let again: ServiceDescriptor = canonical
+                .parse()
+                .map_err(|e| TestCaseError::fail(format!("{canonical:?}: {e}")))?;
+            prop_assert_eq!(&again, &parsed, "{:?}", input);
+            prop_assert_eq!(again.to_string(), canonical);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_text_is_a_descriptor_or_an_error(input in any::<String>()) {
+            assert_canonical(&input)?;
+        }
+
+        #[test]
+        fn text_near_the_grammar_is_a_descriptor_or_an_error(input in near_grammar()) {
+            assert_canonical(&input)?;
+        }
+
+        #[test]
+        fn valid_descriptors_round_trip(descriptor in descriptor()) {
+            let text = descriptor.to_string();
+            prop_assert_eq!(text.parse::<ServiceDescriptor>(), Ok(descriptor.clone()), "{}", text);
+        }
+
+        /// One character inserted or removed anywhere: still total, still canonical.
+        #[test]
+        fn edited_descriptors_are_a_descriptor_or_an_error(
+            descriptor in descriptor(),
+            at in any::<prop::sample::Index>(),
+            insert in prop::option::of(any::<char>()),
+        ) {
+            let mut chars: Vec<char> = descriptor.to_string().chars().collect();
+            let at = at.index(chars.len() + 1);
+            match insert {
+                Some(c) => chars.insert(at, c),
+                None if at < chars.len() => {
+                    chars.remove(at);
+                }
+                None => {}
+            }
+            assert_canonical(&chars.into_iter().collect::<String>())?;
+        }
+
+        /// Whitespace inside a descriptor is always refused; at its ends it is trimmed.
+        #[test]
+        fn whitespace_inside_is_refused(
+            descriptor in descriptor(),
+            at in any::<prop::sample::Index>(),
+            space in prop::sample::select(vec![' ', '\t', '\n', '\u{a0}', '\u{3000}']),
+        ) {
+            let text = descriptor.to_string();
+            let inner: Vec<usize> = text.char_indices().map(|(i, _)| i).skip(1).collect();
+            let at = inner[at.index(inner.len())];
+            let spaced = format!("{}{space}{}", &text[..at], &text[at..]);
+            prop_assert!(spaced.parse::<ServiceDescriptor>().is_err(), "{:?} accepted", spaced);
+            let padded = format!("{space}{text}{space}");
+            prop_assert_eq!(padded.parse::<ServiceDescriptor>(), Ok(descriptor));
+        }
+
+        #[test]
+        fn durations_read_as_written(n in any::<u64>(), unit in prop::sample::select(vec!["ms", "s", "m", ""])) {
+            use std::time::Duration;
+            let expected = match unit {
+                "ms" => Some(Duration::from_millis(n)),
+                "m" => n.checked_mul(60).map(Duration::from_secs),
+                _ => Some(Duration::from_secs(n)),
+            }
+            .filter(|d| !d.is_zero());
+            prop_assert_eq!(parse_duration(&format!("{n}{unit}")), expected);
+        }
+
+        #[test]
+        fn any_text_is_a_duration_or_none(text in any::<String>()) {
+            if let Some(duration) = parse_duration(&text) {
+                prop_assert!(!duration.is_zero());
+            }
+        }
     }
 }

@@ -21,6 +21,7 @@ pub mod error;
 pub mod export;
 pub mod logging;
 pub mod module;
+pub mod text;
 
 pub use abi_stable;
 pub use balancer::{Balancer, BalancerBox, BalancerConfig, BalancerPlugin};

@@ -45,6 +45,32 @@ fn check_explains_valid_descriptors_and_names_what_is_wrong() {
     );
 }
 
+/// Each leniency the parser used to allow is refused with what is there and what to write.
+#[test]
+fn check_refuses_lenient_descriptors_naming_the_text() {
+    let (code, stdout, _) = run_embassy([
+        "check",
+        "bad;;x",
+        "web; 80/tcp",
+        "web;080",
+        "web;80/TCP",
+        "web[a,a];80/tcp",
+        "web;80/tcp;udp_idle=30",
+    ]);
+    assert_eq!(code, 1, "{stdout}");
+    for expected in [
+        "invalid: \"bad;;x\": port is missing in \"bad;;x\": the part after the service is empty",
+        "invalid: \"web; 80/tcp\": port \" 80\" has whitespace: write 80",
+        "invalid: \"web;080\": port \"080\" has a leading zero: write 80",
+        "invalid: \"web;80/TCP\": protocol \"TCP\" must be lowercase: write 'tcp'",
+        "invalid: \"web[a,a];80/tcp\": tag \"a\" is given twice in \"[a,a]\"",
+        "invalid: \"web;80/tcp;udp_idle=30\": option \"udp_idle\" applies to udp services only, and this one is tcp",
+    ] {
+        assert!(stdout.contains(expected), "{expected}\n---\n{stdout}");
+    }
+    assert!(!stdout.contains("ok:"), "{stdout}");
+}
+
 /// The lines of `stderr` at ERROR level.
 fn errors(stderr: &str) -> Vec<&str> {
     stderr.lines().filter(|l| l.contains("ERROR")).collect()

@@ -170,3 +170,87 @@ mod tests {
         assert!(requests_of(&env, "").is_empty());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Environment entries: mostly `NAME=value` with names near the prefix, some without `=`.
+    fn entry() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ("(BACKEND_|BACK|PATH|backend_)[A-Z_=]{0,6}", any::<String>())
+                .prop_map(|(name, value)| format!("{name}={value}")),
+            any::<String>(),
+        ]
+    }
+
+    /// A descriptor the parser accepts, written canonically.
+    fn descriptor() -> impl Strategy<Value = ServiceDescriptor> {
+        (
+            "/?[a-z0-9._-]{1,10}",
+            prop::collection::btree_set("[a-z0-9]{1,4}", 0..3),
+            1u16..,
+            prop_oneof![
+                Just(embassy_plugin_api::Protocol::Tcp),
+                Just(embassy_plugin_api::Protocol::Udp)
+            ],
+        )
+            .prop_map(|(service, tags, port, protocol)| {
+                let mut descriptor = ServiceDescriptor::new(service, port, protocol);
+                descriptor.tags = tags.into_iter().collect();
+                descriptor
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Exactly the prefixed variables are read, sorted, each parsed from its own value.
+        #[test]
+        fn any_environment_yields_its_prefixed_variables(
+            env in prop::collection::vec(entry(), 0..8),
+            prefix in prop_oneof![Just("BACKEND_".to_string()), Just(String::new()), any::<String>()],
+        ) {
+            let requests = requests_of(&env, &prefix);
+            prop_assert!(requests.windows(2).all(|w| w[0].variable <= w[1].variable));
+            let expected = env
+                .iter()
+                .filter_map(|e| e.split_once('='))
+                .filter(|(name, _)| !prefix.is_empty() && name.starts_with(prefix.as_str()))
+                .count();
+            prop_assert_eq!(requests.len(), expected);
+            for request in &requests {
+                prop_assert!(request.variable.starts_with(prefix.as_str()));
+                prop_assert!(!request.variable.contains('='));
+                let entry = format!("{}={}", request.variable, request.value);
+                prop_assert!(env.contains(&entry), "{:?} not in the environment", entry);
+                prop_assert_eq!(&request.descriptor, &request.value.parse::<ServiceDescriptor>());
+            }
+        }
+
+        /// A container declaring canonical descriptors gets exactly those, whatever else its
+        /// environment holds.
+        #[test]
+        fn declared_descriptors_read_back(
+            declared in prop::collection::btree_map("[A-Z0-9]{1,6}", descriptor(), 0..4),
+            other in prop::collection::vec("[a-zA-Z_]{1,8}=[ -~]{0,12}", 0..4),
+        ) {
+            let mut env: Vec<String> = declared
+                .iter()
+                .map(|(name, d)| format!("BACKEND_{name}={d}"))
+                .collect();
+            env.extend(other.into_iter().filter(|e| !e.starts_with("BACKEND_")));
+            let read: Vec<(String, ServiceDescriptor)> = requests_of(&env, "BACKEND_")
+                .into_iter()
+                .map(|r| (r.variable, r.descriptor.expect("a canonical descriptor parses")))
+                .collect();
+            let expected: Vec<(String, ServiceDescriptor)> = declared
+                .into_iter()
+                .map(|(name, d)| (format!("BACKEND_{name}"), d))
+                .collect();
+            prop_assert_eq!(read, expected);
+        }
+    }
+}

@@ -1,9 +1,10 @@
 //! The pure half of a watch: what to ask `/v1/health/service/:service`, what its answer means,
-//! and Consul's rules for blocking-query indexes.
+//! and Consul's rules for blocking-query indexes. What an error or a skipped instance quotes
+//! from the answer is cut ([`cut`]): serde's messages quote the offending string whole.
 
 use std::{collections::BTreeMap, net::Ipv6Addr};
 
-use embassy_plugin_api::{Endpoint, Protocol};
+use embassy_plugin_api::{text::cut, Endpoint, Protocol};
 use serde::Deserialize;
 
 use crate::ConsulError;
@@ -82,8 +83,8 @@ pub fn query_params(
 /// (`Service.Address`, else `Node.Address`) and applies registrator's protocol convention:
 /// `/udp` takes instances tagged `udp`; `/tcp` leaves them out when untagged ones exist too.
 pub fn parse_answer(body: &[u8], protocol: Protocol) -> Result<Answer, ConsulError> {
-    let entries: Vec<Entry> =
-        serde_json::from_slice(body).map_err(|error| ConsulError::Malformed(error.to_string()))?;
+    let entries: Vec<Entry> = serde_json::from_slice(body)
+        .map_err(|error| ConsulError::Malformed(cut(&error.to_string()).into_owned()))?;
     let is_udp = |entry: &Entry| {
         entry
             .service
@@ -113,12 +114,12 @@ pub fn parse_answer(body: &[u8], protocol: Protocol) -> Result<Answer, ConsulErr
         if host.is_empty() {
             skipped.push(format!(
                 "{}: neither Service.Address nor Node.Address is set",
-                service.id
+                cut(&service.id)
             ));
             continue;
         }
         if service.port == 0 {
-            skipped.push(format!("{}: registered without a port", service.id));
+            skipped.push(format!("{}: registered without a port", cut(&service.id)));
             continue;
         }
         let address = if host.parse::<Ipv6Addr>().is_ok() {
@@ -144,7 +145,7 @@ pub fn parse_index(header: Option<&[u8]>) -> Result<u64, ConsulError> {
     std::str::from_utf8(header)
         .ok()
         .and_then(|text| text.trim().parse().ok())
-        .ok_or_else(|| ConsulError::BadIndex(String::from_utf8_lossy(header).into_owned()))
+        .ok_or_else(|| ConsulError::BadIndex(cut(&String::from_utf8_lossy(header)).into_owned()))
 }
 
 /// The index to block on next, per Consul's blocking-query rules: an index that went
@@ -287,6 +288,37 @@ mod tests {
         );
     }
 
+    /// serde quotes a bad string whole; a huge one makes a short error.
+    #[test]
+    fn huge_answers_are_cut_in_errors() {
+        let junk = "x".repeat(1 << 20);
+        let kept = "x".repeat(embassy_plugin_api::text::KEPT_CHARS - 22);
+        check(
+            &format!(r#"[{{"Node":{{}},"Service":{{"ID":"a","Port":"{junk}"}}]"#),
+            Protocol::Tcp,
+            &format!(
+                "error: malformed answer from consul: invalid type: string \"{kept}… ({} bytes)",
+                (1 << 20) + 62
+            ),
+        );
+        check(
+            &format!(r#"[{{"Node":{{}},"Service":{{"ID":"{junk}","Port":80}}}}]"#),
+            Protocol::Tcp,
+            &format!(
+                " | skipped {}… (1048576 bytes): neither Service.Address nor Node.Address is set",
+                "x".repeat(embassy_plugin_api::text::KEPT_CHARS)
+            ),
+        );
+        check_index(
+            5,
+            Some(&junk),
+            &format!(
+                "error: consul answered with a bad X-Consul-Index \"{}… (1048576 bytes)\"",
+                "x".repeat(embassy_plugin_api::text::KEPT_CHARS)
+            ),
+        );
+    }
+
     /// `previous` index and the `returned` header give `expected` for the next round.
     fn check_index(previous: u64, returned: Option<&str>, expected: &str) {
         let actual = match parse_index(returned.map(str::as_bytes)) {
@@ -334,5 +366,130 @@ mod tests {
             render(query_params(&[], Some("eu1"), 42, "300s")),
             "passing=true&dc=eu1&index=42&wait=300s"
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// One registration as the agent reports it.
+    #[derive(Debug, Clone)]
+    struct Registration {
+        id: String,
+        node_address: String,
+        address: String,
+        port: u16,
+        tags: Option<Vec<String>>,
+        weight: Option<u32>,
+    }
+
+    fn registration() -> impl Strategy<Value = Registration> {
+        let address = prop_oneof![
+            Just(String::new()),
+            any::<std::net::Ipv4Addr>().prop_map(|ip| ip.to_string()),
+            any::<Ipv6Addr>().prop_map(|ip| ip.to_string()),
+            "[a-z][a-z0-9.-]{0,10}",
+        ];
+        let tags = prop::option::of(prop::collection::vec(
+            prop_oneof![Just("udp".to_string()), "[a-z]{1,4}"],
+            0..3,
+        ));
+        (
+            "[a-z0-9-]{1,8}",
+            address.clone(),
+            address,
+            any::<u16>(),
+            tags,
+            prop::option::of(any::<u32>()),
+        )
+            .prop_map(
+                |(id, node_address, address, port, tags, weight)| Registration {
+                    id,
+                    node_address,
+                    address,
+                    port,
+                    tags,
+                    weight,
+                },
+            )
+    }
+
+    fn to_json(r: &Registration) -> serde_json::Value {
+        let mut service = json!({"ID": r.id, "Service": "redis", "Address": r.address, "Port": r.port, "Tags": r.tags});
+        if let Some(weight) = r.weight {
+            service["Weights"] = json!({"Passing": weight, "Warning": 1});
+        }
+        json!({"Node": {"Node": "n", "Address": r.node_address}, "Service": service, "Checks": []})
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_bytes_are_an_answer_or_an_error(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                if let Err(error) = parse_answer(&body, protocol) {
+                    prop_assert!(error.to_string().len() < 1024, "{}", error);
+                }
+            }
+        }
+
+        #[test]
+        fn any_text_is_an_index_or_an_error(header in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Err(error) = parse_index(Some(&header)) {
+                prop_assert!(error.to_string().len() < 1024, "{}", error);
+            }
+        }
+
+        #[test]
+        fn indexes_read_back_and_never_go_backwards(previous in any::<u64>(), returned in any::<u64>()) {
+            prop_assert_eq!(parse_index(Some(returned.to_string().as_bytes())).ok(), Some(returned));
+            let next = next_index(previous, returned);
+            prop_assert!(next == returned && returned >= previous || next == 0);
+        }
+
+        /// An answer serves each dialable registration of the protocol once, sorted; each left
+        /// out is named in `skipped`.
+        #[test]
+        fn answers_read_back(registrations in prop::collection::vec(registration(), 0..6)) {
+            let body = serde_json::Value::Array(registrations.iter().map(to_json).collect()).to_string();
+            let is_udp = |r: &Registration| r.tags.as_deref().unwrap_or_default().iter().any(|t| t == UDP_TAG);
+            let any_untagged = registrations.iter().any(|r| !is_udp(r));
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let answer = parse_answer(body.as_bytes(), protocol)
+                    .map_err(|e| TestCaseError::fail(format!("{body}: {e}")))?;
+                let mut expected = BTreeSet::new();
+                let mut skipped = 0;
+                for r in &registrations {
+                    let wanted = match protocol {
+                        Protocol::Udp => is_udp(r),
+                        Protocol::Tcp => !is_udp(r) || !any_untagged,
+                    };
+                    if !wanted {
+                        continue;
+                    }
+                    let host = if r.address.is_empty() { &r.node_address } else { &r.address };
+                    if host.is_empty() || r.port == 0 {
+                        skipped += 1;
+                        continue;
+                    }
+                    expected.insert(if host.contains(':') {
+                        format!("[{host}]:{}", r.port)
+                    } else {
+                        format!("{host}:{}", r.port)
+                    });
+                }
+                let served: Vec<String> = answer.endpoints.iter().map(|e| e.address.to_string()).collect();
+                prop_assert_eq!(served, expected.into_iter().collect::<Vec<_>>());
+                prop_assert_eq!(answer.skipped.len(), skipped);
+                prop_assert!(answer.endpoints.iter().all(|e| e.weight > 0));
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use embassy_plugin_api::{BackendHealth, Endpoint, HostSink, Protocol};
+use embassy_plugin_api::{text::cut, BackendHealth, Endpoint, HostSink, Protocol};
 use reqwest::{header::HeaderValue, Client, StatusCode, Url};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, warn};
@@ -139,11 +139,9 @@ async fn query(
     let body = response.bytes().await.map_err(http_error)?;
     if status != StatusCode::OK {
         let text = String::from_utf8_lossy(&body);
-        let text = text.trim();
-        let text: String = text.chars().take(200).collect();
         return Err(ConsulError::Status {
             status: status.as_u16(),
-            body: text,
+            body: cut(text.trim()).into_owned(),
         });
     }
     let index = parse_index(index.as_deref())?;

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use embassy_plugin_api::{BackendHealth, Endpoint, HostSink, WatchRequest};
+use embassy_plugin_api::{text::cut, BackendHealth, Endpoint, HostSink, WatchRequest};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, WatchOptions};
 use tokio::sync::OnceCell;
 use tracing::{debug, info, warn};
@@ -414,7 +414,8 @@ impl Service {
             Err(error) => {
                 let revision = pair.mod_revision();
                 if self.skipped.get(key) != Some(&revision) {
-                    warn!(service = %self.request.service, key, %error, "skipping an etcd value that is no instance");
+                    // The key is cut like the value: etcd allows keys of up to 1.5 MB.
+                    warn!(service = %self.request.service, key = %cut(key), %error, "skipping an etcd value that is no instance");
                     self.skipped.insert(key.to_string(), revision);
                 }
                 None

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use abi_stable::std_types::RString;
-use embassy_plugin_api::{Endpoint, Protocol};
+use embassy_plugin_api::{text::cut, Endpoint, Protocol};
 use serde_json::{Map, Value};
 
 /// One instance of a service, as one key's value describes it.
@@ -36,7 +36,8 @@ impl Instance {
     }
 }
 
-/// Why a value is not an instance.
+/// Why a value is not an instance. Parts of the value it quotes are cut
+/// ([`cut`]), so a huge garbage value makes a short warning.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
     #[error("the value is empty")]
@@ -97,19 +98,18 @@ pub fn parse_instance(key: &str, value: &[u8]) -> Result<Instance, ValueError> {
 }
 
 fn plain(key: &str, text: &str) -> Result<Instance, ValueError> {
-    let (host, port) = text
-        .rsplit_once(':')
-        .ok_or_else(|| ValueError::Address(text.to_string()))?;
+    let bad = || ValueError::Address(cut(text).into_owned());
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
     let port = port
         .parse::<u16>()
         .ok()
         .filter(|&p| p > 0)
-        .ok_or_else(|| ValueError::Address(text.to_string()))?;
+        .ok_or_else(bad)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let last_segment = key.rsplit('/').next().unwrap_or(key);
     let protocol = last_segment.ends_with(":udp").then_some(Protocol::Udp);
     Ok(Instance {
-        address: join(host, port).ok_or_else(|| ValueError::Address(text.to_string()))?,
+        address: join(host, port).ok_or_else(bad)?,
         tags: Vec::new(),
         protocol,
         weight: 1,
@@ -126,7 +126,8 @@ fn registrar(object: &Map<String, Value>) -> Result<Instance, ValueError> {
         Some(Value::String(p)) if p.eq_ignore_ascii_case("udp") => Some(Protocol::Udp),
         Some(other) => return Err(field_error("proto", "\"tcp\" or \"udp\"", other)),
     };
-    let address = join(host, port).ok_or_else(|| ValueError::Address(format!("{host}:{port}")))?;
+    let address = join(host, port)
+        .ok_or_else(|| ValueError::Address(cut(&format!("{host}:{port}")).into_owned()))?;
     Ok(Instance {
         address,
         tags,
@@ -146,7 +147,8 @@ fn skydns(object: &Map<String, Value>) -> Result<Instance, ValueError> {
             .filter(|&w| w > 0)
             .ok_or_else(|| field_error("weight", "a whole number from 1", value))?,
     };
-    let address = join(host, port).ok_or_else(|| ValueError::Address(format!("{host}:{port}")))?;
+    let address = join(host, port)
+        .ok_or_else(|| ValueError::Address(cut(&format!("{host}:{port}")).into_owned()))?;
     Ok(Instance {
         address,
         tags: Vec::new(),
@@ -206,11 +208,7 @@ fn field_error(field: &'static str, expected: &'static str, found: &Value) -> Va
 
 /// A JSON value for an error message, cut so a huge document cannot flood the log.
 fn shorten(value: &Value) -> String {
-    let text = value.to_string();
-    match text.char_indices().nth(60) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text,
-    }
+    cut(&value.to_string()).into_owned()
 }
 
 /// `host:port`, bracketing IPv6 literals; `None` for a host that is neither an IP literal nor a
@@ -394,6 +392,34 @@ mod tests {
         assert_eq!(parse_instance(KEY, &[0xff, 0xfe]), Err(ValueError::NotUtf8));
     }
 
+    /// A 1 MB garbage value makes a warning of a few hundred bytes, whatever part is garbage.
+    #[test]
+    fn huge_values_are_cut_in_errors() {
+        let junk = "x".repeat(1 << 20);
+        let kept = "x".repeat(embassy_plugin_api::text::KEPT_CHARS);
+        check(
+            KEY,
+            &junk,
+            &format!("error: address \"{kept}… (1048576 bytes)\" is not host:port"),
+        );
+        check(
+            KEY,
+            &format!("{junk}:80"),
+            &format!("error: address \"{kept}… (1048579 bytes)\" is not host:port"),
+        );
+        check(
+            KEY,
+            &format!(r#"{{"ipaddress": "{junk}", "host_port": 80}}"#),
+            &format!("error: address \"{kept}… (1048579 bytes)\" is not host:port"),
+        );
+        let quoted = format!("\"{}", "x".repeat(119));
+        check(
+            KEY,
+            &format!(r#"{{"ipaddress": "127.0.0.1", "host_port": "{junk}"}}"#),
+            &format!("error: \"host_port\" must be a port from 1 to 65535, found {quoted}… (1048578 bytes)"),
+        );
+    }
+
     #[test]
     fn tags_and_protocol_filter() {
         let instance = |value: &str| parse_instance(KEY, value.as_bytes()).expect("instance");
@@ -413,5 +439,147 @@ mod tests {
         let udp = instance(r#"{"ipaddress": "127.0.0.1", "host_port": 1, "proto": "udp"}"#);
         assert!(udp.serves(&tags(&[]), Protocol::Udp));
         assert!(!udp.serves(&tags(&[]), Protocol::Tcp));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A host as registrators write it, and the address Embassy dials for it with `port`.
+    fn host() -> impl Strategy<Value = (String, fn(&str, u16) -> String)> {
+        fn v4(host: &str, port: u16) -> String {
+            format!("{host}:{port}")
+        }
+        fn v6(host: &str, port: u16) -> String {
+            format!("[{host}]:{port}")
+        }
+        prop_oneof![
+            any::<Ipv4Addr>().prop_map(|ip| (ip.to_string(), v4 as fn(&str, u16) -> String)),
+            any::<Ipv6Addr>().prop_map(|ip| (ip.to_string(), v6 as fn(&str, u16) -> String)),
+            "[a-z0-9][a-z0-9.-]{0,30}"
+                .prop_filter("not an IP literal", |h| h.parse::<IpAddr>().is_err())
+                .prop_map(|h| (h, v4 as fn(&str, u16) -> String)),
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::from("/services/web/80/x")),
+            Just(String::from("/services/dns/h:dns:53:udp")),
+            any::<String>(),
+        ]
+    }
+
+    /// Every error names what is wrong in a bounded message, whatever the value's size.
+    fn assert_total(key: &str, value: &[u8]) -> Result<(), TestCaseError> {
+        match parse_instance(key, value) {
+            Ok(instance) => {
+                let (host, port) = instance.address.rsplit_once(':').ok_or_else(|| {
+                    TestCaseError::fail(format!("no port in {:?}", instance.address))
+                })?;
+                prop_assert!(!host.is_empty());
+                prop_assert!(port.parse::<u16>().is_ok_and(|p| p > 0), "{:?}", instance);
+                prop_assert!(instance.weight > 0);
+            }
+            Err(error) => {
+                prop_assert!(error.to_string().len() < 1024, "{}", error);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_bytes_are_an_instance_or_an_error(key in key(), value in prop::collection::vec(any::<u8>(), 0..256)) {
+            assert_total(&key, &value)?;
+        }
+
+        #[test]
+        fn any_text_is_an_instance_or_an_error(key in key(), value in any::<String>()) {
+            assert_total(&key, value.as_bytes())?;
+        }
+
+        /// JSON documents with the formats' field names and values of any type.
+        #[test]
+        fn any_document_is_an_instance_or_an_error(
+            fields in prop::collection::btree_map(
+                prop::sample::select(vec!["ipaddress", "host_port", "host", "port", "tags", "proto", "weight"]),
+                prop_oneof![
+                    Just(json!(null)),
+                    any::<bool>().prop_map(|b| json!(b)),
+                    any::<i64>().prop_map(|n| json!(n)),
+                    any::<f64>().prop_map(|n| json!(n)),
+                    "[a-z0-9.:\\[\\] ]{0,12}".prop_map(|s| json!(s)),
+                    prop::collection::vec("[a-z]{0,4}", 0..3).prop_map(|v| json!(v)),
+                    Just(json!([1, {"a": 2}])),
+                ],
+                0..6,
+            ),
+        ) {
+            let document = serde_json::to_vec(&fields).expect("a map serializes");
+            assert_total("/services/web/80/x", &document)?;
+        }
+
+        #[test]
+        fn registrar_documents_read_back(
+            (host, address) in host(),
+            port in 1u16..,
+            port_as_text in any::<bool>(),
+            tags in prop::collection::vec("[a-z0-9-]{1,8}", 0..4),
+            proto in prop::option::of(prop::sample::select(vec!["tcp", "udp", "TCP", "Udp"])),
+        ) {
+            let mut document = json!({"ipaddress": host, "tags": tags});
+            document["host_port"] = if port_as_text { json!(port.to_string()) } else { json!(port) };
+            if let Some(proto) = proto {
+                document["proto"] = json!(proto);
+            }
+            let instance = parse_instance("/services/web/80/x", document.to_string().as_bytes())
+                .map_err(|e| TestCaseError::fail(format!("{document}: {e}")))?;
+            let protocol = match proto {
+                Some(p) if p.eq_ignore_ascii_case("udp") => Some(Protocol::Udp),
+                Some(_) => Some(Protocol::Tcp),
+                None => tags.iter().any(|t| t == "udp").then_some(Protocol::Udp),
+            };
+            prop_assert_eq!(instance, Instance { address: address(&host, port), tags, protocol, weight: 1 });
+        }
+
+        #[test]
+        fn skydns_records_read_back((host, address) in host(), port in 1u16.., weight in prop::option::of(1u32..)) {
+            let mut document = json!({"host": host, "port": port, "priority": 10});
+            if let Some(weight) = weight {
+                document["weight"] = json!(weight);
+            }
+            let instance = parse_instance("/skydns/local/web/x", document.to_string().as_bytes())
+                .map_err(|e| TestCaseError::fail(format!("{document}: {e}")))?;
+            prop_assert_eq!(instance, Instance {
+                address: address(&host, port),
+                tags: Vec::new(),
+                protocol: None,
+                weight: weight.unwrap_or(1),
+            });
+        }
+
+        /// `ip:port` as registrator writes it, bare or as a JSON string; the address read is the
+        /// canonical `host:port` and reads back to itself.
+        #[test]
+        fn plain_addresses_read_back((host, address) in host(), port in 1u16.., as_json in any::<bool>(), udp in any::<bool>()) {
+            let written = address(&host, port);
+            let value = if as_json { json!(written).to_string() } else { written.clone() };
+            let key = if udp { "/services/dns/h:dns:53:udp" } else { "/services/dns/h:dns:53" };
+            let instance = parse_instance(key, value.as_bytes())
+                .map_err(|e| TestCaseError::fail(format!("{value}: {e}")))?;
+            prop_assert_eq!(&instance.address, &written);
+            prop_assert_eq!(instance.protocol, udp.then_some(Protocol::Udp));
+            let again = parse_instance(key, instance.address.as_bytes()).expect("canonical reads");
+            prop_assert_eq!(again, instance);
+        }
     }
 }

@@ -1,8 +1,9 @@
-//! The services file's format, parsed with errors that point at the bad entry.
+//! The services file's format, parsed with errors that point at the bad entry. What an error
+//! quotes from the file is cut ([`cut`]), so a huge bad entry makes a short warning.
 
 use std::collections::BTreeMap;
 
-use embassy_plugin_api::{Endpoint, Protocol, WatchRequest};
+use embassy_plugin_api::{text::cut, Endpoint, Protocol, WatchRequest};
 use serde_json::Value;
 
 /// One endpoint as the file lists it.
@@ -30,6 +31,11 @@ impl ServicesFile {
 
     pub fn contains(&self, service: &str) -> bool {
         self.services.contains_key(service)
+    }
+
+    /// The services the file lists, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
     }
 
     /// The endpoints of `request.service` carrying every requested tag and serving its protocol.
@@ -61,14 +67,18 @@ pub fn parse_services(bytes: &[u8]) -> Result<ServicesFile, String> {
     let mut services = BTreeMap::new();
     for (name, list) in map {
         let Value::Array(items) = list else {
-            return Err(format!("service {name:?}: expected a list of endpoints"));
+            return Err(format!(
+                "service {:?}: expected a list of endpoints",
+                cut(&name)
+            ));
         };
         let entries = items
             .iter()
             .enumerate()
             .map(|(index, item)| {
-                parse_entry(item)
-                    .map_err(|error| format!("service {name:?}, endpoint {}: {error}", index + 1))
+                parse_entry(item).map_err(|error| {
+                    format!("service {:?}, endpoint {}: {error}", cut(&name), index + 1)
+                })
             })
             .collect::<Result<_, _>>()?;
         services.insert(name, entries);
@@ -87,7 +97,8 @@ fn parse_entry(item: &Value) -> Result<Entry, String> {
         Value::Object(object) => object,
         other => {
             return Err(format!(
-                "expected \"host:port\" or an object, found {other}"
+                "expected \"host:port\" or an object, found {}",
+                quote(other)
             ))
         }
     };
@@ -96,12 +107,18 @@ fn parse_entry(item: &Value) -> Result<Entry, String> {
         .find(|k| !matches!(k.as_str(), "address" | "tags" | "weight" | "proto"))
     {
         return Err(format!(
-            "unknown field {unknown:?} (known: address, tags, weight, proto)"
+            "unknown field {:?} (known: address, tags, weight, proto)",
+            cut(unknown)
         ));
     }
     let address = match object.get("address") {
         Some(Value::String(address)) => check_address(address)?,
-        Some(other) => return Err(format!("\"address\" must be a string, found {other}")),
+        Some(other) => {
+            return Err(format!(
+                "\"address\" must be a string, found {}",
+                quote(other)
+            ))
+        }
         None => return Err("missing \"address\"".into()),
     };
     let tags = match object.get("tags") {
@@ -111,10 +128,15 @@ fn parse_entry(item: &Value) -> Result<Entry, String> {
             .map(|tag| {
                 tag.as_str()
                     .map(str::to_string)
-                    .ok_or_else(|| format!("tag {tag} is not a string"))
+                    .ok_or_else(|| format!("tag {} is not a string", quote(tag)))
             })
             .collect::<Result<_, _>>()?,
-        Some(other) => return Err(format!("\"tags\" must be a list of strings, found {other}")),
+        Some(other) => {
+            return Err(format!(
+                "\"tags\" must be a list of strings, found {}",
+                quote(other)
+            ))
+        }
     };
     let weight = match object.get("weight") {
         None => 1,
@@ -122,7 +144,12 @@ fn parse_entry(item: &Value) -> Result<Entry, String> {
             .as_u64()
             .and_then(|w| u32::try_from(w).ok())
             .filter(|&w| w > 0)
-            .ok_or_else(|| format!("\"weight\" must be a whole number from 1, found {value}"))?,
+            .ok_or_else(|| {
+                format!(
+                    "\"weight\" must be a whole number from 1, found {}",
+                    quote(value)
+                )
+            })?,
     };
     let protocol = match object.get("proto").map(|p| p.as_str()) {
         None => None,
@@ -131,7 +158,7 @@ fn parse_entry(item: &Value) -> Result<Entry, String> {
         Some(_) => {
             return Err(format!(
                 "\"proto\" must be \"tcp\" or \"udp\", found {}",
-                object["proto"]
+                quote(&object["proto"])
             ))
         }
     };
@@ -145,8 +172,13 @@ fn check_address(address: &str) -> Result<&str, String> {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
             Ok(address)
         }
-        _ => Err(format!("address {address:?} is not host:port")),
+        _ => Err(format!("address {:?} is not host:port", cut(address))),
     }
+}
+
+/// A JSON value as the file has it, cut.
+fn quote(value: &Value) -> String {
+    cut(&value.to_string()).into_owned()
 }
 
 #[cfg(test)]
@@ -246,5 +278,185 @@ mod tests {
             &[],
             "error: service \"web\", endpoint 1: expected \"host:port\" or an object, found 7",
         );
+    }
+
+    /// A huge bad entry, service name or field makes an error of a few hundred bytes.
+    #[test]
+    fn huge_bad_entries_are_cut_in_errors() {
+        let junk = "x".repeat(1 << 20);
+        let kept = "x".repeat(embassy_plugin_api::text::KEPT_CHARS);
+        let cut = |n: usize| format!("{kept}… ({n} bytes)");
+        check(
+            &format!(r#"{{"web": ["{junk}"]}}"#),
+            "web",
+            &[],
+            &format!(
+                "error: service \"web\", endpoint 1: address \"{}\" is not host:port",
+                cut(1 << 20)
+            ),
+        );
+        check(
+            &format!(r#"{{"{junk}": 7}}"#),
+            "web",
+            &[],
+            &format!(
+                "error: service \"{}\": expected a list of endpoints",
+                cut(1 << 20)
+            ),
+        );
+        check(
+            &format!(r#"{{"web": [{{"address": "a:1", "proto": "{junk}"}}]}}"#),
+            "web",
+            &[],
+            &format!(
+                "error: service \"web\", endpoint 1: \"proto\" must be \"tcp\" or \"udp\", found \"{}… ({} bytes)",
+                "x".repeat(119),
+                (1 << 20) + 2
+            ),
+        );
+        check(
+            &format!(r#"{{"web": [{{"{junk}": 1}}]}}"#),
+            "web",
+            &[],
+            &format!(
+                "error: service \"web\", endpoint 1: unknown field \"{}\" (known: address, tags, weight, proto)",
+                cut(1 << 20)
+            ),
+        );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// One endpoint as written in the file, and what it serves.
+    #[derive(Debug, Clone)]
+    struct Written {
+        address: String,
+        tags: Vec<String>,
+        weight: u32,
+        protocol: Option<Protocol>,
+        /// Written as a bare string (no tags, weight 1, both protocols).
+        bare: bool,
+    }
+
+    fn written() -> impl Strategy<Value = Written> {
+        (
+            "[a-z0-9.-]{1,12}",
+            1u16..,
+            prop::collection::vec("[a-z]{1,5}", 0..3),
+            1u32..,
+            prop::option::of(prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)]),
+            any::<bool>(),
+        )
+            .prop_map(|(host, port, tags, weight, protocol, bare)| Written {
+                address: format!("{host}:{port}"),
+                tags: if bare { Vec::new() } else { tags },
+                weight: if bare { 1 } else { weight },
+                protocol: if bare { None } else { protocol },
+                bare,
+            })
+    }
+
+    fn to_json(entry: &Written) -> Value {
+        if entry.bare {
+            return json!(entry.address);
+        }
+        let mut object =
+            json!({"address": entry.address, "tags": entry.tags, "weight": entry.weight});
+        if let Some(protocol) = entry.protocol {
+            object["proto"] = json!(protocol.as_str());
+        }
+        object
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_bytes_are_a_file_or_an_error(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            if let Err(error) = parse_services(&bytes) {
+                prop_assert!(error.len() < 1024, "{}", error);
+            }
+        }
+
+        /// JSON shaped like a services file, with values of any type where an entry's fields go.
+        #[test]
+        fn any_entries_are_a_file_or_an_error(
+            entries in prop::collection::vec(
+                prop_oneof![
+                    "[a-z0-9.:]{0,12}".prop_map(|s| json!(s)),
+                    any::<i64>().prop_map(|n| json!(n)),
+                    prop::collection::btree_map(
+                        prop::sample::select(vec!["address", "tags", "weight", "proto", "other"]),
+                        prop_oneof![
+                            Just(json!(null)),
+                            any::<i64>().prop_map(|n| json!(n)),
+                            any::<f64>().prop_map(|n| json!(n)),
+                            "[a-z0-9.:]{0,12}".prop_map(|s| json!(s)),
+                            prop::collection::vec("[a-z]{0,4}", 0..3).prop_map(|v| json!(v)),
+                            Just(json!([1])),
+                        ],
+                        0..5,
+                    ).prop_map(|m| json!(m)),
+                ],
+                0..4,
+            ),
+        ) {
+            let bytes = json!({"web": entries}).to_string();
+            match parse_services(bytes.as_bytes()) {
+                Ok(file) => {
+                    for protocol in [Protocol::Tcp, Protocol::Udp] {
+                        let request = WatchRequest::new("web", &[] as &[&str], protocol);
+                        for endpoint in file.endpoints_for(&request) {
+                            prop_assert!(check_address(&endpoint.address).is_ok());
+                            prop_assert!(endpoint.weight > 0);
+                        }
+                    }
+                }
+                Err(error) => prop_assert!(error.len() < 1024, "{}", error),
+            }
+        }
+
+        /// A file written from endpoints serves exactly those, per protocol and tag.
+        #[test]
+        fn written_files_read_back(
+            services in prop::collection::btree_map("[a-z/]{1,8}", prop::collection::vec(written(), 0..4), 0..4),
+            tag in "[a-z]{1,5}",
+        ) {
+            let document: serde_json::Map<String, Value> = services
+                .iter()
+                .map(|(name, entries)| (name.clone(), Value::Array(entries.iter().map(to_json).collect())))
+                .collect();
+            let file = parse_services(Value::Object(document).to_string().as_bytes())
+                .map_err(TestCaseError::fail)?;
+            prop_assert_eq!(file.names().collect::<Vec<_>>(), services.keys().map(String::as_str).collect::<Vec<_>>());
+            for (name, entries) in &services {
+                for protocol in [Protocol::Tcp, Protocol::Udp] {
+                    for tags in [Vec::new(), vec![tag.clone()]] {
+                        let expected: Vec<(String, Vec<String>, u32)> = entries
+                            .iter()
+                            .filter(|e| e.protocol.is_none_or(|p| p == protocol))
+                            .filter(|e| tags.iter().all(|t| e.tags.contains(t)))
+                            .map(|e| (e.address.clone(), e.tags.clone(), e.weight))
+                            .collect();
+                        let served: Vec<(String, Vec<String>, u32)> = file
+                            .endpoints_for(&WatchRequest::new(name, &tags, protocol))
+                            .iter()
+                            .map(|e| (
+                                e.address.to_string(),
+                                e.tags.iter().map(|t| t.to_string()).collect(),
+                                e.weight,
+                            ))
+                            .collect();
+                        prop_assert_eq!(served, expected);
+                    }
+                }
+            }
+        }
     }
 }
