@@ -1,6 +1,6 @@
-//! A real etcd (Debian's `etcd-server`) for tests: started on free loopback ports with a
-//! temporary data directory, stoppable and restartable on the same ports and data, killed when
-//! dropped. Keys are written through etcd's own JSON gateway (`/v3/kv/...`) with plain std I/O,
+//! A real etcd (Debian's `etcd-server`) for tests, one member or an [`EtcdCluster`]: started
+//! on free loopback ports with a temporary data directory, stoppable and restartable on the
+//! same ports and data, killed when dropped. Keys are written through etcd's own JSON gateway (`/v3/kv/...`) with plain std I/O,
 //! so the tests need no etcd client of their own.
 
 use std::{
@@ -19,7 +19,7 @@ use crate::{free_port, tls::TestPki};
 
 const INSTALL_HINT: &str = "etcd is needed by this test: apt-get install -y etcd-server";
 
-/// A running single-member etcd cluster on loopback.
+/// A running etcd member on loopback: a cluster of its own, or one of an [`EtcdCluster`].
 pub struct Etcd {
     /// The port clients (Embassy) use: plain HTTP, or TLS with [`TestPki`].
     pub client_port: u16,
@@ -44,13 +44,20 @@ impl Etcd {
 
     /// Starts etcd whose client port speaks TLS with `tls`'s certificates.
     pub fn start_with(tls: Option<TestPki>) -> Etcd {
+        let mut etcd = Etcd::new("embassy-test".to_string(), tls);
+        etcd.spawn().unwrap_or_else(|error| panic!("{error:#}"));
+        etcd
+    }
+
+    /// A member on fresh free ports and data directory, not started yet.
+    fn new(name: String, tls: Option<TestPki>) -> Etcd {
         let client_port = free_port();
         let admin_port = if tls.is_some() {
             free_port()
         } else {
             client_port
         };
-        let mut etcd = Etcd {
+        Etcd {
             client_port,
             admin_port,
             peer_port: free_port(),
@@ -58,48 +65,9 @@ impl Etcd {
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
             token: None,
-            name: "embassy-test".to_string(),
+            name,
             initial_cluster: None,
-        };
-        etcd.spawn().unwrap_or_else(|error| panic!("{error:#}"));
-        etcd
-    }
-
-    /// Starts a cluster of `size` plain-HTTP members and waits until every one serves.
-    pub fn start_cluster(size: usize) -> Vec<Etcd> {
-        let mut members: Vec<Etcd> = (0..size)
-            .map(|n| {
-                let client_port = free_port();
-                Etcd {
-                    client_port,
-                    admin_port: client_port,
-                    peer_port: free_port(),
-                    tls: None,
-                    dir: tempfile::tempdir().expect("temp dir"),
-                    child: None,
-                    token: None,
-                    name: format!("member{n}"),
-                    initial_cluster: None,
-                }
-            })
-            .collect();
-        let cluster = members
-            .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
-            .collect::<Vec<_>>()
-            .join(",");
-        for member in &mut members {
-            member.initial_cluster = Some(cluster.clone());
-            member
-                .spawn_process()
-                .unwrap_or_else(|error| panic!("{error:#}"));
         }
-        for member in &mut members {
-            member
-                .wait_healthy(Duration::from_secs(30))
-                .unwrap_or_else(|error| panic!("{error:#}"));
-        }
-        members
     }
 
     /// The member's name in its cluster.
@@ -192,11 +160,19 @@ impl Etcd {
             }
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    bail!("etcd exited ({status}) while starting:\n{}", self.log());
+                    bail!(
+                        "etcd {} exited ({status}) while starting:\n{}",
+                        self.name,
+                        self.log()
+                    );
                 }
             }
             if Instant::now() > deadline {
-                bail!("etcd not healthy within {timeout:?}:\n{}", self.log());
+                bail!(
+                    "etcd {} not healthy within {timeout:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -305,28 +281,37 @@ impl Etcd {
         self.token = answer["token"].as_str().map(str::to_string);
     }
 
-    /// POSTs `body` to the JSON gateway; panics with etcd's answer if it is not 200.
+    /// POSTs `body` to the JSON gateway; panics with etcd's last answer if it takes none.
     fn call(&self, path: &str, body: &Value) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match self.http("POST", path, Some(body)) {
-                Ok((200, text)) => {
-                    return serde_json::from_str(&text)
-                        .unwrap_or_else(|e| panic!("etcd {path}: bad JSON {text:?}: {e}"))
-                }
-                Ok((status, text)) => panic!("etcd {path} {body}: HTTP {status}: {text}"),
-                Err(error) if Instant::now() > deadline => {
-                    panic!("etcd {path} {body}: {error:#}")
-                }
-                // Just restarted: the port may not answer for a moment.
-                Err(_) => thread::sleep(Duration::from_millis(50)),
-            }
-        }
+        post(std::slice::from_ref(self), path, body).unwrap_or_else(|error| panic!("{error:#}"))
     }
 
     /// One HTTP/1.0 exchange with the admin port: (status, body).
     fn http(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String)> {
         http(self.admin_port, self.token.as_deref(), method, path, body)
+    }
+}
+
+/// POSTs `body` to the first running member of `members` that answers 200, trying them all
+/// again for up to 10 s (one just restarted or still electing a leader may not answer yet).
+fn post(members: &[Etcd], path: &str, body: &Value) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut last = "no member running".to_string();
+        for member in members.iter().filter(|m| m.child.is_some()) {
+            match member.http("POST", path, Some(body)) {
+                Ok((200, text)) => {
+                    return serde_json::from_str(&text)
+                        .with_context(|| format!("etcd {path}: bad JSON {text:?}"))
+                }
+                Ok((status, text)) => last = format!("{}: HTTP {status}: {text}", member.name),
+                Err(error) => last = format!("{}: {error:#}", member.name),
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("etcd {path} {body}: no member took it: {last}");
+        }
+        thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -369,136 +354,42 @@ impl Drop for Etcd {
     }
 }
 
-/// A real etcd cluster of several members on loopback (plain HTTP), for leader-loss tests:
-/// members are killed and restarted one by one, on the same ports and data.
+/// A real etcd cluster of several plain-HTTP members on loopback, for failover tests: a slice
+/// of [`Etcd`] members (index it to stop, restart or write through one) plus what needs them
+/// all. Members keep their ports and data across `stop`/`restart`.
 pub struct EtcdCluster {
-    members: Vec<ClusterMember>,
-}
-
-struct ClusterMember {
-    name: String,
-    client_port: u16,
-    peer_port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+    members: Vec<Etcd>,
 }
 
 impl EtcdCluster {
     /// Starts `size` members at once (they wait for each other's quorum) and waits until every
-    /// one is healthy.
+    /// one serves.
     pub fn start(size: usize) -> Result<EtcdCluster> {
-        let mut members = Vec::with_capacity(size);
-        for i in 0..size {
-            members.push(ClusterMember {
-                name: format!("embassy-test-{i}"),
-                client_port: free_port(),
-                peer_port: free_port(),
-                dir: tempfile::tempdir()?,
-                child: None,
-            });
+        let mut members: Vec<Etcd> = (0..size)
+            .map(|n| Etcd::new(format!("member{n}"), None))
+            .collect();
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for member in &mut members {
+            member.initial_cluster = Some(cluster.clone());
+            member.spawn_process()?;
         }
-        let mut cluster = EtcdCluster { members };
-        for i in 0..size {
-            cluster.spawn(i)?;
+        for member in &mut members {
+            member.wait_healthy(Duration::from_secs(30))?;
         }
-        for i in 0..size {
-            cluster.wait_healthy(i, Duration::from_secs(30))?;
-        }
-        Ok(cluster)
+        Ok(EtcdCluster { members })
     }
 
     /// The `--discovery` URI naming every member.
     pub fn uri(&self) -> String {
-        let members: Vec<String> = self
-            .members
-            .iter()
-            .map(|m| format!("127.0.0.1:{}", m.client_port))
-            .collect();
+        let members: Vec<String> = self.members.iter().map(Etcd::member).collect();
         format!("etcd://{}", members.join(","))
     }
 
-    /// `127.0.0.1:PORT` of member `i`'s client port.
-    pub fn member(&self, i: usize) -> String {
-        format!("127.0.0.1:{}", self.members[i].client_port)
-    }
-
-    fn spawn(&mut self, i: usize) -> Result<()> {
-        let initial: Vec<String> = self
-            .members
-            .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
-            .collect();
-        let member = &mut self.members[i];
-        let peer = format!("http://127.0.0.1:{}", member.peer_port);
-        let client = format!("http://127.0.0.1:{}", member.client_port);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(member.dir.path().join("etcd.log"))?;
-        let binary = std::env::var("EMBASSY_TEST_ETCD").unwrap_or_else(|_| "etcd".into());
-        let mut command = Command::new(&binary);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ETCD") {
-                command.env_remove(key);
-            }
-        }
-        command
-            .args(["--name", &member.name, "--data-dir"])
-            .arg(member.dir.path().join("data"))
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &initial.join(",")])
-            .args(["--initial-cluster-token", "embassy-test-cluster"])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--logger", "zap", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        member.child = Some(command.spawn().map_err(|error| {
-            if error.kind() == std::io::ErrorKind::NotFound {
-                anyhow::anyhow!("{binary} not found. {INSTALL_HINT}")
-            } else {
-                anyhow::anyhow!("cannot start {binary}: {error}")
-            }
-        })?);
-        Ok(())
-    }
-
-    fn wait_healthy(&mut self, i: usize, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok((200, body)) = http(self.members[i].client_port, None, "GET", "/health", None)
-            {
-                if body.contains("true") {
-                    return Ok(());
-                }
-            }
-            if let Some(child) = self.members[i].child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!(
-                        "etcd member {i} exited ({status}) while starting:\n{}",
-                        self.log(i)
-                    );
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "etcd member {i} not healthy within {timeout:?}:\n{}",
-                    self.log(i)
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Member `i`'s own log so far.
-    pub fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.members[i].dir.path().join("etcd.log")).unwrap_or_default()
-    }
-
-    /// The index of the member every live member calls leader, once they agree (at most
+    /// The index of the member every running member calls leader, once they agree (at most
     /// `timeout`).
     pub fn leader(&self, timeout: Duration) -> Result<usize> {
         let deadline = Instant::now() + timeout;
@@ -507,14 +398,9 @@ impl EtcdCluster {
             let mut leaders = Vec::new();
             for member in &self.members {
                 let status = member.child.as_ref().and_then(|_| {
-                    let (code, body) = http(
-                        member.client_port,
-                        None,
-                        "POST",
-                        "/v3/maintenance/status",
-                        Some(&json!({})),
-                    )
-                    .ok()?;
+                    let (code, body) = member
+                        .http("POST", "/v3/maintenance/status", Some(&json!({})))
+                        .ok()?;
                     (code == 200).then(|| serde_json::from_str::<Value>(&body).ok())?
                 });
                 let id = status
@@ -539,59 +425,30 @@ impl EtcdCluster {
         }
     }
 
-    /// Kills member `i` (SIGKILL).
-    pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.members[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts member `i` again on its ports and data; waits until it is healthy.
-    pub fn restart(&mut self, i: usize) -> Result<()> {
-        self.kill(i);
-        self.spawn(i)?;
-        self.wait_healthy(i, Duration::from_secs(30))
-    }
-
-    /// Puts `value` at `key` through the first live member that takes it.
+    /// Puts `value` at `key` through the first running member that takes it.
     pub fn put(&self, key: &str, value: &str) -> Result<()> {
         let body = json!({"key": base64(key.as_bytes()), "value": base64(value.as_bytes())});
-        self.write("/v3/kv/put", &body)
+        post(&self.members, "/v3/kv/put", &body).map(drop)
     }
 
-    /// Deletes `key` through the first live member that takes it.
+    /// Deletes `key` through the first running member that takes it.
     pub fn delete(&self, key: &str) -> Result<()> {
-        self.write(
-            "/v3/kv/deleterange",
-            &json!({"key": base64(key.as_bytes())}),
-        )
-    }
-
-    fn write(&self, path: &str, body: &Value) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut last = String::new();
-            for member in self.members.iter().filter(|m| m.child.is_some()) {
-                match http(member.client_port, None, "POST", path, Some(body)) {
-                    Ok((200, _)) => return Ok(()),
-                    Ok((status, text)) => last = format!("HTTP {status}: {text}"),
-                    Err(error) => last = format!("{error:#}"),
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("etcd {path} {body}: no member took it: {last}");
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        let body = json!({"key": base64(key.as_bytes())});
+        post(&self.members, "/v3/kv/deleterange", &body).map(drop)
     }
 }
 
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.kill(i);
-        }
+impl std::ops::Deref for EtcdCluster {
+    type Target = [Etcd];
+
+    fn deref(&self) -> &[Etcd] {
+        &self.members
+    }
+}
+
+impl std::ops::DerefMut for EtcdCluster {
+    fn deref_mut(&mut self) -> &mut [Etcd] {
+        &mut self.members
     }
 }
 

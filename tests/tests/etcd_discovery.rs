@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use embassy_tests::{etcd::Etcd, *};
+use embassy_tests::{
+    etcd::{Etcd, EtcdCluster},
+    *,
+};
 use serde_json::json;
 
 /// service-registrar's document (the original README's), pointed at a loopback upstream.
@@ -571,7 +574,7 @@ fn udp_and_tcp_descriptors_split_one_prefix_by_protocol() {
 /// unreachable".
 #[test]
 fn losing_one_of_three_members_is_a_failover_not_an_outage() {
-    let mut cluster = Etcd::start_cluster(3);
+    let mut cluster = EtcdCluster::start(3).unwrap_or_else(|error| panic!("{error:#}"));
     let (a, b) = (Upstream::start("a"), Upstream::start("b"));
     let key_a = instance_key(&a);
     cluster[0].put(&key_a, &registrar(&a, &[]));

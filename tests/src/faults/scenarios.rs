@@ -333,7 +333,7 @@ fn etcd_leader_loss(options: &Options, report: &mut Report) -> Result<()> {
     let leader = cluster.leader(Duration::from_secs(10))?;
     let lines_before = proxy.embassy.log().len();
     let killed = Instant::now();
-    cluster.kill(leader);
+    cluster[leader].stop();
     let new_leader = cluster.leader(WAIT)?;
     let elected = Instant::now();
     cluster.put("/services/faults/web/c", &c.endpoint())?;
@@ -342,8 +342,8 @@ fn etcd_leader_loss(options: &Options, report: &mut Report) -> Result<()> {
     let attempts = traffic.finish();
     report.tally = Tally::of(&attempts);
     report.recovery = Some(Recovery::of(&attempts, elected));
-    report.figure("killed_member", cluster.member(leader));
-    report.figure("new_leader", cluster.member(new_leader));
+    report.figure("killed_member", cluster[leader].member());
+    report.figure("new_leader", cluster[new_leader].member());
     report.figure("election_ms", ms(killed, elected));
     report.figure("per_upstream", json!(per_upstream(&attempts)));
     let lines = proxy.embassy.log();
