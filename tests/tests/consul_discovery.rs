@@ -322,7 +322,11 @@ fn fifty_services_block_side_by_side() {
 
 #[test]
 fn bad_uris_and_ca_files_are_refused_at_start() {
-    let plugins = plugin_dir(&[artifacts().library("embassy-plugin-consul")]);
+    // With the default balancer: start-up checks it before it opens the discovery backend.
+    let plugins = plugin_dir(&[
+        artifacts().library("embassy-plugin-consul"),
+        artifacts().library("embassy-plugin-round-robin"),
+    ]);
     let dir = tempfile::tempdir().expect("temp dir");
     let not_pem = dir.path().join("ca.pem");
     std::fs::write(&not_pem, "this is not a certificate\n").expect("write");
