@@ -13,14 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use abi_stable::{
-    sabi_trait::TD_Opaque,
-    std_types::{RArc, RStr, RVec},
-};
+use abi_stable::std_types::{RStr, RVec};
 use embassy_host::plugins::PluginRegistry;
-use embassy_plugin_api::{
-    discovery::EndpointSink_TO, BackendHealth, Endpoint, EndpointSink, Protocol, WatchRequest,
-};
+use embassy_plugin_api::{BackendHealth, Endpoint, EndpointSink, Protocol, WatchRequest};
 use embassy_tests::{
     artifacts, etcd::Etcd, free_port, standard_plugin_dir, Client, Embassy, Upstream,
 };
@@ -141,16 +136,13 @@ fn load(etcd: &Etcd) {
             .open_discovery(&etcd.uri(), &[])
             .expect("open etcd discovery");
         let (done, arrived) = mpsc::channel();
-        let sink = EndpointSink_TO::from_ptr(
-            RArc::new(Until {
-                size: INSTANCES,
-                done: Mutex::new(Some(done)),
-            }),
-            TD_Opaque,
-        );
+        let sink = Until {
+            size: INSTANCES,
+            done: Mutex::new(Some(done)),
+        };
         let request = WatchRequest::new::<&str>("/services/bench/load/80", &[], Protocol::Tcp);
         let start = Instant::now();
-        let _watch = discovery.watch(request, sink).into_result().expect("watch");
+        let _watch = discovery.watch(request, sink).expect("watch");
         let at = arrived
             .recv_timeout(Duration::from_secs(60))
             .expect("10,000 instances within 60 s");

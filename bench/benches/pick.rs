@@ -11,7 +11,7 @@ use std::{
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use embassy_core::Picker;
 use embassy_host::plugins::PluginRegistry;
-use embassy_plugin_api::{BalancerBox, BalancerConfig, EndpointView};
+use embassy_plugin_api::{BalancerConfig, EndpointView};
 use embassy_tests::{artifacts, standard_plugin_dir};
 
 struct Endpoints {
@@ -42,7 +42,7 @@ fn registry() -> PluginRegistry {
     registry
 }
 
-fn balancer(registry: &PluginRegistry, name: &str) -> BalancerBox {
+fn balancer(registry: &PluginRegistry, name: &str) -> Box<dyn Picker> {
     registry
         .new_balancer(
             name,
@@ -57,12 +57,13 @@ fn balancer(registry: &PluginRegistry, name: &str) -> BalancerBox {
 /// Runs `iters` picks in a tight loop on each of `pickers.len()` threads at once and returns
 /// the wall time divided by the thread count: the throughput cost of one pick.
 fn timed_picks(iters: u64, pickers: &[&dyn Picker], views: &[EndpointView]) -> Duration {
+    let client = "127.0.0.1:40000".parse().expect("an address");
     let start = Instant::now();
     std::thread::scope(|scope| {
         for picker in pickers {
             scope.spawn(move || {
                 for _ in 0..iters {
-                    black_box(picker.pick(black_box(views)).ok());
+                    black_box(picker.pick(black_box(views), black_box(client)).ok());
                 }
             });
         }
@@ -85,7 +86,7 @@ fn pick(c: &mut Criterion) {
         for name in ["round-robin", "least-conn"] {
             let balancer = balancer(&registry, name);
             group.bench_with_input(BenchmarkId::new(name, n), &set, |b, set| {
-                b.iter_custom(|iters| timed_picks(iters, &[&balancer], &set.views))
+                b.iter_custom(|iters| timed_picks(iters, &[balancer.as_ref()], &set.views))
             });
         }
     }
@@ -107,10 +108,10 @@ fn contention(c: &mut Criterion) {
         balancer(&registry, "round-robin"),
     );
     group.bench_function("shared-instance", |b| {
-        b.iter_custom(|iters| timed_picks(iters, &[&shared, &shared], &set.views))
+        b.iter_custom(|iters| timed_picks(iters, &[shared.as_ref(), shared.as_ref()], &set.views))
     });
     group.bench_function("instance-per-thread", |b| {
-        b.iter_custom(|iters| timed_picks(iters, &[&own_a, &own_b], &set.views))
+        b.iter_custom(|iters| timed_picks(iters, &[own_a.as_ref(), own_b.as_ref()], &set.views))
     });
     group.finish();
 }

@@ -17,7 +17,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use embassy_plugin_api::{Endpoint, EndpointView};
+use embassy_plugin_api::{Endpoint, EndpointView, Excluded};
 use tokio::sync::{futures::Notified, Notify};
 use tracing::{info, warn};
 
@@ -125,6 +125,8 @@ pub struct EndpointSet {
     upstreams: Vec<Upstream>,
     // Views point into `upstreams[i].active`; both live and die with this snapshot.
     views: Vec<EndpointView>,
+    /// What discovery left out of this set, and why (empty from a 1.0 plugin).
+    excluded: Vec<Excluded>,
 }
 
 impl EndpointSet {
@@ -143,6 +145,11 @@ impl EndpointSet {
     /// What balancers see: one view per upstream, same order.
     pub fn views(&self) -> &[EndpointView] {
         &self.views
+    }
+
+    /// The instances discovery left out of this set, and why.
+    pub fn excluded(&self) -> &[Excluded] {
+        &self.excluded
     }
 }
 
@@ -198,8 +205,19 @@ impl ServiceEndpoints {
         self.changed.notified()
     }
 
-    /// Replaces the whole set. Start-up and every later update come through here.
+    /// Replaces the whole set, with nothing said about what was left out.
     pub fn replace(&self, endpoints: &[Endpoint]) -> SetChange {
+        self.replace_explained(endpoints, Vec::new(), |_| {})
+    }
+
+    /// Replaces the whole set. Start-up and every later update come through here. `prepare`
+    /// sees the new views before any reader can load them (the balancer's set-change hook).
+    pub fn replace_explained(
+        &self,
+        endpoints: &[Endpoint],
+        excluded: Vec<Excluded>,
+        prepare: impl FnOnce(&[EndpointView]),
+    ) -> SetChange {
         let mut counters = self
             .counters
             .lock()
@@ -250,8 +268,13 @@ impl ServiceEndpoints {
                 EndpointView::new(Arc::as_ptr(&upstream.active), weight, true)
             })
             .collect();
-        self.current
-            .store(Arc::new(EndpointSet { upstreams, views }));
+        let set = EndpointSet {
+            upstreams,
+            views,
+            excluded,
+        };
+        prepare(set.views());
+        self.current.store(Arc::new(set));
         self.changed.notify_waiters();
         change
     }

@@ -85,7 +85,7 @@ pub async fn serve_tcp(
         }
         let connection = service.open_connection();
         let snapshot = service.endpoints.load();
-        let first = match service.pick(&snapshot) {
+        let first = match service.pick(&snapshot, peer) {
             Ok(Some(index)) => {
                 service.queue.endpoint_available(&service.descriptor);
                 Some(index)
@@ -217,7 +217,7 @@ async fn forward(client: TcpStream, path: Path) {
     let service = &path.service;
     let (snapshot, first) = match path.first {
         Some(first) => (path.snapshot, first),
-        None => match wait_for_endpoint(service).await {
+        None => match wait_for_endpoint(service, &client).await {
             Some(picked) => picked,
             None => {
                 reset_on_close(&client);
@@ -263,14 +263,19 @@ async fn forward(client: TcpStream, path: Path) {
 
 /// Holds a connection accepted with no endpoint until one appears (the pick is made here),
 /// `queue_timeout` passes or the graceful stop runs out; `None` means reset it.
-async fn wait_for_endpoint(service: &Service) -> Option<(Arc<EndpointSet>, usize)> {
+async fn wait_for_endpoint(
+    service: &Service,
+    client: &TcpStream,
+) -> Option<(Arc<EndpointSet>, usize)> {
+    // A system call, but on the slow path only: the accept loop's pick had the address free.
+    let peer = client.peer_addr().ok()?;
     let deadline = Instant::now() + service.queue_timeout;
     loop {
         let changed = service.endpoints.changed();
         let mut changed = std::pin::pin!(changed);
         changed.as_mut().enable();
         let snapshot = service.endpoints.load();
-        match service.pick(&snapshot) {
+        match service.pick(&snapshot, peer) {
             Ok(Some(first)) => {
                 service.queue.served();
                 service.queue.endpoint_available(&service.descriptor);

@@ -1,6 +1,7 @@
 //! A proxied service: its descriptor, its endpoints, its balancer and its connection limits.
 
 use std::{
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -8,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use embassy_plugin_api::PluginError;
+use embassy_plugin_api::{Endpoint, Excluded, PluginError};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -16,7 +17,7 @@ use crate::{
     balancer::Picker,
     copy::{CopyMode, Cut, Timeouts},
     descriptor::{parse_duration, ServiceDescriptor},
-    endpoints::{EndpointSet, ServiceEndpoints},
+    endpoints::{EndpointSet, ServiceEndpoints, SetChange},
 };
 
 /// Default upstream connect timeout when neither the descriptor nor the CLI sets one.
@@ -149,13 +150,28 @@ impl Service {
         OpenConnection(Arc::clone(self))
     }
 
-    /// Asks the balancer for an index into `set`, checking it is in range.
+    /// Replaces the service's endpoint set (the one update path): the balancer prepares for
+    /// the new set before the first pick over it.
+    pub fn replace_endpoints(&self, endpoints: &[Endpoint], excluded: Vec<Excluded>) -> SetChange {
+        self.endpoints.replace_explained(endpoints, excluded, |views| {
+            if let Err(error) = self.picker.endpoints_changed(views) {
+                warn!(service = %self.descriptor, %error, "balancer failed to take the new endpoint set; its picks may be uneven until the next one");
+            }
+        })
+    }
+
+    /// Asks the balancer for an index into `set` for a connection from `client`, checking it
+    /// is in range.
     #[inline]
-    pub fn pick(&self, set: &EndpointSet) -> Result<Option<usize>, PluginError> {
+    pub fn pick(
+        &self,
+        set: &EndpointSet,
+        client: SocketAddr,
+    ) -> Result<Option<usize>, PluginError> {
         if set.is_empty() {
             return Ok(None);
         }
-        match self.picker.pick(set.views())? {
+        match self.picker.pick(set.views(), client)? {
             Some(index) if index < set.len() => Ok(Some(index)),
             Some(index) => Err(PluginError::new(format!(
                 "balancer returned index {index} for {} endpoints",

@@ -274,7 +274,7 @@ impl UdpProxy {
             trace!(%client, "session still opening, datagram dropped");
             return None;
         }
-        let first = match self.service.pick(&self.snapshot) {
+        let first = match self.service.pick(&self.snapshot, client) {
             Ok(Some(index)) => index,
             Ok(None) => {
                 if !self.no_endpoint_logged {

@@ -5,6 +5,11 @@
 //! therefore opened through its own library header (`lib_header_from_path`, then
 //! `init_root_module`), which checks the abi_stable version, the contract version and the
 //! layout of everything reachable from the root module. Libraries are never unloaded.
+//!
+//! A library is checked against the newest contract first and, if it was built against 1.0,
+//! against the frozen 1.0 interfaces (`embassy_plugin_api::v1_0`): abi_stable refuses a library
+//! with fewer members than the host's types, so each older minor needs its own. [`Module`] and
+//! [`DiscoveryBackend`] hide which one a plugin speaks from the rest of the host.
 
 use std::{
     fs,
@@ -15,9 +20,11 @@ use abi_stable::{
     library::{lib_header_from_path, LibraryError},
     std_types::{RStr, RVec, Tuple2},
 };
+use embassy_core::balancer::Picker;
 use embassy_plugin_api::{
-    module::PLUGIN_API_VERSION, BalancerBox, BalancerConfig, DiscoveryBox, DiscoveryConfig,
-    HostLogger, LogLevel, PluginKind, PluginModRef,
+    module::{LOADABLE_MINORS, PLUGIN_API_VERSION},
+    v1_0, BalancerConfig, DiscoveryBox, DiscoveryConfig, EndpointSink, HostLogger, LogLevel,
+    PluginError, PluginKind, PluginMetadata, PluginModRef, WatchHandleBox, WatchRequest,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -30,11 +37,12 @@ pub enum PluginLoadError {
     NotALibrary { path: PathBuf, reason: String },
     #[error("{path}: not an Embassy plugin (it exports no abi_stable root module)")]
     NotAPlugin { path: PathBuf },
-    #[error("{path}: incompatible plugin: built against plugin-api {plugin_api}, this host has plugin-api {host_api}: {summary}")]
+    #[error("{path}: incompatible plugin: built against plugin-api {plugin_api}, checked against contract {checked} of this host (plugin-api {PLUGIN_API_VERSION}, loads {}): {summary}", LOADABLE_MINORS.join(" and "))]
     Incompatible {
         path: PathBuf,
         plugin_api: String,
-        host_api: &'static str,
+        /// The contract minor the library was checked against.
+        checked: &'static str,
         summary: String,
         /// abi_stable's full report (often hundreds of lines), logged with --verbose.
         detail: String,
@@ -90,8 +98,94 @@ pub struct LoadedPlugin {
     pub schemes: Vec<String>,
     pub description: String,
     pub path: PathBuf,
+    /// The contract minor the library speaks (`1.1`, `1.0`): what the host can ask of it.
+    pub contract: &'static str,
+    /// The plugin-api version the library was built against.
+    pub plugin_api: String,
     #[serde(skip)]
-    module: PluginModRef,
+    module: Module,
+}
+
+/// A checked root module, as the contract minor its library was built against.
+#[derive(Clone, Copy)]
+enum Module {
+    Current(PluginModRef),
+    V1_0(v1_0::PluginModRef),
+}
+
+impl Module {
+    fn contract(self) -> &'static str {
+        match self {
+            Module::Current(_) => "1.1",
+            Module::V1_0(_) => "1.0",
+        }
+    }
+
+    fn metadata(self) -> PluginMetadata {
+        match self {
+            Module::Current(m) => (m.metadata())(),
+            Module::V1_0(m) => (m.metadata())(),
+        }
+    }
+
+    fn install_logger(self, logger: HostLogger) {
+        match self {
+            Module::Current(m) => (m.install_logger())(logger),
+            Module::V1_0(m) => (m.install_logger())(logger),
+        }
+    }
+
+    fn new_balancer(self, config: BalancerConfig) -> Result<Box<dyn Picker>, PluginError> {
+        match self {
+            Module::Current(m) => (m.new_balancer())(config)
+                .into_result()
+                .map(|b| Box::new(b) as Box<dyn Picker>),
+            Module::V1_0(m) => (m.new_balancer())(config)
+                .into_result()
+                .map(|b| Box::new(b) as Box<dyn Picker>),
+        }
+    }
+
+    fn open_discovery(self, config: DiscoveryConfig) -> Result<DiscoveryBackend, PluginError> {
+        match self {
+            Module::Current(m) => (m.open_discovery())(config)
+                .into_result()
+                .map(DiscoveryBackend::Current),
+            Module::V1_0(m) => (m.open_discovery())(config)
+                .into_result()
+                .map(DiscoveryBackend::V1_0),
+        }
+    }
+}
+
+/// An open discovery backend, whichever contract minor its plugin speaks.
+pub enum DiscoveryBackend {
+    Current(DiscoveryBox),
+    V1_0(v1_0::DiscoveryBox),
+}
+
+impl DiscoveryBackend {
+    /// Starts following `request`; the plugin calls `sink` from its own threads. A 1.0
+    /// plugin gets the same sink as a 1.0 one (it never explains what it left out).
+    pub fn watch<S: EndpointSink + 'static>(
+        &self,
+        request: WatchRequest,
+        sink: S,
+    ) -> Result<WatchHandleBox, PluginError> {
+        let sink = abi_stable::std_types::RArc::new(sink);
+        let opaque = abi_stable::sabi_trait::TD_Opaque;
+        match self {
+            DiscoveryBackend::Current(backend) => backend
+                .watch(
+                    request,
+                    embassy_plugin_api::discovery::EndpointSink_TO::from_ptr(sink, opaque),
+                )
+                .into_result(),
+            DiscoveryBackend::V1_0(backend) => backend
+                .watch(request, v1_0::EndpointSink_TO::from_ptr(sink, opaque))
+                .into_result(),
+        }
+    }
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -152,8 +246,8 @@ impl PluginRegistry {
     }
 
     fn register(&mut self, path: &Path) -> Result<(), PluginLoadError> {
-        let module = open(path)?;
-        let metadata = (module.metadata())();
+        let (module, plugin_api) = open(path)?;
+        let metadata = module.metadata();
         let plugin = LoadedPlugin {
             name: metadata.name.to_string(),
             kind: metadata.kind.as_str(),
@@ -161,6 +255,8 @@ impl PluginRegistry {
             schemes: metadata.schemes.iter().map(|s| s.to_string()).collect(),
             description: metadata.description.to_string(),
             path: path.to_path_buf(),
+            contract: module.contract(),
+            plugin_api,
             module,
         };
         if let Some(first) = self.plugins.iter().find(|p| p.name == plugin.name) {
@@ -179,20 +275,15 @@ impl PluginRegistry {
                 });
             }
         }
-        (module.install_logger())(HostLogger {
+        module.install_logger(HostLogger {
             max_level: host_max_level(),
             log: host_log,
         });
-        #[cfg(feature = "compat-test-next-minor")]
-        info!(
-            plugin = %plugin.name,
-            next_minor_probe = ?module.next_minor_probe().map(|probe| probe()),
-            "field appended in the next minor contract version"
-        );
         info!(
             plugin = %plugin.name,
             kind = plugin.kind,
             version = %plugin.version,
+            contract = plugin.contract,
             path = %plugin.path.display(),
             "plugin loaded"
         );
@@ -220,10 +311,11 @@ impl PluginRegistry {
         &self,
         name: &str,
         config: BalancerConfig,
-    ) -> Result<BalancerBox, PluginUseError> {
+    ) -> Result<Box<dyn Picker>, PluginUseError> {
         let plugin = self.balancer(name)?;
-        (plugin.module.new_balancer())(config)
-            .into_result()
+        plugin
+            .module
+            .new_balancer(config)
             .map_err(|error| PluginUseError::Plugin {
                 plugin: plugin.name.clone(),
                 message: error.to_string(),
@@ -235,7 +327,7 @@ impl PluginRegistry {
         &self,
         uri: &str,
         options: &[(String, String)],
-    ) -> Result<DiscoveryBox, PluginUseError> {
+    ) -> Result<DiscoveryBackend, PluginUseError> {
         let scheme = uri
             .split_once("://")
             .map(|(scheme, _)| scheme)
@@ -258,8 +350,9 @@ impl PluginRegistry {
                 .map(|(k, v)| Tuple2(k.as_str().into(), v.as_str().into()))
                 .collect::<RVec<_>>(),
         };
-        (plugin.module.open_discovery())(config)
-            .into_result()
+        plugin
+            .module
+            .open_discovery(config)
             .map_err(|error| PluginUseError::Plugin {
                 plugin: plugin.name.clone(),
                 message: error.to_string(),
@@ -326,8 +419,9 @@ fn entry_kind(path: &Path) -> Result<(), OddEntry> {
     }
 }
 
-/// Opens one library and checks it against this host's contract.
-fn open(path: &Path) -> Result<PluginModRef, PluginLoadError> {
+/// Opens one library and checks it against the contract minor it was built against (the
+/// current one for anything newer than 1.0); returns it with its plugin-api version.
+fn open(path: &Path) -> Result<(Module, String), PluginLoadError> {
     let header = lib_header_from_path(path).map_err(|error| match error {
         LibraryError::GetSymbolError { .. } => PluginLoadError::NotAPlugin {
             path: path.to_path_buf(),
@@ -336,26 +430,52 @@ fn open(path: &Path) -> Result<PluginModRef, PluginLoadError> {
             path: path.to_path_buf(),
             reason: err.to_string(),
         },
-        other => incompatible(path, "unknown".to_string(), &other),
+        other => incompatible(path, "unknown".to_string(), "1.1", &other),
     })?;
     let plugin_api = header.version_strings().version.to_string();
-    header
-        .init_root_module::<PluginModRef>()
-        .map_err(|error| match error {
-            LibraryError::RootModule { err, .. } => PluginLoadError::InitFailed {
-                path: path.to_path_buf(),
-                reason: err.to_string(),
-            },
-            other => incompatible(path, plugin_api, &other),
-        })
+    let checked = if built_against_1_0(&plugin_api) {
+        "1.0"
+    } else {
+        "1.1"
+    };
+    let refused = |error| match error {
+        LibraryError::RootModule { err, .. } => PluginLoadError::InitFailed {
+            path: path.to_path_buf(),
+            reason: err.to_string(),
+        },
+        other => incompatible(path, plugin_api.clone(), checked, &other),
+    };
+    let module = if checked == "1.0" {
+        header
+            .init_root_module::<v1_0::PluginModRef>()
+            .map(Module::V1_0)
+    } else {
+        header
+            .init_root_module::<PluginModRef>()
+            .map(Module::Current)
+    };
+    Ok((module.map_err(refused)?, plugin_api))
 }
 
-fn incompatible(path: &Path, plugin_api: String, error: &LibraryError) -> PluginLoadError {
+/// Whether `version` (the library's plugin-api) is a 1.0.x: such a library is checked against
+/// the 1.0 interfaces, anything else against the current ones (whose check then says what
+/// differs from this host's contract).
+fn built_against_1_0(version: &str) -> bool {
+    let mut parts = version.split('.');
+    parts.next() == Some("1") && parts.next() == Some("0")
+}
+
+fn incompatible(
+    path: &Path,
+    plugin_api: String,
+    checked: &'static str,
+    error: &LibraryError,
+) -> PluginLoadError {
     let detail = error.to_string();
     PluginLoadError::Incompatible {
         path: path.to_path_buf(),
         plugin_api,
-        host_api: PLUGIN_API_VERSION,
+        checked,
         summary: summarize(&detail),
         detail,
     }

@@ -219,11 +219,12 @@ pub fn list_plugins(
                 plugin.schemes.join(",")
             };
             println!(
-                "{:<16} {:<10} {:<8} {:<12} {}",
+                "{:<16} {:<10} {:<8} {:<12} contract {:<4} {}",
                 plugin.name,
                 plugin.kind,
                 plugin.version,
                 schemes,
+                plugin.contract,
                 plugin.path.display()
             );
         }

@@ -14,16 +14,12 @@ use std::{
     time::Duration,
 };
 
-use abi_stable::{sabi_trait::TD_Opaque, std_types::RArc};
 use embassy_core::{
     copy::{CopyMode, Cut},
     service::ConnectionDefaults,
     Listener, ListenerError, Service, ServiceDescriptor,
 };
-use embassy_plugin_api::{
-    discovery::EndpointSink_TO, BalancerConfig, DiscoveryBox, Protocol, WatchHandleBox,
-    WatchRequest,
-};
+use embassy_plugin_api::{BalancerConfig, Protocol, WatchHandleBox, WatchRequest};
 use thiserror::Error;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -31,7 +27,7 @@ use tracing::{info, info_span, Instrument};
 
 use crate::{
     netns::{Netns, NetnsError},
-    plugins::{PluginRegistry, PluginUseError},
+    plugins::{DiscoveryBackend, PluginRegistry, PluginUseError},
     sink::ServiceSink,
 };
 
@@ -111,7 +107,7 @@ struct Active {
 /// Owns every listener and watch.
 pub struct Supervisor {
     plugins: Arc<PluginRegistry>,
-    discovery: DiscoveryBox,
+    discovery: DiscoveryBackend,
     defaults: ServeDefaults,
     active: HashMap<ListenKey, Active>,
     listeners: TaskTracker,
@@ -123,7 +119,7 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(
         plugins: Arc<PluginRegistry>,
-        discovery: DiscoveryBox,
+        discovery: DiscoveryBackend,
         defaults: ServeDefaults,
     ) -> Self {
         Supervisor {
@@ -174,16 +170,12 @@ impl Supervisor {
             .plugins
             .new_balancer(balancer_name, balancer_config(descriptor))?;
         let listener = place.bind(addr, descriptor.protocol).await?;
-        let mut service = Service::with_defaults(
-            descriptor.clone(),
-            Box::new(balancer),
-            &self.defaults.connections,
-        );
+        let mut service =
+            Service::with_defaults(descriptor.clone(), balancer, &self.defaults.connections);
         service.copy_mode = self.defaults.copy_mode;
         service.cut = Arc::clone(&self.cut);
         let service = Arc::new(service);
-        let sink =
-            EndpointSink_TO::from_ptr(RArc::new(ServiceSink::new(Arc::clone(&service))), TD_Opaque);
+        let sink = ServiceSink::new(Arc::clone(&service));
         let request = WatchRequest {
             options: options_of(descriptor),
             ..WatchRequest::new(&descriptor.service, &descriptor.tags, descriptor.protocol)
@@ -191,7 +183,6 @@ impl Supervisor {
         let watch = self
             .discovery
             .watch(request, sink)
-            .into_result()
             .map_err(|error| ServeError::Watch(error.to_string()))?;
         let stop = CancellationToken::new();
         let span = info_span!("listener", service = %descriptor, %addr, first_owner = owner);

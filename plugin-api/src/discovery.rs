@@ -84,6 +84,72 @@ pub enum BackendHealth {
     Invalid,
 }
 
+/// Why a discovery plugin left an instance of the watched service out of the set (1.1).
+///
+/// An integer with named values rather than an enum, so that a later minor can add reasons
+/// without breaking older hosts (which show an unknown one as its number).
+#[repr(transparent)]
+#[derive(StableAbi, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Exclusion(pub u8);
+
+impl Exclusion {
+    /// The backend's record could not be read (bad JSON, no address, bad port).
+    pub const UNREADABLE: Exclusion = Exclusion(1);
+    /// It lacks one of the requested tags.
+    pub const TAG: Exclusion = Exclusion(2);
+    /// It is for the other protocol (`/udp` vs `/tcp`).
+    pub const PROTOCOL: Exclusion = Exclusion(3);
+    /// Another record already gave the same address.
+    pub const DUPLICATE: Exclusion = Exclusion(4);
+    /// The backend says it is not passing its checks (or is in maintenance).
+    pub const NOT_PASSING: Exclusion = Exclusion(5);
+
+    /// `unreadable`, `tag`, `protocol`, `duplicate`, `not-passing`, or `reason-N`.
+    pub fn as_str(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Exclusion::UNREADABLE => "unreadable".into(),
+            Exclusion::TAG => "tag".into(),
+            Exclusion::PROTOCOL => "protocol".into(),
+            Exclusion::DUPLICATE => "duplicate".into(),
+            Exclusion::NOT_PASSING => "not-passing".into(),
+            Exclusion(other) => format!("reason-{other}").into(),
+        }
+    }
+}
+
+impl fmt::Debug for Exclusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
+impl fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
+/// One instance a discovery plugin left out of a set, and why (1.1).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Excluded {
+    /// What names the instance in the backend: an etcd key, a Consul service ID, a file entry.
+    pub instance: RString,
+    pub reason: Exclusion,
+    /// One line for the operator, naming the offending value (cut to a few hundred bytes).
+    pub detail: RString,
+}
+
+impl Excluded {
+    pub fn new(instance: impl Into<String>, reason: Exclusion, detail: impl Into<String>) -> Self {
+        Excluded {
+            instance: RString::from(instance.into()),
+            reason,
+            detail: RString::from(crate::text::cut(&detail.into()).into_owned()),
+        }
+    }
+}
+
 /// Where a discovery plugin sends what it learns, implemented by the host.
 #[sabi_trait]
 pub trait EndpointSink: Send + Sync {
@@ -93,6 +159,13 @@ pub trait EndpointSink: Send + Sync {
     /// A change in the backend's state, with a one-line reason. Call on changes, not per retry.
     #[sabi(last_prefix_field)]
     fn report(&self, health: BackendHealth, detail: RStr<'_>);
+
+    /// 1.1: the complete set, with every instance of the service left out of it and why.
+    /// A host older than 1.1 lacks it; this default then passes the set alone.
+    fn update_explained(&self, endpoints: RVec<Endpoint>, excluded: RVec<Excluded>) {
+        let _ = excluded;
+        self.update(endpoints)
+    }
 }
 
 /// The sink a plugin receives: cheap to clone into the plugin's threads.
@@ -163,6 +236,12 @@ impl HostSink {
     /// The complete, current set of endpoints.
     pub fn update(&self, endpoints: Vec<Endpoint>) {
         self.inner.update(endpoints.into());
+    }
+
+    /// The complete, current set, and every instance left out of it with the reason.
+    pub fn update_explained(&self, endpoints: Vec<Endpoint>, excluded: Vec<Excluded>) {
+        self.inner
+            .update_explained(endpoints.into(), excluded.into());
     }
 
     /// A change in the backend's state.

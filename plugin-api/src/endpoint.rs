@@ -1,6 +1,9 @@
 //! Endpoints as discovery reports them and as balancers see them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use abi_stable::{
     std_types::{RString, RVec},
@@ -48,9 +51,10 @@ impl Endpoint {
 #[derive(StableAbi, Debug)]
 pub struct EndpointView {
     active: *const AtomicU64,
-    /// Relative weight (1 by default).
+    /// Relative weight, at least 1: the endpoint's `weight` from discovery.
     pub weight: u32,
-    /// False when the host knows the endpoint to be failing.
+    /// Always true: the host leaves an endpoint it knows to be failing out of the set instead
+    /// (so every balancer gets health for free). Kept for the 1.0 layout.
     pub healthy: bool,
 }
 
@@ -78,5 +82,87 @@ impl EndpointView {
     pub fn active_connections(&self) -> u64 {
         // SAFETY: `new`'s contract keeps the counter alive as long as the view.
         unsafe { (*self.active).load(Ordering::Relaxed) }
+    }
+}
+
+/// The address a connection or datagram session comes from, ABI-stable (1.1).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddress {
+    /// The IPv6 address, or the IPv4-mapped form (`::ffff:a.b.c.d`) of an IPv4 one.
+    octets: [u8; 16],
+    port: u16,
+    is_ipv4: bool,
+}
+
+impl ClientAddress {
+    /// The address as `std` has it.
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(), self.port)
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        let v6 = Ipv6Addr::from(self.octets);
+        match v6.to_ipv4_mapped() {
+            Some(v4) if self.is_ipv4 => IpAddr::V4(v4),
+            _ => IpAddr::V6(v6),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The 16 address bytes (IPv4 as IPv4-mapped IPv6): what an affinity hash should read, so
+    /// that a client keeps its endpoint whatever port it connects from.
+    pub fn ip_octets(&self) -> &[u8; 16] {
+        &self.octets
+    }
+}
+
+impl From<SocketAddr> for ClientAddress {
+    #[inline]
+    fn from(addr: SocketAddr) -> Self {
+        let (octets, is_ipv4) = match addr.ip() {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), true),
+            IpAddr::V6(v6) => (v6.octets(), false),
+        };
+        ClientAddress {
+            octets,
+            port: addr.port(),
+            is_ipv4,
+        }
+    }
+}
+
+impl Default for ClientAddress {
+    /// `0.0.0.0:0`, for callers with no client (benchmarks, a host's own probes).
+    fn default() -> Self {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_addresses_round_trip() {
+        for text in [
+            "127.0.0.1:5000",
+            "[::1]:80",
+            "[::ffff:10.0.0.1]:7",
+            "0.0.0.0:0",
+        ] {
+            let addr: SocketAddr = text.parse().expect("an address");
+            assert_eq!(ClientAddress::from(addr).socket_addr(), addr, "{text}");
+        }
+        let v4: SocketAddr = "10.0.0.1:1".parse().expect("an address");
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:2".parse().expect("an address");
+        assert_eq!(
+            ClientAddress::from(v4).ip_octets(),
+            ClientAddress::from(mapped).ip_octets(),
+            "one client, one hash input"
+        );
     }
 }

@@ -6,7 +6,10 @@
 use std::{
     mem::ManuallyDrop,
     panic::{catch_unwind, AssertUnwindSafe},
-    sync::OnceLock,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        OnceLock,
+    },
 };
 
 use abi_stable::{
@@ -20,7 +23,7 @@ use crate::{
     balancer::Balancer_TO,
     discovery::{Discovery_TO, WatchHandle_TO},
     logging::ForwardToHost,
-    Balancer, BalancerBox, BalancerConfig, BalancerPlugin, Discovery, DiscoveryBox,
+    Balancer, BalancerBox, BalancerConfig, BalancerPlugin, ClientAddress, Discovery, DiscoveryBox,
     DiscoveryConfig, DiscoveryPlugin, EndpointSinkBox, EndpointView, HostLogger, HostSink,
     PluginError, PluginKind, PluginMetadata, PluginMod, PluginModRef, WatchHandle, WatchHandleBox,
     WatchRequest,
@@ -87,8 +90,6 @@ pub fn balancer_module<P: BalancerPlugin>(version: &'static str) -> PluginModRef
         install_logger,
         new_balancer: new_balancer::<P>,
         open_discovery: not_a_discovery,
-        #[cfg(feature = "compat-test-next-minor")]
-        next_minor_probe,
     }
     .leak_into_prefix()
 }
@@ -107,8 +108,6 @@ pub fn discovery_module<P: DiscoveryPlugin>(version: &'static str) -> PluginModR
         install_logger,
         new_balancer: not_a_balancer,
         open_discovery: open_discovery::<P>,
-        #[cfg(feature = "compat-test-next-minor")]
-        next_minor_probe,
     }
     .leak_into_prefix()
 }
@@ -119,11 +118,6 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, PluginEr
         Ok(result) => result.into(),
         Err(payload) => RResult::RErr(PluginError::from_panic(payload.as_ref())),
     }
-}
-
-#[cfg(feature = "compat-test-next-minor")]
-extern "C" fn next_minor_probe() -> u32 {
-    11
 }
 
 extern "C" fn metadata() -> PluginMetadata {
@@ -188,9 +182,35 @@ impl<T> Guarded<T> {
 
 impl<P: BalancerPlugin> Balancer for Guarded<P> {
     fn pick(&self, endpoints: RSlice<'_, EndpointView>) -> RResult<ROption<usize>, PluginError> {
+        // Only a host older than 1.1 calls this one.
+        if P::NEEDS_CONTRACT_1_1 && !OLDER_HOST_NOTED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "this host predates plugin-api 1.1 (no client address at pick, no set-change hook): '{}' falls back to its plain pick",
+                P::NAME
+            );
+        }
         guarded(|| Ok(self.0.pick(endpoints.as_slice()).into()))
     }
+
+    #[inline]
+    fn pick_for(
+        &self,
+        endpoints: RSlice<'_, EndpointView>,
+        client: ClientAddress,
+    ) -> RResult<ROption<usize>, PluginError> {
+        guarded(|| Ok(self.0.pick_for(endpoints.as_slice(), client).into()))
+    }
+
+    fn endpoints_changed(&self, endpoints: RSlice<'_, EndpointView>) -> RResult<(), PluginError> {
+        guarded(|| {
+            self.0.endpoints_changed(endpoints.as_slice());
+            Ok(())
+        })
+    }
 }
+
+/// Whether a balancer of this library has said it runs degraded in an older host.
+static OLDER_HOST_NOTED: AtomicBool = AtomicBool::new(false);
 
 impl<P: DiscoveryPlugin> Discovery for Guarded<P> {
     fn watch(

@@ -10,9 +10,11 @@
 //! Compatibility: the root module and every `#[sabi_trait]` are prefix types, and a later 1.x
 //! may only append fields or methods after the ones marked `last_prefix_field`. abi_stable's
 //! load-time check accepts a library with *more* trailing members than the host expects, so a
-//! plugin built against 1.y loads into a 1.x host for y >= x; a host built against a newer minor
-//! refuses older plugins ("too many fields"), unless it keeps the older root-module type as a
-//! fallback interface (see ARCHITECTURE.md). Both directions are covered by the tests.
+//! plugin built against 1.y loads into a 1.x host for y >= x (a method it calls that the older
+//! host lacks runs its default: see [`EndpointSink::update_explained`]). The other direction
+//! needs the host to check an older library against that minor's own types: [`v1_0`] keeps
+//! them, and the host tries the newest first. Both directions are covered by the tests, with
+//! real libraries built against a frozen copy of 1.0 (`tests/fixtures/contract-1.0`).
 
 pub mod balancer;
 pub mod discovery;
@@ -22,14 +24,16 @@ pub mod export;
 pub mod logging;
 pub mod module;
 pub mod text;
+pub mod v1_0;
 
 pub use abi_stable;
 pub use balancer::{Balancer, BalancerBox, BalancerConfig, BalancerPlugin};
 pub use discovery::{
     BackendHealth, Discovery, DiscoveryBox, DiscoveryConfig, DiscoveryPlugin, EndpointSink,
-    EndpointSinkBox, HostSink, Protocol, WatchHandle, WatchHandleBox, WatchRequest,
+    EndpointSinkBox, Excluded, Exclusion, HostSink, Protocol, WatchHandle, WatchHandleBox,
+    WatchRequest,
 };
-pub use endpoint::{Endpoint, EndpointView};
+pub use endpoint::{ClientAddress, Endpoint, EndpointView};
 pub use error::PluginError;
 pub use logging::{HostLogger, LogLevel};
 pub use module::{PluginKind, PluginMetadata, PluginMod, PluginModRef};

@@ -57,9 +57,6 @@ pub struct PluginMod {
     /// (`None` from a library built against an older 1.x).
     #[sabi(last_prefix_field)]
     pub open_discovery: extern "C" fn(DiscoveryConfig) -> RResult<DiscoveryBox, PluginError>,
-    /// What a field appended in 1.1 looks like; see the `compat-test-next-minor` feature.
-    #[cfg(feature = "compat-test-next-minor")]
-    pub next_minor_probe: extern "C" fn() -> u32,
 }
 
 impl RootModule for PluginModRef {
@@ -71,3 +68,7 @@ impl RootModule for PluginModRef {
 
 /// The plugin-api version this host or plugin was built against.
 pub const PLUGIN_API_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The contract minors this crate's host side can load, newest first: the current types, then
+/// the frozen interfaces of [`crate::v1_0`].
+pub const LOADABLE_MINORS: &[&str] = &["1.1", "1.0"];

@@ -37,7 +37,7 @@ pub struct Artifacts {
     pub profile_dir: PathBuf,
     /// Outputs of the fixture workspaces: test-only plugins (`tests/fixtures/plugins`) and
     /// libraries built against other contracts (`tests/fixtures/changed-contract`,
-    /// `tests/fixtures/next-minor`).
+    /// `tests/fixtures/contract-1.0`).
     pub fixtures_dir: PathBuf,
 }
 
@@ -52,9 +52,9 @@ impl Artifacts {
             .join(format!("lib{}.so", krate.replace('-', "_")))
     }
 
-    /// The real host built against the next minor contract (`tests/fixtures/next-minor`).
-    pub fn next_minor_embassy(&self) -> PathBuf {
-        self.fixtures_dir.join("embassy-next-minor")
+    /// A minimal host built against the frozen 1.0 contract (`tests/fixtures/contract-1.0`).
+    pub fn v1_host(&self) -> PathBuf {
+        self.fixtures_dir.join("v1-host")
     }
 
     /// A library of a fixture workspace, e.g. `not-a-plugin`.
@@ -114,7 +114,7 @@ fn build() -> Result<Artifacts> {
     for fixture in [
         "tests/fixtures/plugins",
         "tests/fixtures/changed-contract",
-        "tests/fixtures/next-minor",
+        "tests/fixtures/contract-1.0",
     ] {
         let mut build = Command::new(&cargo);
         build

@@ -1,6 +1,8 @@
 //! Loading plugin libraries: bad files are refused one by one with a clear error naming them,
 //! and the host goes on with the rest.
 
+use std::time::Duration;
+
 use embassy_tests::*;
 use serde_json::json;
 
@@ -181,84 +183,105 @@ fn a_second_plugin_claiming_a_scheme_is_refused_naming_both_files() {
     );
 }
 
-/// Serves `web` through `balancer` from plugin dir `plugins`.
-fn serve_through(plugins: &std::path::Path, balancer: &str) -> (FileBacked, u16, Upstream) {
-    let upstream = Upstream::start("a");
-    let port = free_port();
-    let mut args: Vec<String> = service_arg(format!("web;{port}/tcp")).into();
-    args.extend(["--balancer".to_string(), balancer.to_string()]);
-    let services = json!({ "web": [upstream.addr.to_string()] });
-    (
-        FileBacked::start(&services, plugins, &args, "listening"),
-        port,
-        upstream,
-    )
-}
-
+/// Plugins a third party built against plugin-api 1.0 (a frozen copy, `tests/fixtures/
+/// contract-1.0`) keep loading into this 1.1 host and serve: a balancer and a discovery plugin.
 #[test]
-fn a_plugin_built_against_the_next_minor_contract_loads_into_this_host() {
+fn plugins_built_against_contract_1_0_load_into_this_host_and_serve() {
     let a = artifacts();
-    let plugins = standard_plugin_dir(&[a.fixture_library("next-minor-plugin")]);
-    let (proxy, port, _upstream) = serve_through(plugins.path(), "next-minor");
-    let embassy = &proxy.embassy;
-    assert!(embassy.log_lines("ERROR").is_empty(), "{:?}", embassy.log());
-    assert_eq!(
-        Client::connect(port)
-            .expect("served through the 1.1 plugin")
-            .upstream,
-        "a"
-    );
-}
-
-/// abi_stable's load-time check lets a library carry *more* trailing prefix fields than the
-/// host expects, never fewer: a host built against a newer minor refuses older plugins. The
-/// refusal must be one clear line per file, and the host must go on with what it can load.
-#[test]
-fn a_host_built_against_the_next_minor_refuses_older_plugins_clearly() {
-    let a = artifacts();
-    let plugins = standard_plugin_dir(&[a.fixture_library("next-minor-plugin")]);
-    // The file plugin is refused, so no discovery: `plugins` shows what loads.
-    let output = std::process::Command::new(a.next_minor_embassy())
-        .args([
-            "plugins",
-            "--plugin-dir",
-            &plugins.path().display().to_string(),
-        ])
-        .output()
-        .expect("run next-minor host");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
-    assert_eq!(
-        stdout
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .collect::<Vec<_>>(),
-        vec!["next-minor"],
-        "{stdout}"
-    );
-    assert!(
-        stderr.contains("next_minor_probe=Some(11)"),
-        "the appended field is readable: {stderr}"
-    );
-    for library in [
-        "libembassy_plugin_file.so",
-        "libembassy_plugin_round_robin.so",
-        "libembassy_plugin_least_conn.so",
-    ] {
-        let lines: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.contains(library) && l.contains("ERROR"))
-            .collect();
-        assert_eq!(lines.len(), 1, "{library}: {stderr}");
-        assert!(
-            lines[0].contains("incompatible plugin")
-                && lines[0].contains("too many fields (expected 5, found 4)"),
-            "{}",
-            lines[0]
-        );
+    let plugins = standard_plugin_dir(&[
+        a.fixture_library("v1-balancer"),
+        a.fixture_library("v1-discovery"),
+    ]);
+    let (code, stdout, stderr) = run_embassy([
+        "plugins",
+        "--json",
+        "--plugin-dir",
+        &plugins.path().display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let contracts: Vec<(String, String, String)> = stdout
+        .lines()
+        .map(|line| {
+            let plugin: serde_json::Value = serde_json::from_str(line).expect("json");
+            let field = |key: &str| plugin[key].as_str().unwrap_or_default().to_string();
+            (field("name"), field("contract"), field("plugin_api"))
+        })
+        .collect();
+    for (name, contract, plugin_api) in &contracts {
+        let expected = if name.starts_with("v1-") {
+            "1.0"
+        } else {
+            "1.1"
+        };
+        assert_eq!(contract, expected, "{name}: {stdout}");
+        assert!(plugin_api.starts_with(expected), "{name}: {plugin_api}");
     }
+    assert_eq!(contracts.len(), 6, "{stdout}");
+
+    let (one, two) = (Upstream::start("one"), Upstream::start("two"));
+    let port = free_port();
+    let mut embassy = Embassy::start([
+        "--plugin-dir".to_string(),
+        plugins.path().display().to_string(),
+        "--discovery".to_string(),
+        format!("static1://{},{}", one.addr, two.addr),
+        "--balancer".to_string(),
+        "v1-rotate".to_string(),
+        "--service".to_string(),
+        format!("web;{port}/tcp"),
+    ]);
+    embassy
+        .wait_for_log("endpoints updated", Duration::from_secs(20))
+        .expect("the 1.0 discovery plugin delivers its set");
+    let served: Vec<String> = (0..4)
+        .map(|_| Client::connect(port).expect("served").upstream)
+        .collect();
+    assert_eq!(
+        served,
+        ["one", "two", "one", "two"],
+        "the 1.0 balancer rotates"
+    );
+    assert!(embassy.log_lines("ERROR").is_empty(), "{:?}", embassy.log());
+}
+
+/// The other direction: plugins built against 1.1 in a host built against 1.0 (`v1-host`,
+/// the 1.0 host's loader and calls). abi_stable lets a library carry more members than the
+/// host knows; the new sink method falls back to its 1.0 default.
+#[test]
+fn plugins_built_against_contract_1_1_work_in_a_1_0_host() {
+    let a = artifacts();
+    let v1_host = |args: &[&str]| {
+        let output = std::process::Command::new(a.v1_host())
+            .args(args)
+            .output()
+            .expect("run v1-host");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).trim().to_string(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    let round_robin = a.library("embassy-plugin-round-robin");
+    let (code, picks, stderr) =
+        v1_host(&[&round_robin.display().to_string(), "balancer", "3", "6"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(picks, "0 1 2 0 1 2");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let services = dir.path().join("services.json");
+    write_services(
+        &services,
+        &json!({ "web": ["127.0.0.1:7001", "127.0.0.1:7002"] }),
+    );
+    let file = a.library("embassy-plugin-file");
+    let (code, set, stderr) = v1_host(&[
+        &file.display().to_string(),
+        "discovery",
+        &format!("file://{}", services.display()),
+        "web",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(set, "127.0.0.1:7001\n127.0.0.1:7002");
 }
 
 #[test]
