@@ -315,7 +315,82 @@ impl QueueState {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use embassy_plugin_api::{EndpointView, Exclusion};
+
     use super::*;
+
+    /// Records what the set-change hook saw, and what a reader could load at that moment.
+    struct Recorder {
+        service: std::sync::OnceLock<std::sync::Weak<Service>>,
+        seen: Mutex<Vec<(usize, usize)>>,
+        client: Mutex<Option<SocketAddr>>,
+    }
+
+    impl Picker for Arc<Recorder> {
+        fn pick(
+            &self,
+            views: &[EndpointView],
+            client: SocketAddr,
+        ) -> Result<Option<usize>, PluginError> {
+            *self.client.lock().expect("lock") = Some(client);
+            Ok((!views.is_empty()).then_some(0))
+        }
+
+        fn endpoints_changed(&self, views: &[EndpointView]) -> Result<(), PluginError> {
+            let loadable = self
+                .service
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .map_or(0, |service| service.endpoints.load().len());
+            self.seen
+                .lock()
+                .expect("lock")
+                .push((views.len(), loadable));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_balancer_sees_a_new_set_before_any_pick_can_and_picks_get_the_client() {
+        let recorder = Arc::new(Recorder {
+            service: Default::default(),
+            seen: Mutex::default(),
+            client: Mutex::default(),
+        });
+        let service = Arc::new(Service::new(
+            "web;80/tcp".parse().expect("valid"),
+            Box::new(Arc::clone(&recorder)),
+            DEFAULT_CONNECT_TIMEOUT,
+        ));
+        let _ = recorder.service.set(Arc::downgrade(&service));
+        let endpoints = |addresses: &[&str]| -> Vec<Endpoint> {
+            addresses.iter().map(|a| Endpoint::new(*a)).collect()
+        };
+        let excluded = vec![Excluded::new(
+            "/services/web/3",
+            Exclusion::TAG,
+            "lacks tag prod",
+        )];
+        service.replace_endpoints(
+            &endpoints(&["127.0.0.1:1", "127.0.0.1:2"]),
+            excluded.clone(),
+        );
+        service.replace_endpoints(&endpoints(&["127.0.0.1:1"]), Vec::new());
+        assert_eq!(
+            *recorder.seen.lock().expect("lock"),
+            [(2, 0), (1, 2)],
+            "each hook call sees the new set while readers still load the old one"
+        );
+        let snapshot = service.endpoints.load();
+        assert!(snapshot.excluded().is_empty(), "exclusions are per set");
+        let client: SocketAddr = "127.0.0.9:4242".parse().expect("an address");
+        assert_eq!(service.pick(&snapshot, client).expect("pick"), Some(0));
+        assert_eq!(*recorder.client.lock().expect("lock"), Some(client));
+        service.replace_endpoints(&endpoints(&["127.0.0.1:1"]), excluded.clone());
+        assert_eq!(service.endpoints.load().excluded(), excluded.as_slice());
+    }
 
     #[test]
     fn default_max_connections_leaves_half_of_the_descriptors_to_others() {
