@@ -14,12 +14,12 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use embassy_plugin_api::support::Backoff;
 use bollard::{
     errors::Error as EngineError,
     query_parameters::{EventsOptions, ListContainersOptions},
     Docker, API_DEFAULT_VERSION,
 };
+use embassy_plugin_api::support::Backoff;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

@@ -17,14 +17,15 @@ pub mod instances;
 use std::sync::Arc;
 
 use embassy_plugin_api::{
-    export_discovery, DiscoveryConfig, DiscoveryPlugin, HostSink, PluginError, WatchRequest,
+    export_discovery, support::WatchSink, DiscoveryConfig, DiscoveryPlugin, HostSink, PluginError,
+    WatchRequest,
 };
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
 pub use config::{ConfigError, EtcdConfig};
 pub use instances::{parse_instance, Instance, ValueError};
 
-use follow::{Backend, WatchSink};
+use follow::Backend;
 
 /// HTTP/2 pings on an idle connection, so a peer that vanished without closing is noticed.
 const KEEP_ALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);

@@ -200,8 +200,8 @@ impl DiscoveryPlugin for FileDiscovery {
             },
         )
         .map_err(|error| {
-                PluginError::new(format!("cannot start the file watcher thread: {error}"))
-            })?;
+            PluginError::new(format!("cannot start the file watcher thread: {error}"))
+        })?;
         Ok(FileDiscovery {
             shared,
             _stop: stop,

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use embassy_plugin_api::{support::Selector, text::cut, Endpoint, Excluded, Protocol, WatchRequest};
+use embassy_plugin_api::{
+    support::Selector, text::cut, Endpoint, Excluded, Protocol, WatchRequest,
+};
 use serde_json::Value;
 
 /// One endpoint as the file lists it.
