@@ -15,6 +15,7 @@ use embassy_plugin_api::{
     BackendHealth, Endpoint, EndpointSink, Excluded, Protocol, WatchHandleBox, WatchRequest,
 };
 use embassy_tests::{
+    artifacts,
     consul_sim::{ConsulSim, Health, Instance},
     etcd::Etcd,
     eventually, standard_plugin_dir, write_services,
@@ -80,6 +81,14 @@ impl Recorder {
     }
 }
 
+/// The standard plugins and consul, loaded by the host's loader.
+fn registry() -> (PluginRegistry, tempfile::TempDir) {
+    let dir = standard_plugin_dir(&[artifacts().library("embassy-plugin-consul")]);
+    let (registry, errors) = PluginRegistry::load_dir(dir.path()).expect("plugin dir");
+    assert!(errors.is_empty(), "{errors:?}");
+    (registry, dir)
+}
+
 /// Opens `uri` with the standard plugins and watches `service` with `tags` over `protocol`.
 fn watch(
     uri: &str,
@@ -88,9 +97,7 @@ fn watch(
     tags: &[&str],
     protocol: Protocol,
 ) -> (Recorder, WatchHandleBox, DiscoveryBackend, PluginRegistry) {
-    let dir = standard_plugin_dir(&[]);
-    let (registry, errors) = PluginRegistry::load_dir(dir.path()).expect("plugin dir");
-    assert!(errors.is_empty(), "{errors:?}");
+    let (registry, _dir) = registry();
     let options: Vec<(String, String)> = options
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -264,9 +271,7 @@ fn file_explains_tag_protocol_and_duplicate_and_keeps_the_last_good_file() {
 
 #[test]
 fn unknown_options_are_refused_by_every_discovery_plugin() {
-    let dir = standard_plugin_dir(&[]);
-    let (registry, errors) = PluginRegistry::load_dir(dir.path()).expect("plugin dir");
-    assert!(errors.is_empty(), "{errors:?}");
+    let (registry, dir) = registry();
     let services = dir.path().join("services.json");
     write_services(&services, &json!({}));
     let file = format!("file://{}", services.display());

@@ -178,10 +178,20 @@ impl OptionReader {
     }
 }
 
+/// Options from `KEY=VALUE` texts as a command line gives them (`KEY` alone: an empty value),
+/// for a plugin's tests and tools.
+pub fn options_from(pairs: &[&str]) -> Options {
+    pairs
+        .iter()
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            abi_stable::std_types::Tuple2(key.into(), value.into())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use abi_stable::std_types::Tuple2;
-
     use super::*;
 
     const KNOWN: &[(&str, &str)] = &[
@@ -193,13 +203,7 @@ mod tests {
 
     /// Reads `options` (`k=v`) and renders `wait retries verbose token`, or `error: ...`.
     fn check(options: &[&str], expected: &str) {
-        let options: Options = options
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').expect("k=v");
-                Tuple2(k.into(), v.into())
-            })
-            .collect();
+        let options = options_from(options);
         let read = || -> Result<String, OptionError> {
             let reader = OptionReader::new("test", KNOWN, &options)?;
             Ok(format!(

@@ -145,18 +145,10 @@ pub fn format_wait(wait: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use abi_stable::std_types::Tuple2;
-
     /// Parses `uri` with `options` (`k=v` pairs) and `env_token`; renders the fields that
     /// matter or `error: ...`.
     fn check(uri: &str, options: &[&str], env_token: Option<&str>, expected: &str) {
-        let options: Options = options
-            .iter()
-            .map(|pair| {
-                let (key, value) = pair.split_once('=').expect("k=v");
-                Tuple2(key.into(), value.into())
-            })
-            .collect();
+        let options = embassy_plugin_api::support::options::options_from(options);
         let actual = match ConsulConfig::parse(uri, &options, env_token.map(str::to_string)) {
             Ok(c) => format!(
                 "{} token={} dc={} ca={} wait={:?} min={:?} backoff={:?}..{:?}",

@@ -195,19 +195,11 @@ impl EtcdConfig {
 
 #[cfg(test)]
 mod tests {
-    use abi_stable::std_types::Tuple2;
-
     use super::*;
 
     /// Parses `uri` with `options` (`k=v` strings) and renders the config, or `error: ...`.
     fn check(uri: &str, options: &[&str], expected: &str) {
-        let options: Options = options
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').expect("k=v");
-                Tuple2(k.into(), v.into())
-            })
-            .collect();
+        let options = embassy_plugin_api::support::options::options_from(options);
         let actual = match EtcdConfig::parse(uri, &options) {
             Ok(c) => {
                 let tls = c.tls.map_or("-".to_string(), |t| {
