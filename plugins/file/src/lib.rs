@@ -9,8 +9,10 @@
 //!
 //! One thread per opened file polls it; every watch is answered from the last good content, so
 //! a broken edit is reported once and changes nothing until the file is fixed. This is the
-//! model for a third-party discovery plugin: the plugin owns its thread, and talks to the host
-//! only through the sink.
+//! model for a third-party discovery plugin: the plugin owns its thread (started with
+//! `support::spawn_guarded`, so a panic is reported to every watch, not lost), reads its
+//! options through `support::OptionReader`, builds each set with `support::Selector` (which
+//! explains every entry left out) and talks to the host only through a `support::WatchSink`.
 
 mod services;
 
