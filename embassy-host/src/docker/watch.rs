@@ -146,7 +146,7 @@ impl Watcher {
             if started.elapsed() > HEALTHY_SESSION {
                 backoff.reset();
             }
-            let wait = backoff.next();
+            let wait = backoff.next_wait();
             if connected {
                 warn!(%error, uri = %self.uri, "docker engine lost: serving what exists, reconnecting");
                 connected = false;

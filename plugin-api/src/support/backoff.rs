@@ -12,7 +12,7 @@ use std::{
 /// Makes two schedules created in the same nanosecond differ.
 static SCHEDULES: AtomicU64 = AtomicU64::new(0);
 
-/// A retry schedule; `next` after each failure, `reset` after a success.
+/// A retry schedule; `next_wait` after each failure, `reset` after a success.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     first: Duration,
@@ -38,7 +38,7 @@ impl Backoff {
     }
 
     /// The wait before the next attempt; the base doubles for the one after.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let wait = jittered(self.base, (self.random() >> 32) as u32);
         self.base = (self.base * 2).min(self.max);
         wait
@@ -49,7 +49,7 @@ impl Backoff {
         self.base = self.first;
     }
 
-    /// The base wait `next` will jitter (for logs and tests).
+    /// The base wait `next_wait` will jitter (for logs and tests).
     pub fn base(&self) -> Duration {
         self.base
     }
@@ -107,7 +107,7 @@ mod tests {
         for _ in 0..6 {
             bases.push(backoff.base().as_millis());
             let base = backoff.base();
-            let wait = backoff.next();
+            let wait = backoff.next_wait();
             assert!(
                 wait >= base - base / 4 && wait < base + base / 4,
                 "{wait:?}"
@@ -125,8 +125,8 @@ mod tests {
     fn schedules_differ() {
         let mut a = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
-        let a: Vec<Duration> = (0..8).map(|_| a.next()).collect();
-        let b: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        let a: Vec<Duration> = (0..8).map(|_| a.next_wait()).collect();
+        let b: Vec<Duration> = (0..8).map(|_| b.next_wait()).collect();
         assert_ne!(a, b);
     }
 }

@@ -63,7 +63,7 @@ pub async fn run(client: Client, config: Arc<ConsulConfig>, target: Target, sink
                 }
                 // Start over from a full answer once the agent is back.
                 index = 0;
-                next_start = Instant::now() + backoff.next();
+                next_start = Instant::now() + backoff.next_wait();
             }
         }
     }

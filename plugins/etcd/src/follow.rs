@@ -431,7 +431,7 @@ impl Service {
             self.failing_over_since = None;
         }
         self.lost(backend, sink, error);
-        backoff.next()
+        backoff.next_wait()
     }
 
     fn lost(&mut self, backend: &Backend, sink: &WatchSink, error: &str) {
