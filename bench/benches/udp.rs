@@ -114,7 +114,7 @@ fn main() {
     let plugins = standard_plugin_dir(&[]);
     let port = free_port();
     let _embassy = FileBacked::start(
-        &json!({ "dns": [upstream.addr.to_string()] }),
+        &json!({ "dns": [{ "address": upstream.addr.to_string(), "proto": "udp" }] }),
         plugins.path(),
         &service_arg(format!("dns;{port}/udp")),
         "listening",

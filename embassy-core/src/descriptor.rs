@@ -413,22 +413,10 @@ pub fn plain_number(text: &str) -> Option<u64> {
     plain.then(|| text.parse().ok()).flatten()
 }
 
-/// `500ms`, `3s`, `2m`, `1h` or a bare number of seconds.
+/// `500ms`, `3s`, `2m`, `1h` or a bare number of seconds: the one grammar of
+/// [`embassy_plugin_api::support::duration`], which plugin options share.
 pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
-    use std::time::Duration;
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(number),
-        "" | "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number.checked_mul(60)?),
-        "h" => Duration::from_secs(number.checked_mul(3600)?),
-        _ => return None,
-    };
-    (!duration.is_zero()).then_some(duration)
+    embassy_plugin_api::support::parse_duration(text).ok()
 }
 
 #[cfg(test)]

@@ -2,18 +2,22 @@
 //! whatever answers on its address, sends): total, errors bounded, endpoints sorted and unique.
 #![no_main]
 
-use embassy_plugin_api::Protocol;
+use embassy_plugin_api::{Protocol, WatchRequest};
 use embassy_plugin_consul::health::{next_index, parse_answer, parse_index};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     for protocol in [Protocol::Tcp, Protocol::Udp] {
-        match parse_answer(data, protocol) {
+        let request = WatchRequest::new("web", &["prod"], protocol);
+        match parse_answer(data, &request) {
             Ok(answer) => {
                 let addresses: Vec<_> = answer.endpoints.iter().map(|e| &e.address).collect();
                 assert!(addresses.windows(2).all(|w| w[0] < w[1]), "{addresses:?}");
                 assert!(answer.endpoints.iter().all(|e| e.weight > 0));
-                assert!(answer.skipped.iter().all(|s| s.len() < 1024));
+                assert!(answer
+                    .excluded
+                    .iter()
+                    .all(|x| x.instance.len() < 1024 && x.detail.len() < 1024));
             }
             Err(error) => assert!(error.to_string().len() < 1024, "{error}"),
         }

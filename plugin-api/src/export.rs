@@ -248,22 +248,5 @@ impl<T> Drop for Guarded<T> {
     }
 }
 
-/// Runs a discovery watch loop on a thread of its own, the way every discovery plugin should:
-/// a panic ends only this watch and is reported through the sink instead of crossing into the
-/// host.
-pub fn spawn_watch_thread<F>(
-    name: String,
-    sink: HostSink,
-    body: F,
-) -> std::io::Result<std::thread::JoinHandle<()>>
-where
-    F: FnOnce(HostSink) + Send + 'static,
-{
-    std::thread::Builder::new().name(name).spawn(move || {
-        let reporter = sink.clone();
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(move || body(sink))) {
-            let error = PluginError::from_panic(payload.as_ref());
-            reporter.report(crate::BackendHealth::Invalid, &error.message);
-        }
-    })
-}
+/// Moved to [`crate::support::thread`]; kept here for plugins written against 1.0.
+pub use crate::support::spawn_watch_thread;

@@ -23,6 +23,7 @@ pub mod error;
 pub mod export;
 pub mod logging;
 pub mod module;
+pub mod support;
 pub mod text;
 pub mod v1_0;
 

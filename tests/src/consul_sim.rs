@@ -59,6 +59,8 @@ pub struct Instance {
     pub tags: Vec<String>,
     pub health: Health,
     pub datacenter: String,
+    /// `Service.Weights.Passing`.
+    pub weight: u32,
 }
 
 impl Instance {
@@ -74,6 +76,7 @@ impl Instance {
             tags: Vec::new(),
             health: Health::Passing,
             datacenter: DEFAULT_DC.into(),
+            weight: 1,
         }
     }
 
@@ -84,6 +87,11 @@ impl Instance {
 
     pub fn health(mut self, health: Health) -> Instance {
         self.health = health;
+        self
+    }
+
+    pub fn weight(mut self, weight: u32) -> Instance {
+        self.weight = weight;
         self
     }
 }
@@ -540,7 +548,7 @@ fn answer(request: &Request, shared: &Shared, life: u64) -> (Option<String>, Opt
                 "Node": {"ID": format!("id-{}", i.node), "Node": i.node, "Address": i.node_address,
                          "Datacenter": i.datacenter, "TaggedAddresses": null, "Meta": {}},
                 "Service": {"ID": i.id, "Service": i.service, "Tags": i.tags, "Address": i.address,
-                            "Port": i.port, "Meta": {}, "Weights": {"Passing": 1, "Warning": 1},
+                            "Port": i.port, "Meta": {}, "Weights": {"Passing": i.weight, "Warning": 1},
                             "EnableTagOverride": false},
                 "Checks": [
                     {"Node": i.node, "CheckID": "serfHealth", "Name": "Serf Health Status",

@@ -498,7 +498,7 @@ fn bad_uris_and_options_are_refused_with_the_reason() {
         (
             "etcd://127.0.0.1:2379",
             vec!["--discovery-opt", "passwd=x"],
-            r#"unknown etcd option "passwd""#,
+            r#"unknown etcd option passwd="x" (known: ca, cert, key, username, password, "#,
         ),
     ] {
         let mut args = vec![

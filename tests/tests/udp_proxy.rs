@@ -36,8 +36,13 @@ fn start(services_json: serde_json::Value, descriptors: &[&str]) -> Setup {
     Setup { proxy, port }
 }
 
-fn addresses(upstreams: &[&UdpUpstream]) -> Vec<String> {
-    upstreams.iter().map(|u| u.addr.to_string()).collect()
+/// Services-file entries for UDP upstreams: an entry serves TCP unless it says `udp`.
+fn addresses(upstreams: &[&UdpUpstream]) -> Vec<serde_json::Value> {
+    upstreams.iter().map(|u| udp_entry(u.addr)).collect()
+}
+
+fn udp_entry(addr: std::net::SocketAddr) -> serde_json::Value {
+    json!({ "address": addr.to_string(), "proto": "udp" })
 }
 
 /// A payload of `len` bytes that differs per client and datagram and never reads `whoami`.
@@ -213,7 +218,7 @@ fn an_endpoint_answering_port_unreachable_ends_the_session() {
     let b = UdpUpstream::start("b");
     let dead = closed_udp_addr();
     let s = start(
-        json!({ "dns": [dead.to_string(), b.addr.to_string()] }),
+        json!({ "dns": [udp_entry(dead), udp_entry(b.addr)] }),
         &["dns;PORT/udp"],
     );
     // Round robin sends every other new session to the dead port; the ICMP error ends it, so

@@ -19,6 +19,7 @@ use bollard::{
     query_parameters::{EventsOptions, ListContainersOptions},
     Docker, API_DEFAULT_VERSION,
 };
+use embassy_plugin_api::support::Backoff;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -121,28 +122,6 @@ pub enum ModeChoice {
     NetworkContainer,
 }
 
-/// The wait after `wait`: doubled, up to [`BACKOFF_MAX`].
-fn next_backoff(wait: Duration) -> Duration {
-    (wait * 2).min(BACKOFF_MAX)
-}
-
-/// `wait` moved by up to a quarter either way (`entropy` picks where), so Embassies that lost
-/// one engine together do not retry in step.
-fn jittered(wait: Duration, entropy: u32) -> Duration {
-    let quarter = wait / 4;
-    let span = quarter.as_nanos() * 2;
-    let offset = span * u128::from(entropy) / (u128::from(u32::MAX) + 1);
-    // offset < span <= wait/2, which fits in u64 nanoseconds for any wait used here.
-    wait - quarter + Duration::from_nanos(u64::try_from(offset).unwrap_or(0))
-}
-
-/// A few varying bits, enough to spread retries (no randomness crate for this).
-fn entropy() -> u32 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos())
-}
-
 /// Follows one engine for as long as `stop` is not cancelled.
 pub struct Watcher {
     pub uri: String,
@@ -153,7 +132,7 @@ pub struct Watcher {
 impl Watcher {
     /// Runs sessions until `stop` fires or the receiver goes away.
     pub async fn run(self, changes: mpsc::Sender<Change>, stop: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut connected = true;
         loop {
             let started = Instant::now();
@@ -165,9 +144,9 @@ impl Watcher {
                 return;
             }
             if started.elapsed() > HEALTHY_SESSION {
-                backoff = BACKOFF_MIN;
+                backoff.reset();
             }
-            let wait = jittered(backoff, entropy());
+            let wait = backoff.next_wait();
             if connected {
                 warn!(%error, uri = %self.uri, "docker engine lost: serving what exists, reconnecting");
                 connected = false;
@@ -178,7 +157,6 @@ impl Watcher {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            backoff = next_backoff(backoff);
         }
     }
 
@@ -310,39 +288,5 @@ impl Watcher {
             started_at: state.started_at.unwrap_or_default(),
             requests,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// While the engine is away, attempts come quickly and never more than about half a second
-    /// apart, so a container started just after the engine returns is served promptly.
-    #[test]
-    fn reconnect_waits_stay_short_and_spread() {
-        let mut wait = BACKOFF_MIN;
-        let mut schedule = Vec::new();
-        for _ in 0..8 {
-            schedule.push(wait.as_millis());
-            wait = next_backoff(wait);
-        }
-        assert_eq!(schedule, [100, 200, 400, 500, 500, 500, 500, 500]);
-        let check = |wait_ms: u64, entropy: u32, expected_ms: u64| {
-            let got = jittered(Duration::from_millis(wait_ms), entropy);
-            assert_eq!(
-                got,
-                Duration::from_millis(expected_ms),
-                "{wait_ms} ms, {entropy}"
-            );
-        };
-        check(500, 0, 375);
-        check(500, u32::MAX / 2 + 1, 500);
-        check(100, 0, 75);
-        let most = jittered(BACKOFF_MAX, u32::MAX);
-        assert!(
-            most < Duration::from_millis(625) && most > Duration::from_millis(624),
-            "{most:?}"
-        );
     }
 }

@@ -2,9 +2,35 @@
 
 use std::time::Duration;
 
-use embassy_plugin_api::{option, Options};
+use embassy_plugin_api::{support::OptionReader, Options};
 
 use crate::ConsulError;
+
+/// Every `--discovery-opt` the plugin takes; any other is refused.
+pub const OPTIONS: &[(&str, &str)] = &[
+    (
+        "token",
+        "ACL token sent as X-Consul-Token (default $CONSUL_HTTP_TOKEN)",
+    ),
+    ("dc", "datacenter to query (default the agent's)"),
+    (
+        "ca_file",
+        "PEM CA that signed the agent's certificate (consuls:// only)",
+    ),
+    (
+        "wait",
+        "longest hold of a blocking query (default 5m, at most 10m)",
+    ),
+    (
+        "min_interval",
+        "least time between the starts of two queries of one service (default 100ms)",
+    ),
+    (
+        "backoff",
+        "first retry delay after an error (default 200ms)",
+    ),
+    ("max_backoff", "longest retry delay (default 10s)"),
+];
 
 /// Consul caps `wait` at 10 minutes; asking for more is a mistake worth naming.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -25,7 +51,7 @@ pub struct ConsulConfig {
     /// Least time between the starts of two queries of one watch, so a misbehaving agent that
     /// answers at once cannot make us spin.
     pub min_interval: Duration,
-    /// First retry delay after a failure; doubles up to `max_backoff`.
+    /// First retry delay after a failure; doubles (jittered) up to `max_backoff`.
     pub backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -75,66 +101,35 @@ impl ConsulConfig {
             format!("{scheme}://{authority}:{default_port}")
         };
 
-        let non_empty = |key: &str| option(options, key).filter(|v| !v.is_empty());
-        let token = non_empty("token")
+        let options = OptionReader::new("consul", OPTIONS, options)?;
+        let token = options
+            .non_empty("token")
             .map(str::to_string)
             .or(env_token.filter(|t| !t.is_empty()));
-        let ca_file = non_empty("ca_file").map(str::to_string);
+        let ca_file = options.non_empty("ca_file").map(str::to_string);
         if ca_file.is_some() && scheme == "http" {
-            return Err(ConsulError::Option {
-                key: "ca_file",
-                value: ca_file.unwrap_or_default(),
-                reason: "only applies to consuls:// (HTTPS)",
-            });
+            return Err(options
+                .invalid("ca_file", "only applies to consuls:// (HTTPS)")
+                .into());
         }
-        let wait = duration_option(options, "wait", Duration::from_secs(300))?;
+        let wait = options.duration("wait", Duration::from_secs(300))?;
         if wait > MAX_WAIT {
-            return Err(ConsulError::Option {
-                key: "wait",
-                value: option(options, "wait").unwrap_or_default().into(),
-                reason: "consul caps blocking queries at 10m",
-            });
+            return Err(options
+                .invalid("wait", "consul caps blocking queries at 10m")
+                .into());
         }
-        let backoff = duration_option(options, "backoff", Duration::from_millis(200))?;
-        let max_backoff = duration_option(options, "max_backoff", Duration::from_secs(10))?;
+        let backoff = options.duration("backoff", Duration::from_millis(200))?;
+        let max_backoff = options.duration("max_backoff", Duration::from_secs(10))?;
         Ok(ConsulConfig {
             base_url,
             token,
-            datacenter: non_empty("dc").map(str::to_string),
+            datacenter: options.non_empty("dc").map(str::to_string),
             ca_file,
             wait,
-            min_interval: duration_option(options, "min_interval", Duration::from_millis(100))?,
+            min_interval: options.duration("min_interval", Duration::from_millis(100))?,
             backoff,
             max_backoff: max_backoff.max(backoff),
         })
-    }
-}
-
-fn duration_option(
-    options: &Options,
-    key: &'static str,
-    default: Duration,
-) -> Result<Duration, ConsulError> {
-    match option(options, key) {
-        None => Ok(default),
-        Some(text) => parse_duration(text).ok_or_else(|| ConsulError::Option {
-            key,
-            value: text.into(),
-            reason: "expected a duration such as 250ms, 10s or 5m",
-        }),
-    }
-}
-
-/// `250ms`, `10s`, `5m`: the forms Consul's own `wait` takes (whole numbers only).
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let digits = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(digits);
-    let number: u64 = number.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(number)),
-        "s" => Some(Duration::from_secs(number)),
-        "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
-        _ => None,
     }
 }
 
@@ -150,18 +145,10 @@ pub fn format_wait(wait: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use abi_stable::std_types::Tuple2;
-
     /// Parses `uri` with `options` (`k=v` pairs) and `env_token`; renders the fields that
     /// matter or `error: ...`.
     fn check(uri: &str, options: &[&str], env_token: Option<&str>, expected: &str) {
-        let options: Options = options
-            .iter()
-            .map(|pair| {
-                let (key, value) = pair.split_once('=').expect("k=v");
-                Tuple2(key.into(), value.into())
-            })
-            .collect();
+        let options = embassy_plugin_api::support::options::options_from(options);
         let actual = match ConsulConfig::parse(uri, &options, env_token.map(str::to_string)) {
             Ok(c) => format!(
                 "{} token={} dc={} ca={} wait={:?} min={:?} backoff={:?}..{:?}",
@@ -267,25 +254,31 @@ mod tests {
             "consul://h:1",
             &["ca_file=/ca.pem"],
             None,
-            "error: option ca_file=\"/ca.pem\": only applies to consuls:// (HTTPS)",
+            "error: consul option ca_file=\"/ca.pem\": only applies to consuls:// (HTTPS)",
         );
         check(
             "consul://h:1",
             &["wait=11m"],
             None,
-            "error: option wait=\"11m\": consul caps blocking queries at 10m",
+            "error: consul option wait=\"11m\": consul caps blocking queries at 10m",
         );
         check(
             "consul://h:1",
             &["wait=5 minutes"],
             None,
-            "error: option wait=\"5 minutes\": expected a duration such as 250ms, 10s or 5m",
+            "error: consul option wait=\"5 minutes\": expected a duration such as 500ms, 3s, 2m or 1h",
         );
         check(
             "consul://h:1",
             &["min_interval=1.5s"],
             None,
-            "error: option min_interval=\"1.5s\": expected a duration such as 250ms, 10s or 5m",
+            "error: consul option min_interval=\"1.5s\": expected a duration such as 500ms, 3s, 2m or 1h",
+        );
+        check(
+            "consul://h:1",
+            &["wiat=1m"],
+            None,
+            "error: unknown consul option wiat=\"1m\" (known: token, dc, ca_file, wait, min_interval, backoff, max_backoff)",
         );
     }
 }

@@ -2,15 +2,14 @@
 //! and Consul's rules for blocking-query indexes. What an error or a skipped instance quotes
 //! from the answer is cut ([`cut`]): serde's messages quote the offending string whole.
 
-use std::{collections::BTreeMap, net::Ipv6Addr};
+use std::net::Ipv6Addr;
 
-use embassy_plugin_api::{text::cut, Endpoint, Protocol};
+use embassy_plugin_api::{
+    support::Selector, text::cut, Endpoint, Excluded, Exclusion, WatchRequest,
+};
 use serde::Deserialize;
 
 use crate::ConsulError;
-
-/// Registrator tags the registrations of UDP ports with this.
-pub const UDP_TAG: &str = "udp";
 
 /// One element of the health endpoint's answer; only the fields we use.
 #[derive(Debug, Deserialize)]
@@ -18,6 +17,17 @@ pub const UDP_TAG: &str = "udp";
 struct Entry {
     node: Node,
     service: Service,
+    // Consul sends `null` for none.
+    #[serde(default)]
+    checks: Option<Vec<Check>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Check {
+    #[serde(rename = "CheckID", default)]
+    id: String,
+    #[serde(rename = "Status", default)]
+    status: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +55,8 @@ struct Service {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct Weights {
+    /// 0 or missing: weight 1.
+    #[serde(default)]
     passing: u32,
 }
 
@@ -53,20 +65,19 @@ struct Weights {
 pub struct Answer {
     /// The endpoints to serve, sorted, so equal answers compare equal.
     pub endpoints: Vec<Endpoint>,
-    /// Instances left out because they cannot be dialled (`id: reason`).
-    pub skipped: Vec<String>,
+    /// Every instance of the service left out, by service ID, and why.
+    pub excluded: Vec<Excluded>,
 }
 
-/// Query parameters for one round: `passing`, one `tag` per tag, `dc`, `index`, `wait`.
-/// `index` 0 asks for an immediate answer (first round, or a reset).
+/// Query parameters for one round: `dc`, `index`, `wait`. `index` 0 asks for an immediate
+/// answer (first round, or a reset). No `passing` or `tag` filter: the plugin filters itself,
+/// so that it can say which instances it left out and why.
 pub fn query_params(
-    tags: &[String],
     datacenter: Option<&str>,
     index: u64,
     wait: &str,
 ) -> Vec<(&'static str, String)> {
-    let mut params = vec![("passing", "true".to_string())];
-    params.extend(tags.iter().map(|tag| ("tag", tag.clone())));
+    let mut params = Vec::new();
     if let Some(dc) = datacenter {
         params.push(("dc", dc.to_string()));
     }
@@ -77,49 +88,44 @@ pub fn query_params(
     params
 }
 
-/// Turns the JSON answer into endpoints for `protocol`.
+/// Turns the JSON answer into the endpoints for `request` (its tags and protocol) and the
+/// instances left out.
 ///
-/// The agent already filtered by health and tags (`passing`, `tag`); this picks the address
-/// (`Service.Address`, else `Node.Address`) and applies registrator's protocol convention:
-/// `/udp` takes instances tagged `udp`; `/tcp` leaves them out when untagged ones exist too.
-pub fn parse_answer(body: &[u8], protocol: Protocol) -> Result<Answer, ConsulError> {
-    let entries: Vec<Entry> = serde_json::from_slice(body)
+/// An instance serves when every check of it and its node passes (a maintenance mode is a
+/// critical check), it can be dialled (`Service.Address`, else `Node.Address`, and a port),
+/// and the support library's selector keeps it: protocol (registrator's `udp` tag), every
+/// tag, one endpoint per address (the lowest service ID wins). Endpoints come sorted by
+/// address, exclusions by ID, so equal answers compare equal whatever the agent's order.
+pub fn parse_answer(body: &[u8], request: &WatchRequest) -> Result<Answer, ConsulError> {
+    let mut entries: Vec<Entry> = serde_json::from_slice(body)
         .map_err(|error| ConsulError::Malformed(cut(&error.to_string()).into_owned()))?;
-    let is_udp = |entry: &Entry| {
-        entry
-            .service
-            .tags
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .any(|t| t == UDP_TAG)
-    };
-    let any_untagged = entries.iter().any(|e| !is_udp(e));
-    let mut endpoints = BTreeMap::new();
-    let mut skipped = Vec::new();
+    entries.sort_by(|a, b| a.service.id.cmp(&b.service.id));
+    let mut selector = Selector::new(request);
     for entry in &entries {
-        let keep = match protocol {
-            Protocol::Udp => is_udp(entry),
-            Protocol::Tcp => !is_udp(entry) || !any_untagged,
-        };
-        if !keep {
+        let service = &entry.service;
+        let id = service.id.as_str();
+        let failing = entry
+            .checks
+            .iter()
+            .flatten()
+            .find(|check| check.status != "passing");
+        if let Some(check) = failing {
+            let detail = format!("check {:?} is {}", cut(&check.id), cut(&check.status));
+            selector.exclude(id, Exclusion::NOT_PASSING, detail);
             continue;
         }
-        let service = &entry.service;
         let host = if service.address.is_empty() {
             entry.node.address.as_str()
         } else {
             service.address.as_str()
         };
         if host.is_empty() {
-            skipped.push(format!(
-                "{}: neither Service.Address nor Node.Address is set",
-                cut(&service.id)
-            ));
+            let detail = "neither Service.Address nor Node.Address is set";
+            selector.exclude(id, Exclusion::UNREADABLE, detail);
             continue;
         }
         if service.port == 0 {
-            skipped.push(format!("{}: registered without a port", cut(&service.id)));
+            selector.exclude(id, Exclusion::UNREADABLE, "registered without a port");
             continue;
         }
         let address = if host.parse::<Ipv6Addr>().is_ok() {
@@ -128,14 +134,15 @@ pub fn parse_answer(body: &[u8], protocol: Protocol) -> Result<Answer, ConsulErr
             format!("{host}:{}", service.port)
         };
         let mut endpoint =
-            Endpoint::new(address.clone()).with_tags(service.tags.clone().unwrap_or_default());
+            Endpoint::new(address).with_tags(service.tags.clone().unwrap_or_default());
         endpoint.weight = service.weights.as_ref().map_or(1, |w| w.passing.max(1));
-        // Two registrations of one address (two agents, one container) are one endpoint.
-        endpoints.entry(address).or_insert(endpoint);
+        selector.offer(id, endpoint, None);
     }
+    let (mut endpoints, excluded) = selector.finish();
+    endpoints.sort_by(|a, b| a.address.cmp(&b.address));
     Ok(Answer {
-        endpoints: endpoints.into_values().collect(),
-        skipped,
+        endpoints,
+        excluded,
     })
 }
 
@@ -161,11 +168,18 @@ pub fn next_index(previous: u64, returned: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use embassy_plugin_api::Protocol;
+
     use super::*;
 
-    /// Parses `json` for `protocol`: `addresses (weights) | skipped` or `error: ...`.
+    /// Parses `json` for `protocol`: `addresses (weights) | excluded` or `error: ...`.
     fn check(json: &str, protocol: Protocol, expected: &str) {
-        let actual = match parse_answer(json.as_bytes(), protocol) {
+        check_tags(json, &[], protocol, expected)
+    }
+
+    fn check_tags(json: &str, tags: &[&str], protocol: Protocol, expected: &str) {
+        let request = WatchRequest::new("redis", tags, protocol);
+        let actual = match parse_answer(json.as_bytes(), &request) {
             Ok(answer) => {
                 let endpoints = answer
                     .endpoints
@@ -179,10 +193,15 @@ mod tests {
                     })
                     .collect::<Vec<_>>()
                     .join(" ");
-                if answer.skipped.is_empty() {
+                if answer.excluded.is_empty() {
                     endpoints
                 } else {
-                    format!("{endpoints} | skipped {}", answer.skipped.join("; "))
+                    let excluded: Vec<String> = answer
+                        .excluded
+                        .iter()
+                        .map(|x| format!("{}:{} ({})", x.instance, x.reason, x.detail))
+                        .collect();
+                    format!("{endpoints} | excluded {}", excluded.join("; "))
                 }
             }
             Err(error) => format!("error: {error}"),
@@ -191,10 +210,21 @@ mod tests {
     }
 
     fn entry(id: &str, node_address: &str, address: &str, port: u16, tags: &[&str]) -> String {
+        entry_with(id, node_address, address, port, tags, "passing")
+    }
+
+    fn entry_with(
+        id: &str,
+        node_address: &str,
+        address: &str,
+        port: u16,
+        tags: &[&str],
+        status: &str,
+    ) -> String {
         format!(
             r#"{{"Node":{{"Node":"n-{id}","Address":"{node_address}","Datacenter":"dc1"}},
                 "Service":{{"ID":"{id}","Service":"redis","Tags":{tags:?},"Address":"{address}","Port":{port}}},
-                "Checks":[{{"CheckID":"serfHealth","Status":"passing"}}]}}"#
+                "Checks":[{{"CheckID":"serfHealth","Status":"passing"}},{{"CheckID":"service:{id}","Status":"{status}"}}]}}"#
         )
     }
 
@@ -223,15 +253,16 @@ mod tests {
             Protocol::Tcp,
             "redis.local:80",
         );
-        // Duplicates collapse; the answer is sorted whatever the agent's order.
+        // Duplicates collapse (the lowest ID wins); the answer is sorted whatever the agent's
+        // order.
         check(
             &answer(&[
                 entry("b", "", "127.0.0.9", 2, &[]),
-                entry("a", "", "127.0.0.1", 1, &[]),
                 entry("c", "", "127.0.0.1", 1, &[]),
+                entry("a", "", "127.0.0.1", 1, &[]),
             ]),
             Protocol::Tcp,
-            "127.0.0.1:1 127.0.0.9:2",
+            "127.0.0.1:1 127.0.0.9:2 | excluded c:duplicate (127.0.0.1:1 is already given by a)",
         );
         check(
             &answer(&[
@@ -240,12 +271,37 @@ mod tests {
                 entry("c", "127.0.0.1", "", 81, &[]),
             ]),
             Protocol::Tcp,
-            "127.0.0.1:81 | skipped a: neither Service.Address nor Node.Address is set; b: registered without a port",
+            "127.0.0.1:81 | excluded a:unreadable (neither Service.Address nor Node.Address is set); b:unreadable (registered without a port)",
         );
         check(
             r#"[{"Node":{"Address":"127.0.0.1"},"Service":{"ID":"w","Port":8,"Tags":null,"Weights":{"Passing":3,"Warning":1}},"Checks":[]}]"#,
             Protocol::Tcp,
             "127.0.0.1:8*3",
+        );
+        // Weight 0 or none means 1.
+        check(
+            r#"[{"Node":{"Address":"127.0.0.1"},"Service":{"ID":"w","Port":8,"Weights":{"Passing":0,"Warning":1}}},
+                {"Node":{"Address":"127.0.0.2"},"Service":{"ID":"x","Port":8,"Weights":{"Warning":1}}}]"#,
+            Protocol::Tcp,
+            "127.0.0.1:8 127.0.0.2:8",
+        );
+    }
+
+    /// Health and tags are filtered here, not by the agent, so each one left out is named.
+    #[test]
+    fn failing_and_untagged_instances_are_explained() {
+        let answer = answer(&[
+            entry_with("a", "", "127.0.0.1", 1, &["prod"], "passing"),
+            entry_with("b", "", "127.0.0.2", 1, &["prod"], "critical"),
+            entry_with("c", "", "127.0.0.3", 1, &["prod"], "warning"),
+            entry_with("d", "", "127.0.0.4", 1, &["dev"], "passing"),
+        ]);
+        check_tags(
+            &answer,
+            &["prod"],
+            Protocol::Tcp,
+            "127.0.0.1:1 | excluded b:not-passing (check \"service:b\" is critical); \
+             c:not-passing (check \"service:c\" is warning); d:tag (127.0.0.4:1 lacks tag \"prod\")",
         );
     }
 
@@ -255,13 +311,23 @@ mod tests {
             entry("t", "", "127.0.0.1", 53, &["dns"]),
             entry("u", "", "127.0.0.2", 53, &["dns", "udp"]),
         ]);
-        check(&both, Protocol::Tcp, "127.0.0.1:53");
-        check(&both, Protocol::Udp, "127.0.0.2:53");
+        check(
+            &both,
+            Protocol::Tcp,
+            "127.0.0.1:53 | excluded u:protocol (127.0.0.2:53 serves udp, the watch is tcp)",
+        );
+        check(
+            &both,
+            Protocol::Udp,
+            "127.0.0.2:53 | excluded t:protocol (127.0.0.1:53 serves tcp, the watch is udp)",
+        );
         let udp_only = answer(&[entry("u", "", "127.0.0.2", 53, &["udp"])]);
-        check(&udp_only, Protocol::Tcp, "127.0.0.2:53");
+        check(
+            &udp_only,
+            Protocol::Tcp,
+            " | excluded u:protocol (127.0.0.2:53 serves udp, the watch is tcp)",
+        );
         check(&udp_only, Protocol::Udp, "127.0.0.2:53");
-        let tcp_only = answer(&[entry("t", "", "127.0.0.1", 53, &[])]);
-        check(&tcp_only, Protocol::Udp, "");
     }
 
     #[test]
@@ -305,7 +371,7 @@ mod tests {
             &format!(r#"[{{"Node":{{}},"Service":{{"ID":"{junk}","Port":80}}}}]"#),
             Protocol::Tcp,
             &format!(
-                " | skipped {}… (1048576 bytes): neither Service.Address nor Node.Address is set",
+ " | excluded {}… (1048576 bytes):unreadable (neither Service.Address nor Node.Address is set)",
                 "x".repeat(embassy_plugin_api::text::KEPT_CHARS)
             ),
         );
@@ -349,7 +415,7 @@ mod tests {
     }
 
     #[test]
-    fn query_carries_every_tag() {
+    fn query_asks_for_every_instance() {
         let render = |params: Vec<(&str, String)>| {
             params
                 .iter()
@@ -357,14 +423,10 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join("&")
         };
-        let tags = vec!["prod".to_string(), "stats".to_string()];
+        assert_eq!(render(query_params(None, 0, "300s")), "");
         assert_eq!(
-            render(query_params(&tags, None, 0, "300s")),
-            "passing=true&tag=prod&tag=stats"
-        );
-        assert_eq!(
-            render(query_params(&[], Some("eu1"), 42, "300s")),
-            "passing=true&dc=eu1&index=42&wait=300s"
+            render(query_params(Some("eu1"), 42, "300s")),
+            "dc=eu1&index=42&wait=300s"
         );
     }
 }
@@ -372,6 +434,8 @@ mod tests {
 #[cfg(test)]
 mod properties {
     use std::collections::BTreeSet;
+
+    use embassy_plugin_api::Protocol;
 
     use proptest::prelude::*;
     use serde_json::json;
@@ -434,7 +498,7 @@ mod properties {
         #[test]
         fn any_bytes_are_an_answer_or_an_error(body in prop::collection::vec(any::<u8>(), 0..256)) {
             for protocol in [Protocol::Tcp, Protocol::Udp] {
-                if let Err(error) = parse_answer(&body, protocol) {
+                if let Err(error) = parse_answer(&body, &WatchRequest::new("redis", &[] as &[&str], protocol)) {
                     prop_assert!(error.to_string().len() < 1024, "{}", error);
                 }
             }
@@ -454,29 +518,23 @@ mod properties {
             prop_assert!(next == returned && returned >= previous || next == 0);
         }
 
-        /// An answer serves each dialable registration of the protocol once, sorted; each left
-        /// out is named in `skipped`.
+        /// An answer serves each dialable registration of the protocol once, sorted; every
+        /// other registration is excluded, once.
         #[test]
         fn answers_read_back(registrations in prop::collection::vec(registration(), 0..6)) {
             let body = serde_json::Value::Array(registrations.iter().map(to_json).collect()).to_string();
-            let is_udp = |r: &Registration| r.tags.as_deref().unwrap_or_default().iter().any(|t| t == UDP_TAG);
-            let any_untagged = registrations.iter().any(|r| !is_udp(r));
             for protocol in [Protocol::Tcp, Protocol::Udp] {
-                let answer = parse_answer(body.as_bytes(), protocol)
+                let request = WatchRequest::new("redis", &[] as &[&str], protocol);
+                let answer = parse_answer(body.as_bytes(), &request)
                     .map_err(|e| TestCaseError::fail(format!("{body}: {e}")))?;
                 let mut expected = BTreeSet::new();
-                let mut skipped = 0;
                 for r in &registrations {
-                    let wanted = match protocol {
-                        Protocol::Udp => is_udp(r),
-                        Protocol::Tcp => !is_udp(r) || !any_untagged,
-                    };
-                    if !wanted {
+                    let tags = r.tags.clone().unwrap_or_default();
+                    if !embassy_plugin_api::support::serves_protocol(None, &tags, protocol) {
                         continue;
                     }
                     let host = if r.address.is_empty() { &r.node_address } else { &r.address };
                     if host.is_empty() || r.port == 0 {
-                        skipped += 1;
                         continue;
                     }
                     expected.insert(if host.contains(':') {
@@ -487,7 +545,7 @@ mod properties {
                 }
                 let served: Vec<String> = answer.endpoints.iter().map(|e| e.address.to_string()).collect();
                 prop_assert_eq!(served, expected.into_iter().collect::<Vec<_>>());
-                prop_assert_eq!(answer.skipped.len(), skipped);
+                prop_assert_eq!(answer.endpoints.len() + answer.excluded.len(), registrations.len());
                 prop_assert!(answer.endpoints.iter().all(|e| e.weight > 0));
             }
         }

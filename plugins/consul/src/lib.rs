@@ -16,8 +16,9 @@ pub mod watch;
 use std::sync::Arc;
 
 use embassy_plugin_api::{
-    export_discovery, BackendHealth, DiscoveryConfig, DiscoveryPlugin, HostSink, PluginError,
-    WatchRequest,
+    export_discovery,
+    support::{OptionError, WatchSink},
+    BackendHealth, DiscoveryConfig, DiscoveryPlugin, HostSink, PluginError, WatchRequest,
 };
 use tokio::{
     runtime::Runtime,
@@ -25,19 +26,15 @@ use tokio::{
 };
 
 pub use config::ConsulConfig;
-use watch::{GuardedSink, Target};
+use watch::Target;
 
 /// What can go wrong talking to Consul; every one ends a round, never the watch.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
     #[error("discovery uri {uri:?}: {reason}")]
     Uri { uri: String, reason: &'static str },
-    #[error("option {key}={value:?}: {reason}")]
-    Option {
-        key: &'static str,
-        value: String,
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    Option(#[from] OptionError),
     #[error("ca_file {path}: {reason}")]
     CaFile { path: String, reason: String },
     #[error("cannot reach consul: {0}")]
@@ -106,7 +103,7 @@ impl OwnedRuntime {
 /// A watch in progress; dropping it stops the task and closes its sink.
 pub struct ConsulWatch {
     task: AbortHandle,
-    sink: Arc<GuardedSink>,
+    sink: Arc<WatchSink>,
     // Keeps the runtime alive while the watch runs, even if the backend is dropped first.
     _runtime: Arc<OwnedRuntime>,
 }
@@ -176,11 +173,10 @@ impl DiscoveryPlugin for ConsulDiscovery {
         }
         let target = Target {
             service,
-            tags: request.tags.iter().map(|t| t.to_string()).collect(),
-            protocol: request.protocol,
+            request,
             datacenter: self.config.datacenter.clone(),
         };
-        let sink = Arc::new(GuardedSink::new(sink));
+        let sink = Arc::new(WatchSink::new(sink));
         let task = self.runtime.spawn(watch::run(
             self.client.clone(),
             Arc::clone(&self.config),

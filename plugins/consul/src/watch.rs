@@ -1,14 +1,15 @@
 //! One watch: a loop of blocking queries for one service, on the plugin's runtime.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use embassy_plugin_api::{text::cut, BackendHealth, Endpoint, HostSink, Protocol};
+use embassy_plugin_api::{
+    support::{Backoff, WatchSink},
+    text::cut,
+    BackendHealth, WatchRequest,
+};
 use reqwest::{header::HeaderValue, Client, StatusCode, Url};
 use tokio::time::{sleep_until, Instant};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
     config::{format_wait, ConsulConfig},
@@ -19,79 +20,38 @@ use crate::{
 /// What a watch follows, fixed at its start.
 pub struct Target {
     pub service: String,
-    pub tags: Vec<String>,
-    pub protocol: Protocol,
+    /// Its tags and protocol select the instances.
+    pub request: WatchRequest,
     pub datacenter: Option<String>,
 }
 
-/// The sink, closed for good when the watch stops: `stop` must not return while a push is
-/// under way, and nothing may be pushed after it.
-pub struct GuardedSink {
-    sink: Mutex<Option<HostSink>>,
-}
-
-impl GuardedSink {
-    pub fn new(sink: HostSink) -> Self {
-        GuardedSink {
-            sink: Mutex::new(Some(sink)),
-        }
-    }
-
-    fn with(&self, f: impl FnOnce(&HostSink)) {
-        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(sink) = sink.as_ref() {
-            f(sink);
-        }
-    }
-
-    pub fn report(&self, health: BackendHealth, detail: &str) {
-        self.with(|sink| sink.report(health, detail));
-    }
-
-    pub fn close(&self) {
-        self.sink.lock().unwrap_or_else(|p| p.into_inner()).take();
-    }
-}
-
 /// The watch loop; runs until its task is aborted.
-pub async fn run(
-    client: Client,
-    config: Arc<ConsulConfig>,
-    target: Target,
-    sink: Arc<GuardedSink>,
-) {
+pub async fn run(client: Client, config: Arc<ConsulConfig>, target: Target, sink: Arc<WatchSink>) {
     let wait = format_wait(config.wait);
     // The agent may add up to wait/16 of jitter; give the answer time to travel on top.
     let request_timeout = config.wait + config.wait / 16 + Duration::from_secs(5);
     let mut index = 0u64;
-    let mut last_sent: Option<Vec<Endpoint>> = None;
     // The host assumes a reachable backend until told otherwise.
     let mut health = BackendHealth::Reachable;
-    let mut resync = false;
-    let mut backoff = config.backoff;
+    let mut backoff = Backoff::new(config.backoff, config.max_backoff);
     let mut next_start = Instant::now();
     loop {
         sleep_until(next_start).await;
         let started = Instant::now();
         next_start = started + config.min_interval;
-        let params = query_params(&target.tags, target.datacenter.as_deref(), index, &wait);
+        let params = query_params(target.datacenter.as_deref(), index, &wait);
         match query(&client, &config, &target, &params, request_timeout).await {
             Ok((returned, answer)) => {
-                backoff = config.backoff;
+                backoff.reset();
                 if health != BackendHealth::Reachable {
                     health = BackendHealth::Reachable;
-                    sink.with(|s| s.report(health, "consul answers again"));
+                    sink.report(health, "consul answers again");
                 }
                 index = next_index(index, returned);
-                let endpoints = answer.endpoints;
-                if resync || last_sent.as_ref() != Some(&endpoints) {
-                    for skipped in &answer.skipped {
-                        warn!(service = %target.service, instance = %skipped, "consul instance left out");
-                    }
-                    debug!(service = %target.service, endpoints = endpoints.len(), index, "consul answer changed");
-                    sink.with(|s| s.update(endpoints.clone()));
-                    last_sent = Some(endpoints);
-                    resync = false;
+                let endpoints = answer.endpoints.len();
+                // The host logs what was left out when that changes; the sink drops a repeat.
+                if sink.update_explained(answer.endpoints, answer.excluded) {
+                    debug!(service = %target.service, endpoints, index, "consul answer changed");
                 }
             }
             Err(error) => {
@@ -99,13 +59,11 @@ pub async fn run(
                 if state != health {
                     health = state;
                     let detail = format!("{error}; retrying, keeping the last known endpoints");
-                    sink.with(|s| s.report(health, &detail));
+                    sink.report(health, &detail);
                 }
                 // Start over from a full answer once the agent is back.
                 index = 0;
-                resync = true;
-                next_start = Instant::now() + backoff;
-                backoff = (backoff * 2).min(config.max_backoff);
+                next_start = Instant::now() + backoff.next_wait();
             }
         }
     }
@@ -145,7 +103,7 @@ async fn query(
         });
     }
     let index = parse_index(index.as_deref())?;
-    Ok((index, parse_answer(&body, target.protocol)?))
+    Ok((index, parse_answer(&body, &target.request)?))
 }
 
 fn http_error(error: reqwest::Error) -> ConsulError {

@@ -2,7 +2,10 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use embassy_plugin_api::Options;
+use embassy_plugin_api::{
+    support::{OptionError, OptionReader},
+    Options,
+};
 
 /// Everything needed to reach the cluster, taken from the URI and the plugin options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +36,8 @@ pub enum ConfigError {
     Member { uri: String, member: String },
     #[error("{uri:?}: query parameter {pair:?} is not key=value")]
     Query { uri: String, pair: String },
-    #[error("unknown etcd option {0:?} (known: ca, cert, key, username, password, password_file, backoff_max, timeout)")]
-    UnknownOption(String),
+    #[error(transparent)]
+    Option(#[from] OptionError),
     #[error("option {0} needs an etcds:// URI (TLS)")]
     TlsOnPlainUri(&'static str),
     #[error("etcds:// needs option ca: the PEM file of the CA that signed etcd's certificate")]
@@ -47,19 +50,33 @@ pub enum ConfigError {
     UserWithoutPassword,
     #[error("cannot read password_file {path}: {error}")]
     PasswordFile { path: String, error: String },
-    #[error("option {key}={value:?} is not a duration such as 500ms, 5s or 1m")]
-    Duration { key: &'static str, value: String },
 }
 
-const KNOWN_OPTIONS: &[&str] = &[
-    "ca",
-    "cert",
-    "key",
-    "username",
-    "password",
-    "password_file",
-    "backoff_max",
-    "timeout",
+/// Every option the plugin takes, in `--discovery-opt` or the URI's query; any other is refused.
+pub const OPTIONS: &[(&str, &str)] = &[
+    (
+        "ca",
+        "PEM file of the CA that signed etcd's certificate (etcds:// only, required there)",
+    ),
+    (
+        "cert",
+        "PEM client certificate, when etcd asks for one (with key)",
+    ),
+    ("key", "PEM key of the client certificate (with cert)"),
+    ("username", "etcd user (with password or password_file)"),
+    ("password", "the user's password"),
+    (
+        "password_file",
+        "a file holding the user's password, kept off the command line",
+    ),
+    (
+        "backoff_max",
+        "longest wait between reconnection attempts (default 5s)",
+    ),
+    (
+        "timeout",
+        "deadline of one read or of opening a watch (default 5s)",
+    ),
 ];
 
 const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -105,25 +122,14 @@ impl EtcdConfig {
             })?;
             settings.push((key.to_string(), value.to_string()));
         }
+        // `--discovery-opt`s come after the query, so they win (the last one does).
         settings.extend(
             options
                 .iter()
                 .map(|pair| (pair.0.to_string(), pair.1.to_string())),
         );
-        if let Some((key, _)) = settings
-            .iter()
-            .find(|(key, _)| !KNOWN_OPTIONS.contains(&key.as_str()))
-        {
-            return Err(ConfigError::UnknownOption(key.clone()));
-        }
-        // Last one wins, as on a command line; `--discovery-opt`s come after the query.
-        let get = |key: &str| {
-            settings
-                .iter()
-                .rev()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_str())
-        };
+        let options = OptionReader::from_pairs("etcd", OPTIONS, settings)?;
+        let get = |key: &str| options.str(key);
 
         let files = TlsFiles {
             ca: get("ca").map(PathBuf::from),
@@ -181,52 +187,19 @@ impl EtcdConfig {
             endpoints,
             tls,
             user,
-            backoff_max: duration(get("backoff_max"), "backoff_max", DEFAULT_BACKOFF_MAX)?,
-            request_timeout: duration(get("timeout"), "timeout", DEFAULT_REQUEST_TIMEOUT)?,
+            backoff_max: options.duration("backoff_max", DEFAULT_BACKOFF_MAX)?,
+            request_timeout: options.duration("timeout", DEFAULT_REQUEST_TIMEOUT)?,
         })
     }
 }
 
-fn duration(
-    text: Option<&str>,
-    key: &'static str,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    let Some(text) = text else {
-        return Ok(default);
-    };
-    let parsed = if let Some(ms) = text.strip_suffix("ms") {
-        ms.parse().ok().map(Duration::from_millis)
-    } else if let Some(s) = text.strip_suffix('s') {
-        s.parse().ok().map(Duration::from_secs)
-    } else if let Some(m) = text.strip_suffix('m') {
-        m.parse::<u64>().ok().map(|m| Duration::from_secs(m * 60))
-    } else {
-        None
-    };
-    parsed
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| ConfigError::Duration {
-            key,
-            value: text.to_string(),
-        })
-}
-
 #[cfg(test)]
 mod tests {
-    use abi_stable::std_types::Tuple2;
-
     use super::*;
 
     /// Parses `uri` with `options` (`k=v` strings) and renders the config, or `error: ...`.
     fn check(uri: &str, options: &[&str], expected: &str) {
-        let options: Options = options
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').expect("k=v");
-                Tuple2(k.into(), v.into())
-            })
-            .collect();
+        let options = embassy_plugin_api::support::options::options_from(options);
         let actual = match EtcdConfig::parse(uri, &options) {
             Ok(c) => {
                 let tls = c.tls.map_or("-".to_string(), |t| {
@@ -313,7 +286,7 @@ mod tests {
         check(
             "etcd://a:1",
             &["cafile=/x"],
-            "error: unknown etcd option \"cafile\" (known: ca, cert, key, username, password, password_file, backoff_max, timeout)",
+            "error: unknown etcd option cafile=\"/x\" (known: ca, cert, key, username, password, password_file, backoff_max, timeout)",
         );
         check(
             "etcd://a:1",
@@ -348,7 +321,17 @@ mod tests {
         check(
             "etcd://a:1",
             &["backoff_max=soon"],
-            "error: option backoff_max=\"soon\" is not a duration such as 500ms, 5s or 1m",
+            "error: etcd option backoff_max=\"soon\": expected a duration such as 500ms, 3s, 2m or 1h",
+        );
+        check(
+            "etcd://a:1",
+            &["timeout=0s"],
+            "error: etcd option timeout=\"0s\": a duration must be greater than 0",
+        );
+        check(
+            "etcd://a:1",
+            &["backoff_max=307445734561825861m"],
+            "error: etcd option backoff_max=\"307445734561825861m\": the duration is too large",
         );
     }
 }

@@ -15,7 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use embassy_plugin_api::{text::cut, BackendHealth, Endpoint, HostSink, WatchRequest};
+use embassy_plugin_api::{
+    support::{Backoff, Selector, WatchSink},
+    text::cut,
+    BackendHealth, Exclusion, WatchRequest,
+};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, WatchOptions};
 use tokio::sync::OnceCell;
 use tracing::{debug, info, warn};
@@ -27,6 +31,7 @@ use crate::{config::EtcdConfig, instances::parse_instance, instances::Instance};
 const PAGE: i64 = 1000;
 /// Watch responses carry whole values; a large transaction can exceed gRPC's 4 MiB default.
 const MAX_WATCH_MESSAGE: usize = 64 << 20;
+/// First wait of the reconnect backoff, and of each quick retry while failing over.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
@@ -170,40 +175,6 @@ impl Backend {
     }
 }
 
-/// The host's sink behind a gate: once the watch is dropped, nothing more reaches the host.
-pub(crate) struct WatchSink {
-    sink: HostSink,
-    open: Mutex<bool>,
-}
-
-impl WatchSink {
-    pub(crate) fn new(sink: HostSink) -> Self {
-        WatchSink {
-            sink,
-            open: Mutex::new(true),
-        }
-    }
-
-    /// Returns once no call is in flight; later calls are dropped.
-    pub(crate) fn close(&self) {
-        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = false;
-    }
-
-    fn update(&self, endpoints: Vec<Endpoint>) {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if *open {
-            self.sink.update(endpoints);
-        }
-    }
-
-    fn report(&self, health: BackendHealth, detail: &str) {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if *open {
-            self.sink.report(health, detail);
-        }
-    }
-}
-
 /// Why a watch stopped delivering.
 enum WatchEnd {
     /// The revision it needed was compacted away: read again at once.
@@ -218,9 +189,8 @@ struct Service {
     prefix: String,
     range_end: Vec<u8>,
     instances: BTreeMap<String, Instance>,
-    /// Keys whose value was skipped, at the revision that was warned about.
-    skipped: HashMap<String, i64>,
-    last_sent: Option<Vec<Endpoint>>,
+    /// Keys whose value is no instance: the revision warned about, and why.
+    skipped: BTreeMap<String, (i64, String)>,
     /// This watch's view of the connection, reported to the host on changes only.
     unreachable: bool,
     /// The member the live watch is on (from the header of etcd's answer).
@@ -237,13 +207,12 @@ pub(crate) async fn follow(backend: Arc<Backend>, request: WatchRequest, sink: A
         prefix,
         request,
         instances: BTreeMap::new(),
-        skipped: HashMap::new(),
-        last_sent: None,
+        skipped: BTreeMap::new(),
         unreachable: false,
         member: None,
         failing_over_since: None,
     };
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::new(FIRST_BACKOFF, backend.config.backoff_max);
     loop {
         let revision = match service.load(&backend).await {
             Ok(revision) => revision,
@@ -330,7 +299,7 @@ impl Service {
         backend: &Backend,
         sink: &WatchSink,
         start_revision: i64,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
     ) -> WatchEnd {
         let client = match backend.client().await {
             Ok(client) => client,
@@ -377,7 +346,7 @@ impl Service {
                 }
                 self.failing_over_since = None;
                 self.found(backend, sink);
-                *backoff = FIRST_BACKOFF;
+                backoff.reset();
             }
             if response.events().is_empty() {
                 continue;
@@ -413,30 +382,28 @@ impl Service {
             }
             Err(error) => {
                 let revision = pair.mod_revision();
-                if self.skipped.get(key) != Some(&revision) {
+                if self.skipped.get(key).map(|(r, _)| *r) != Some(revision) {
                     // The key is cut like the value: etcd allows keys of up to 1.5 MB.
                     warn!(service = %self.request.service, key = %cut(key), %error, "skipping an etcd value that is no instance");
-                    self.skipped.insert(key.to_string(), revision);
+                    self.skipped
+                        .insert(key.to_string(), (revision, error.to_string()));
                 }
                 None
             }
         }
     }
 
-    /// Sends the filtered set to the host if it differs from the last one sent.
+    /// Sends the set, with every key left out and why (the sink drops a repeat).
     fn push(&mut self, sink: &WatchSink) {
-        let mut addresses = HashSet::new();
-        let endpoints: Vec<Endpoint> = self
-            .instances
-            .values()
-            .filter(|instance| instance.serves(&self.request.tags, self.request.protocol))
-            .filter(|instance| addresses.insert(instance.address.as_str()))
-            .map(Instance::endpoint)
-            .collect();
-        if self.last_sent.as_ref() != Some(&endpoints) {
-            sink.update(endpoints.clone());
-            self.last_sent = Some(endpoints);
+        let mut selector = Selector::new(&self.request);
+        for (key, (_, error)) in &self.skipped {
+            selector.exclude(key, Exclusion::UNREADABLE, error.clone());
         }
+        for (key, instance) in &self.instances {
+            selector.offer(key, instance.endpoint(), instance.protocol);
+        }
+        let (endpoints, excluded) = selector.finish();
+        sink.update_explained(endpoints, excluded);
     }
 
     /// After a failed read or watch: how long to wait before the next try. A watch whose
@@ -447,7 +414,7 @@ impl Service {
         backend: &Backend,
         sink: &WatchSink,
         error: &str,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
     ) -> Duration {
         if let Some(member) = self.member.take() {
             if backend.config.endpoints.len() > 1 {
@@ -464,9 +431,7 @@ impl Service {
             self.failing_over_since = None;
         }
         self.lost(backend, sink, error);
-        let wait = *backoff;
-        *backoff = (*backoff * 2).min(backend.config.backoff_max);
-        wait
+        backoff.next_wait()
     }
 
     fn lost(&mut self, backend: &Backend, sink: &WatchSink, error: &str) {
@@ -519,7 +484,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use abi_stable::std_types::{RStr, RVec};
-    use embassy_plugin_api::{EndpointSink, Protocol};
+    use embassy_plugin_api::{Endpoint, EndpointSink, HostSink, Protocol};
     use embassy_tests::etcd::Etcd;
 
     use super::*;
@@ -652,7 +617,8 @@ mod tests {
         udp.wait_for(&["127.0.0.1:5301", "127.0.0.1:5303", "127.0.0.1:5304"]);
         tcp.wait_for(&["127.0.0.1:5302", "127.0.0.1:5305"]);
         tagged.wait_for(&["127.0.0.1:5303"]);
-        // A change reaches only the watches it concerns.
+        // A change moves only the sets it concerns (the TCP watch hears of one more instance
+        // left out, with its set unchanged).
         etcd.put(
             &format!("{prefix}/4/d"),
             r#"{"ipaddress": "127.0.0.1", "host_port": "5306", "proto": "udp"}"#,
@@ -664,7 +630,11 @@ mod tests {
             "127.0.0.1:5306",
         ]);
         std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(tcp.sets().len(), 1, "{:?}", tcp.sets());
+        let tcp_sets = tcp.sets();
+        assert!(
+            tcp_sets.iter().all(|set| set == &tcp_sets[0]),
+            "{tcp_sets:?}"
+        );
     }
 
     #[test]

@@ -3,7 +3,6 @@
 
 use std::net::IpAddr;
 
-use abi_stable::std_types::RString;
 use embassy_plugin_api::{text::cut, Endpoint, Protocol};
 use serde_json::{Map, Value};
 
@@ -13,22 +12,12 @@ pub struct Instance {
     /// `host:port`, `[v6]:port` for IPv6 literals.
     pub address: String,
     pub tags: Vec<String>,
-    /// `None`: the value does not say (served to TCP descriptors only).
+    /// `None`: the value does not say (TCP, by the support library's `/udp` rule).
     pub protocol: Option<Protocol>,
     pub weight: u32,
 }
 
 impl Instance {
-    /// True when the instance carries every tag in `tags` and says it serves `protocol`
-    /// (a value that says nothing counts as TCP, the registrators' default).
-    pub fn serves(&self, tags: &[RString], protocol: Protocol) -> bool {
-        let own = self.protocol.unwrap_or(Protocol::Tcp);
-        own == protocol
-            && tags
-                .iter()
-                .all(|tag| self.tags.iter().any(|t| t == tag.as_str()))
-    }
-
     pub fn endpoint(&self) -> Endpoint {
         let mut endpoint = Endpoint::new(self.address.clone()).with_tags(self.tags.iter().cloned());
         endpoint.weight = self.weight;
@@ -420,25 +409,28 @@ mod tests {
         );
     }
 
+    /// What a watch keeps of parsed instances goes through the support library's selector.
     #[test]
     fn tags_and_protocol_filter() {
-        let instance = |value: &str| parse_instance(KEY, value.as_bytes()).expect("instance");
-        let tags = |list: &[&str]| list.iter().map(|t| RString::from(*t)).collect::<Vec<_>>();
-        let tagged = instance(
-            r#"{"ipaddress": "127.0.0.1", "host_port": 1, "tags": ["prod", "app1", "eu"]}"#,
-        );
-        assert!(tagged.serves(&tags(&["prod", "app1"]), Protocol::Tcp));
-        assert!(tagged.serves(&tags(&[]), Protocol::Tcp));
-        assert!(!tagged.serves(&tags(&["prod", "us"]), Protocol::Tcp));
-        assert!(!tagged.serves(&tags(&[]), Protocol::Udp), "no proto is TCP");
-        let plain = instance("127.0.0.1:1");
+        let serves = |value: &str, tags: &[&str], protocol: Protocol| {
+            let instance = parse_instance(KEY, value.as_bytes()).expect("instance");
+            let request = embassy_plugin_api::WatchRequest::new("svc", tags, protocol);
+            let mut selector = embassy_plugin_api::support::Selector::new(&request);
+            selector.offer(KEY, instance.endpoint(), instance.protocol)
+        };
+        let tagged =
+            r#"{"ipaddress": "127.0.0.1", "host_port": 1, "tags": ["prod", "app1", "eu"]}"#;
+        assert!(serves(tagged, &["prod", "app1"], Protocol::Tcp));
+        assert!(serves(tagged, &[], Protocol::Tcp));
+        assert!(!serves(tagged, &["prod", "us"], Protocol::Tcp));
+        assert!(!serves(tagged, &[], Protocol::Udp), "no proto is TCP");
         assert!(
-            !plain.serves(&tags(&["prod"]), Protocol::Tcp),
+            !serves("127.0.0.1:1", &["prod"], Protocol::Tcp),
             "no tags carried"
         );
-        let udp = instance(r#"{"ipaddress": "127.0.0.1", "host_port": 1, "proto": "udp"}"#);
-        assert!(udp.serves(&tags(&[]), Protocol::Udp));
-        assert!(!udp.serves(&tags(&[]), Protocol::Tcp));
+        let udp = r#"{"ipaddress": "127.0.0.1", "host_port": 1, "proto": "udp"}"#;
+        assert!(serves(udp, &[], Protocol::Udp));
+        assert!(!serves(udp, &[], Protocol::Tcp));
     }
 }
 

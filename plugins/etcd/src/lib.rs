@@ -17,14 +17,15 @@ pub mod instances;
 use std::sync::Arc;
 
 use embassy_plugin_api::{
-    export_discovery, DiscoveryConfig, DiscoveryPlugin, HostSink, PluginError, WatchRequest,
+    export_discovery, support::WatchSink, BackendHealth, DiscoveryConfig, DiscoveryPlugin,
+    HostSink, PluginError, WatchRequest,
 };
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
 pub use config::{ConfigError, EtcdConfig};
 pub use instances::{parse_instance, Instance, ValueError};
 
-use follow::{Backend, WatchSink};
+use follow::Backend;
 
 /// HTTP/2 pings on an idle connection, so a peer that vanished without closing is noticed.
 const KEEP_ALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
@@ -92,10 +93,20 @@ impl DiscoveryPlugin for EtcdDiscovery {
             request,
             Arc::clone(&sink),
         ));
-        Ok(EtcdWatch {
-            sink,
-            task: task.abort_handle(),
-        })
+        let abort = task.abort_handle();
+        // A panic ends only this watch; the host hears of it instead of a silent stop (a
+        // task, not a thread, so support::spawn_watch_thread does not apply).
+        let reporter = Arc::clone(&sink);
+        runtime.spawn(async move {
+            if let Err(error) = task.await {
+                if error.is_panic() {
+                    let detail =
+                        "the etcd watch panicked and stopped; keeping the last known endpoints";
+                    reporter.report(BackendHealth::Invalid, detail);
+                }
+            }
+        });
+        Ok(EtcdWatch { sink, task: abort })
     }
 }
 

@@ -9,8 +9,10 @@
 //!
 //! One thread per opened file polls it; every watch is answered from the last good content, so
 //! a broken edit is reported once and changes nothing until the file is fixed. This is the
-//! model for a third-party discovery plugin: the plugin owns its thread, and talks to the host
-//! only through the sink.
+//! model for a third-party discovery plugin: the plugin owns its thread (started with
+//! `support::spawn_guarded`, so a panic is reported to every watch, not lost), reads its
+//! options through `support::OptionReader`, builds each set with `support::Selector` (which
+//! explains every entry left out) and talks to the host only through a `support::WatchSink`.
 
 mod services;
 
@@ -24,14 +26,21 @@ use std::{
 };
 
 use embassy_plugin_api::{
-    export_discovery, option, BackendHealth, DiscoveryConfig, DiscoveryPlugin, Endpoint, HostSink,
-    PluginError, WatchRequest,
+    export_discovery,
+    support::{spawn_guarded, OptionReader, WatchSink},
+    BackendHealth, DiscoveryConfig, DiscoveryPlugin, HostSink, PluginError, WatchRequest,
 };
 pub use services::{parse_services, ServicesFile};
 use tracing::{info, warn};
 
 /// How often the file is checked unless `--discovery-opt poll_interval=...` says otherwise.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Every `--discovery-opt` the plugin takes; any other is refused.
+pub const OPTIONS: &[(&str, &str)] = &[(
+    "poll_interval",
+    "how often the file is checked for changes (default 250ms)",
+)];
 
 pub struct FileDiscovery {
     shared: Arc<Shared>,
@@ -56,8 +65,8 @@ struct State {
 struct Watch {
     id: u64,
     request: WatchRequest,
-    sink: HostSink,
-    last_sent: Option<Vec<Endpoint>>,
+    /// Drops a set equal to the last one, so an edit elsewhere in the file pushes nothing here.
+    sink: WatchSink,
 }
 
 impl Shared {
@@ -115,13 +124,10 @@ impl State {
         }
     }
 
-    fn push_changes(&mut self) {
-        for watch in &mut self.watches {
-            let endpoints = self.good.endpoints_for(&watch.request);
-            if watch.last_sent.as_ref() != Some(&endpoints) {
-                watch.sink.update(endpoints.clone());
-                watch.last_sent = Some(endpoints);
-            }
+    fn push_changes(&self) {
+        for watch in &self.watches {
+            let (endpoints, excluded) = self.good.select(&watch.request);
+            watch.sink.update_explained(endpoints, excluded);
         }
     }
 }
@@ -158,14 +164,9 @@ impl DiscoveryPlugin for FileDiscovery {
                     "{uri:?} is not a file URI: expected file:///path/services.json"
                 ))
             })?;
-        let interval = match option(&config.options, "poll_interval") {
-            None => DEFAULT_POLL_INTERVAL,
-            Some(text) => parse_millis(text).ok_or_else(|| {
-                PluginError::new(format!(
-                    "poll_interval {text:?} is not a duration such as 250ms or 1s"
-                ))
-            })?,
-        };
+        let interval = OptionReader::new("file", OPTIONS, &config.options)
+            .and_then(|options| options.duration("poll_interval", DEFAULT_POLL_INTERVAL))
+            .map_err(|error| PluginError::new(error.to_string()))?;
         let bytes = std::fs::read(path).map_err(|error| {
             PluginError::new(format!("cannot read services file {path}: {error}"))
         })?;
@@ -182,16 +183,27 @@ impl DiscoveryPlugin for FileDiscovery {
         });
         let (stop, stopped) = mpsc::channel::<()>();
         let poller = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("embassy-file-discovery".into())
-            .spawn(move || {
+        let reporter = Arc::clone(&shared);
+        spawn_guarded(
+            "embassy-file-discovery".into(),
+            move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
                     poller.poll();
                 }
-            })
-            .map_err(|error| {
-                PluginError::new(format!("cannot start the file watcher thread: {error}"))
-            })?;
+            },
+            // The watches keep their last sets; the host hears that no change will come.
+            move |error| {
+                let detail = format!(
+                    "the watcher of {} panicked and stopped: {}; keeping the last endpoints",
+                    reporter.path.display(),
+                    error.message
+                );
+                reporter.lock().report_all(BackendHealth::Invalid, &detail);
+            },
+        )
+        .map_err(|error| {
+            PluginError::new(format!("cannot start the file watcher thread: {error}"))
+        })?;
         Ok(FileDiscovery {
             shared,
             _stop: stop,
@@ -202,34 +214,18 @@ impl DiscoveryPlugin for FileDiscovery {
         let mut state = self.shared.lock();
         let id = state.next_id;
         state.next_id += 1;
-        let endpoints = state.good.endpoints_for(&request);
+        let (endpoints, excluded) = state.good.select(&request);
         if !state.good.contains(request.service.as_str()) {
             warn!(service = %request.service, path = %self.shared.path.display(), "service not in the services file (yet)");
         }
-        sink.update(endpoints.clone());
-        state.watches.push(Watch {
-            id,
-            request,
-            sink,
-            last_sent: Some(endpoints),
-        });
+        let sink = WatchSink::new(sink);
+        sink.update_explained(endpoints, excluded);
+        state.watches.push(Watch { id, request, sink });
         Ok(FileWatch {
             id,
             shared: Arc::clone(&self.shared),
         })
     }
-}
-
-/// `250ms`, `1s` or a bare number of milliseconds.
-fn parse_millis(text: &str) -> Option<Duration> {
-    let duration = if let Some(ms) = text.strip_suffix("ms") {
-        Duration::from_millis(ms.parse().ok()?)
-    } else if let Some(s) = text.strip_suffix('s') {
-        Duration::from_secs(s.parse().ok()?)
-    } else {
-        Duration::from_millis(text.parse().ok()?)
-    };
-    (!duration.is_zero()).then_some(duration)
 }
 
 export_discovery!(FileDiscovery);

@@ -3,14 +3,16 @@
 
 use std::collections::BTreeMap;
 
-use embassy_plugin_api::{text::cut, Endpoint, Protocol, WatchRequest};
+use embassy_plugin_api::{
+    support::Selector, text::cut, Endpoint, Excluded, Protocol, WatchRequest,
+};
 use serde_json::Value;
 
 /// One endpoint as the file lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     endpoint: Endpoint,
-    /// `None`: serves both protocols.
+    /// `None`: the entry does not say (TCP, or UDP when tagged `udp`: the support rule).
     protocol: Option<Protocol>,
 }
 
@@ -40,20 +42,19 @@ impl ServicesFile {
 
     /// The endpoints of `request.service` carrying every requested tag and serving its protocol.
     pub fn endpoints_for(&self, request: &WatchRequest) -> Vec<Endpoint> {
-        let Some(entries) = self.services.get(request.service.as_str()) else {
-            return Vec::new();
-        };
-        entries
-            .iter()
-            .filter(|entry| entry.protocol.is_none_or(|p| p == request.protocol))
-            .filter(|entry| {
-                request
-                    .tags
-                    .iter()
-                    .all(|tag| entry.endpoint.tags.contains(tag))
-            })
-            .map(|entry| entry.endpoint.clone())
-            .collect()
+        self.select(request).0
+    }
+
+    /// The endpoints for `request`, and every entry of the service left out with the reason
+    /// (protocol, tag, duplicate address). An entry is named `SERVICE #N`, N counting from 1.
+    pub fn select(&self, request: &WatchRequest) -> (Vec<Endpoint>, Vec<Excluded>) {
+        let mut selector = Selector::new(request);
+        let service = request.service.as_str();
+        for (index, entry) in self.services.get(service).into_iter().flatten().enumerate() {
+            let name = format!("{service} #{}", index + 1);
+            selector.offer(&name, entry.endpoint.clone(), entry.protocol);
+        }
+        selector.finish()
     }
 }
 
@@ -189,15 +190,29 @@ mod tests {
         WatchRequest::new(service, tags, protocol)
     }
 
-    /// Parses `json` and lists the addresses for `service`/`tags`/tcp, or `error: ...`.
+    /// Parses `json` and lists the addresses (`*weight` unless 1) for `service`/`tags`/tcp,
+    /// then `| instance:reason` per entry left out, or `error: ...`.
     fn check(json: &str, service: &str, tags: &[&str], expected: &str) {
+        check_for(json, service, tags, Protocol::Tcp, expected)
+    }
+
+    fn check_for(json: &str, service: &str, tags: &[&str], protocol: Protocol, expected: &str) {
         let actual = match parse_services(json.as_bytes()) {
-            Ok(file) => file
-                .endpoints_for(&request(service, tags, Protocol::Tcp))
-                .iter()
-                .map(|e| e.address.to_string())
-                .collect::<Vec<_>>()
-                .join(" "),
+            Ok(file) => {
+                let (endpoints, excluded) = file.select(&request(service, tags, protocol));
+                let mut text = endpoints
+                    .iter()
+                    .map(|e| match e.weight {
+                        1 => e.address.to_string(),
+                        w => format!("{}*{w}", e.address),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                for x in &excluded {
+                    text.push_str(&format!(" | {}:{}", x.instance, x.reason));
+                }
+                text
+            }
             Err(error) => format!("error: {error}"),
         };
         assert_eq!(actual, expected, "{json}");
@@ -216,19 +231,47 @@ mod tests {
             r#"{"web": ["127.0.0.1:1", {"address": "127.0.0.1:2", "tags": ["prod", "a"]}, {"address": "127.0.0.1:3", "tags": ["prod"]}]}"#,
             "web",
             &["prod", "a"],
-            "127.0.0.1:2",
+            "127.0.0.1:2 | web #1:tag | web #3:tag",
         );
         check(
             r#"{"dns": [{"address": "127.0.0.1:1", "proto": "udp"}, "127.0.0.1:2"]}"#,
             "dns",
             &[],
-            "127.0.0.1:2",
+            "127.0.0.1:2 | dns #1:protocol",
         );
         check(
-            r#"{"web": [{"address": "db.local:5432", "weight": 3}]}"#,
+            r#"{"web": [{"address": "db.local:5432", "weight": 3}, "db.local:5433"]}"#,
             "web",
             &[],
-            "db.local:5432",
+            "db.local:5432*3 db.local:5433",
+        );
+        check(
+            r#"{"web": ["127.0.0.1:1", {"address": "127.0.0.1:1", "weight": 2}]}"#,
+            "web",
+            &[],
+            "127.0.0.1:1 | web #2:duplicate",
+        );
+    }
+
+    /// The support library's `/udp` rule: an entry serves what its `proto` says, else UDP if
+    /// tagged `udp`, else TCP.
+    #[test]
+    fn udp_takes_what_says_udp() {
+        let file = r#"{"dns": ["127.0.0.1:1", {"address": "127.0.0.1:2", "proto": "udp"},
+            {"address": "127.0.0.1:3", "tags": ["udp"]}, {"address": "127.0.0.1:4", "proto": "tcp", "tags": ["udp"]}]}"#;
+        check_for(
+            file,
+            "dns",
+            &[],
+            Protocol::Udp,
+            "127.0.0.1:2 127.0.0.1:3 | dns #1:protocol | dns #4:protocol",
+        );
+        check_for(
+            file,
+            "dns",
+            &[],
+            Protocol::Tcp,
+            "127.0.0.1:1 127.0.0.1:4 | dns #2:protocol | dns #3:protocol",
         );
     }
 
@@ -438,10 +481,12 @@ mod properties {
             for (name, entries) in &services {
                 for protocol in [Protocol::Tcp, Protocol::Udp] {
                     for tags in [Vec::new(), vec![tag.clone()]] {
+                        let mut seen = std::collections::HashSet::new();
                         let expected: Vec<(String, Vec<String>, u32)> = entries
                             .iter()
-                            .filter(|e| e.protocol.is_none_or(|p| p == protocol))
+                            .filter(|e| embassy_plugin_api::support::serves_protocol(e.protocol, &e.tags, protocol))
                             .filter(|e| tags.iter().all(|t| e.tags.contains(t)))
+                            .filter(|e| seen.insert(e.address.clone()))
                             .map(|e| (e.address.clone(), e.tags.clone(), e.weight))
                             .collect();
                         let served: Vec<(String, Vec<String>, u32)> = file
