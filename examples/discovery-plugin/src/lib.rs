@@ -49,7 +49,8 @@ impl Drop for Watch {
 impl DiscoveryPlugin for Lines {
     const NAME: &'static str = "lines";
     const SCHEMES: &'static [&'static str] = &["lines"];
-    const DESCRIPTION: &'static str = "lines:///PATH: services from a plain-text list (example plugin)";
+    const DESCRIPTION: &'static str =
+        "lines:///PATH: services from a plain-text list (example plugin)";
     type Watch = Watch;
 
     fn open(config: &DiscoveryConfig) -> Result<Self, PluginError> {
@@ -101,7 +102,10 @@ fn poll(path: &std::path::Path, request: &WatchRequest, sink: &WatchSink) {
             sink.report(BackendHealth::Reachable, "list read");
         }
         Err(error) => {
-            let detail = format!("cannot read {}: {error}; keeping the last endpoints", path.display());
+            let detail = format!(
+                "cannot read {}: {error}; keeping the last endpoints",
+                path.display()
+            );
             sink.report(BackendHealth::Unreachable, &detail);
         }
     }
@@ -114,7 +118,7 @@ mod tests {
     use std::sync::Mutex;
 
     use abi_stable::std_types::{RStr, RVec, Tuple2};
-    use embassy_plugin_api::{EndpointSink, Endpoint, Excluded, Exclusion, Protocol};
+    use embassy_plugin_api::{Endpoint, EndpointSink, Excluded, Exclusion, Protocol};
 
     use super::*;
 
@@ -124,7 +128,10 @@ mod tests {
         sets: Mutex<Vec<(Vec<String>, Vec<(String, Exclusion)>)>>,
     }
 
-    impl EndpointSink for Arc<Recorded> {
+    /// What the test hands the plugin as the host's sink.
+    struct Recorder(Arc<Recorded>);
+
+    impl EndpointSink for Recorder {
         fn update(&self, endpoints: RVec<Endpoint>) {
             self.update_explained(endpoints, RVec::new());
         }
@@ -133,27 +140,44 @@ mod tests {
 
         fn update_explained(&self, endpoints: RVec<Endpoint>, excluded: RVec<Excluded>) {
             let addresses = endpoints.iter().map(|e| e.address.to_string()).collect();
-            let excluded = excluded.iter().map(|e| (e.instance.to_string(), e.reason)).collect();
-            self.sets.lock().expect("lock").push((addresses, excluded));
+            let excluded = excluded
+                .iter()
+                .map(|e| (e.instance.to_string(), e.reason))
+                .collect();
+            self.0
+                .sets
+                .lock()
+                .expect("lock")
+                .push((addresses, excluded));
         }
     }
 
     fn config(uri: &str, options: &[(&str, &str)]) -> DiscoveryConfig {
         DiscoveryConfig {
             uri: uri.into(),
-            options: options.iter().map(|(k, v)| Tuple2((*k).into(), (*v).into())).collect(),
+            options: options
+                .iter()
+                .map(|(k, v)| Tuple2((*k).into(), (*v).into()))
+                .collect(),
         }
     }
 
     #[test]
     fn open_refuses_bad_uris_and_unknown_options() {
         let error = |uri: &str, options: &[(&str, &str)]| {
-            Lines::open(&config(uri, options)).err().map(|e| e.message.to_string())
+            Lines::open(&config(uri, options))
+                .err()
+                .map(|e| e.message.to_string())
         };
         assert_eq!(error("lines:///tmp/list", &[("interval", "100ms")]), None);
-        assert!(error("lines://relative", &[]).is_some_and(|e| e.contains("lines:///ABSOLUTE/PATH")));
-        assert!(error("lines:///tmp/list", &[("intervall", "1s")]).is_some_and(|e| e.contains("intervall")));
-        assert!(error("lines:///tmp/list", &[("interval", "soon")]).is_some_and(|e| e.contains("soon")));
+        assert!(
+            error("lines://relative", &[]).is_some_and(|e| e.contains("lines:///ABSOLUTE/PATH"))
+        );
+        assert!(error("lines:///tmp/list", &[("intervall", "1s")])
+            .is_some_and(|e| e.contains("intervall")));
+        assert!(
+            error("lines:///tmp/list", &[("interval", "soon")]).is_some_and(|e| e.contains("soon"))
+        );
     }
 
     #[test]
@@ -162,11 +186,17 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let list = dir.join("list");
         std::fs::write(&list, "web 127.0.0.1:1\nweb 127.0.0.1:2 proto=udp\n").expect("write");
-        let backend = Lines::open(&config(&format!("lines://{}", list.display()), &[("interval", "20ms")]))
-            .expect("open");
+        let backend = Lines::open(&config(
+            &format!("lines://{}", list.display()),
+            &[("interval", "20ms")],
+        ))
+        .expect("open");
         let recorded = Arc::new(Recorded::default());
         let watch = backend
-            .watch(WatchRequest::new::<&str>("web", &[], Protocol::Tcp), HostSink::from_impl(Arc::clone(&recorded)))
+            .watch(
+                WatchRequest::new::<&str>("web", &[], Protocol::Tcp),
+                HostSink::from_impl(Recorder(Arc::clone(&recorded))),
+            )
             .expect("watch");
         let wait_for = |count: usize| {
             for _ in 0..500 {
@@ -188,7 +218,10 @@ mod tests {
         assert_eq!(
             sets,
             [
-                (vec!["127.0.0.1:1".to_string()], vec![("line 2".to_string(), Exclusion::PROTOCOL)]),
+                (
+                    vec!["127.0.0.1:1".to_string()],
+                    vec![("line 2".to_string(), Exclusion::PROTOCOL)]
+                ),
                 (vec!["127.0.0.1:3".to_string()], vec![]),
             ],
             "one set per change, none after the drop"

@@ -9,7 +9,9 @@
 //! Pure functions, table-tested: the backend-specific half of a plugin. Replace this module
 //! with your backend's client and record format.
 
-use embassy_plugin_api::{support::Selector, Endpoint, Excluded, Exclusion, Protocol, WatchRequest};
+use embassy_plugin_api::{
+    support::Selector, Endpoint, Excluded, Exclusion, Protocol, WatchRequest,
+};
 
 /// One line that names a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +66,11 @@ fn parse_instance<'a>(mut fields: impl Iterator<Item = &'a str>) -> Result<Insta
     for field in fields {
         match field.split_once('=') {
             Some(("tags", tags)) => {
-                instance.tags = tags.split(',').filter(|t| !t.is_empty()).map(String::from).collect()
+                instance.tags = tags
+                    .split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(String::from)
+                    .collect()
             }
             Some(("weight", weight)) => {
                 instance.weight = weight
@@ -75,7 +81,9 @@ fn parse_instance<'a>(mut fields: impl Iterator<Item = &'a str>) -> Result<Insta
             }
             Some(("proto", "tcp")) => instance.protocol = Some(Protocol::Tcp),
             Some(("proto", "udp")) => instance.protocol = Some(Protocol::Udp),
-            Some(("proto", other)) => return Err(format!("proto {other:?} is neither tcp nor udp")),
+            Some(("proto", other)) => {
+                return Err(format!("proto {other:?} is neither tcp nor udp"))
+            }
             _ => return Err(format!("{field:?} is not tags=, weight= or proto=")),
         }
     }
@@ -87,7 +95,10 @@ fn parse_instance<'a>(mut fields: impl Iterator<Item = &'a str>) -> Result<Insta
 /// duplicates); this plugin adds only what its own records can get wrong.
 pub fn select(records: &[Record], request: &WatchRequest) -> (Vec<Endpoint>, Vec<Excluded>) {
     let mut selector = Selector::new(request);
-    for record in records.iter().filter(|r| r.service == request.service.as_str()) {
+    for record in records
+        .iter()
+        .filter(|r| r.service == request.service.as_str())
+    {
         match &record.parsed {
             Ok(instance) => {
                 let mut endpoint =
@@ -109,7 +120,12 @@ mod tests {
         let records = parse(line);
         assert_eq!(records.len(), 1, "{line:?}");
         let got = records[0].parsed.as_ref().map(|i| {
-            (i.address.as_str(), i.tags.iter().map(String::as_str).collect::<Vec<_>>(), i.weight, i.protocol)
+            (
+                i.address.as_str(),
+                i.tags.iter().map(String::as_str).collect::<Vec<_>>(),
+                i.weight,
+                i.protocol,
+            )
         });
         let expected = expected
             .map(|(address, tags, weight, protocol)| (address, tags.to_vec(), weight, protocol))
@@ -124,14 +140,29 @@ mod tests {
             "web 10.0.0.5:80 tags=prod,eu weight=3 # primary",
             Ok(("10.0.0.5:80", &["prod", "eu"], 3, None)),
         );
-        check("dns [::1]:53 proto=udp", Ok(("[::1]:53", &[], 1, Some(Protocol::Udp))));
+        check(
+            "dns [::1]:53 proto=udp",
+            Ok(("[::1]:53", &[], 1, Some(Protocol::Udp))),
+        );
         check("db db.local:5432", Ok(("db.local:5432", &[], 1, None)));
         check("web", Err("no address after the service name"));
         check("web 10.0.0.5", Err("address \"10.0.0.5\" is not HOST:PORT"));
-        check("web 10.0.0.5:0", Err("address \"10.0.0.5:0\" is not HOST:PORT"));
-        check("web 10.0.0.5:80 weight=0", Err("weight \"0\" is not a whole number from 1"));
-        check("web 10.0.0.5:80 proto=sctp", Err("proto \"sctp\" is neither tcp nor udp"));
-        check("web 10.0.0.5:80 prod", Err("\"prod\" is not tags=, weight= or proto="));
+        check(
+            "web 10.0.0.5:0",
+            Err("address \"10.0.0.5:0\" is not HOST:PORT"),
+        );
+        check(
+            "web 10.0.0.5:80 weight=0",
+            Err("weight \"0\" is not a whole number from 1"),
+        );
+        check(
+            "web 10.0.0.5:80 proto=sctp",
+            Err("proto \"sctp\" is neither tcp nor udp"),
+        );
+        check(
+            "web 10.0.0.5:80 prod",
+            Err("\"prod\" is not tags=, weight= or proto="),
+        );
         assert!(parse("# only a comment\n\n   \n").is_empty());
     }
 
@@ -149,8 +180,10 @@ mod tests {
         let (endpoints, excluded) = select(&records, &request);
         let addresses: Vec<&str> = endpoints.iter().map(|e| e.address.as_str()).collect();
         assert_eq!(addresses, ["10.0.0.1:80"]);
-        let reasons: Vec<(&str, Exclusion)> =
-            excluded.iter().map(|e| (e.instance.as_str(), e.reason)).collect();
+        let reasons: Vec<(&str, Exclusion)> = excluded
+            .iter()
+            .map(|e| (e.instance.as_str(), e.reason))
+            .collect();
         assert_eq!(
             reasons,
             [
