@@ -122,10 +122,13 @@ mod tests {
 
     use super::*;
 
+    /// A set as the host got it: addresses, and (instance, reason) of what was left out.
+    type Set = (Vec<String>, Vec<(String, Exclusion)>);
+
     /// The host's side, as a test sees it: every set and report that reached it.
     #[derive(Default)]
     struct Recorded {
-        sets: Mutex<Vec<(Vec<String>, Vec<(String, Exclusion)>)>>,
+        sets: Mutex<Vec<Set>>,
     }
 
     /// What the test hands the plugin as the host's sink.

@@ -116,7 +116,10 @@ pub fn select(records: &[Record], request: &WatchRequest) -> (Vec<Endpoint>, Vec
 mod tests {
     use super::*;
 
-    fn check(line: &str, expected: Result<(&str, &[&str], u32, Option<Protocol>), &str>) {
+    /// Address, tags, weight and declared protocol of a readable line.
+    type Readable<'a> = (&'a str, &'a [&'a str], u32, Option<Protocol>);
+
+    fn check(line: &str, expected: Result<Readable<'_>, &str>) {
         let records = parse(line);
         assert_eq!(records.len(), 1, "{line:?}");
         let got = records[0].parsed.as_ref().map(|i| {
