@@ -4,6 +4,7 @@
 //! Run: `cargo bench -p embassy-bench --bench pick`.
 
 use std::{
+    net::{Ipv4Addr, SocketAddr},
     sync::{atomic::AtomicU64, Arc},
     time::{Duration, Instant},
 };
@@ -20,13 +21,19 @@ struct Endpoints {
 }
 
 fn endpoints(n: usize) -> Endpoints {
+    weighted_endpoints(n, |_| 1)
+}
+
+/// `n` endpoints, the `i`th of weight `weight(i)`.
+fn weighted_endpoints(n: usize, weight: impl Fn(usize) -> u32) -> Endpoints {
     let counters: Vec<Arc<AtomicU64>> = (0..n)
         .map(|i| Arc::new(AtomicU64::new((i % 7) as u64 + 1)))
         .collect();
     // SAFETY: the counters live in the same struct as the views.
     let views = counters
         .iter()
-        .map(|c| unsafe { EndpointView::new(Arc::as_ptr(c), 1, true) })
+        .enumerate()
+        .map(|(i, c)| unsafe { EndpointView::new(Arc::as_ptr(c), weight(i), true) })
         .collect();
     Endpoints {
         _counters: counters,
@@ -35,8 +42,7 @@ fn endpoints(n: usize) -> Endpoints {
 }
 
 fn registry() -> PluginRegistry {
-    let _ = artifacts();
-    let dir = standard_plugin_dir(&[]);
+    let dir = standard_plugin_dir(&[artifacts().library("embassy-plugin-source-hash")]);
     let (registry, errors) = PluginRegistry::load_dir(dir.path()).expect("plugin dir");
     assert!(errors.is_empty(), "{errors:?}");
     registry
@@ -56,13 +62,19 @@ fn balancer(registry: &PluginRegistry, name: &str) -> Box<dyn Picker> {
 
 /// Runs `iters` picks in a tight loop on each of `pickers.len()` threads at once and returns
 /// the wall time divided by the thread count: the throughput cost of one pick.
+/// The clients cycle through 1024 addresses, so an affinity balancer reads its table as
+/// many clients would rather than one hot entry.
 fn timed_picks(iters: u64, pickers: &[&dyn Picker], views: &[EndpointView]) -> Duration {
-    let client = "127.0.0.1:40000".parse().expect("an address");
+    let clients: Vec<SocketAddr> = (0..1024u32)
+        .map(|i| SocketAddr::new(Ipv4Addr::from(0x0a00_0000 + i * 7919).into(), 40000))
+        .collect();
+    let clients = &clients;
     let start = Instant::now();
     std::thread::scope(|scope| {
         for picker in pickers {
             scope.spawn(move || {
-                for _ in 0..iters {
+                for i in 0..iters as usize {
+                    let client = clients[i % clients.len()];
                     black_box(picker.pick(black_box(views), black_box(client)).ok());
                 }
             });
@@ -83,12 +95,28 @@ fn pick(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("in-process-closure", n), &set, |b, set| {
             b.iter_custom(|iters| timed_picks(iters, &[&native], &set.views))
         });
-        for name in ["round-robin", "least-conn"] {
+        for name in ["round-robin", "least-conn", "source-hash"] {
             let balancer = balancer(&registry, name);
+            // What the host does before the first pick over a set (source-hash builds its
+            // table here).
+            balancer
+                .endpoints_changed(&set.views)
+                .expect("endpoints_changed");
             group.bench_with_input(BenchmarkId::new(name, n), &set, |b, set| {
                 b.iter_custom(|iters| timed_picks(iters, &[balancer.as_ref()], &set.views))
             });
         }
+        // Unequal weights (1 to 4): round robin through its precomputed smooth sequence.
+        let weighted = weighted_endpoints(n, |i| (i % 4) as u32 + 1);
+        let balancer = balancer(&registry, "round-robin");
+        balancer
+            .endpoints_changed(&weighted.views)
+            .expect("endpoints_changed");
+        group.bench_with_input(
+            BenchmarkId::new("round-robin-weighted", n),
+            &weighted,
+            |b, set| b.iter_custom(|iters| timed_picks(iters, &[balancer.as_ref()], &set.views)),
+        );
     }
     group.finish();
 }

@@ -83,6 +83,15 @@ impl EndpointView {
         // SAFETY: `new`'s contract keeps the counter alive as long as the view.
         unsafe { (*self.active).load(Ordering::Relaxed) }
     }
+
+    /// Tells endpoints apart across sets: the host carries an endpoint's counter from one set
+    /// to the next while its address stays in the set, so views of two sets with the same
+    /// identity are the same endpoint. Only meaningful within one host process, and an
+    /// identity may come back for another endpoint once its endpoint has left every set.
+    #[inline]
+    pub fn identity(&self) -> usize {
+        self.active as usize
+    }
 }
 
 /// The address a connection or datagram session comes from, ABI-stable (1.1).

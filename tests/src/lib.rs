@@ -100,7 +100,12 @@ fn build() -> Result<Artifacts> {
         None => bail!("cannot tell the build profile from {}", exe.display()),
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut packages = vec!["embassy-host", "embassy-plugin-consul"];
+    // Built beside the standard plugins; tests that want them add them to a plugin directory.
+    let mut packages = vec![
+        "embassy-host",
+        "embassy-plugin-consul",
+        "embassy-plugin-source-hash",
+    ];
     packages.extend(STANDARD_PLUGINS);
     let mut main = Command::new(&cargo);
     main.current_dir(&root)
@@ -256,7 +261,25 @@ pub struct Client {
 impl Client {
     /// Connects to 127.0.0.1:`port` and reads the upstream's greeting.
     pub fn connect(port: u16) -> Result<Client> {
-        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        Client::greeted(TcpStream::connect(("127.0.0.1", port))?)
+    }
+
+    /// Connects to 127.0.0.1:`port` from `source` (another loopback address, e.g. 127.0.0.2:
+    /// another client as far as the proxy can tell) and reads the upstream's greeting.
+    pub fn connect_from(port: u16, source: std::net::Ipv4Addr) -> Result<Client> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        if !source.is_loopback() {
+            bail!("tests connect from loopback only, not {source}");
+        }
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        socket
+            .bind(&SocketAddr::from((source, 0)).into())
+            .with_context(|| format!("bind {source}"))?;
+        socket.connect(&SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)).into())?;
+        Client::greeted(socket.into())
+    }
+
+    fn greeted(stream: TcpStream) -> Result<Client> {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut reader = BufReader::new(stream);
         let mut line = String::new();

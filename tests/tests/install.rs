@@ -1,4 +1,4 @@
-//! What a user gets from a release build and from `scripts/install`: the five real plugins and
+//! What a user gets from a release build and from `scripts/install`: the six real plugins and
 //! nothing a test put there, and an installed binary that finds its plugins by itself.
 
 use std::{
@@ -12,7 +12,14 @@ use embassy_tests::*;
 use serde_json::json;
 
 /// The plugins a release build of the workspace ships, by `embassy plugins` name.
-const REAL_PLUGINS: &[&str] = &["consul", "etcd", "file", "least-conn", "round-robin"];
+const REAL_PLUGINS: &[&str] = &[
+    "consul",
+    "etcd",
+    "file",
+    "least-conn",
+    "round-robin",
+    "source-hash",
+];
 
 fn workspace() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
