@@ -59,6 +59,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (plugins, failed) = run::load_plugins(&cli.plugin_dir)?;
             return run::list_plugins(&plugins, json, failed);
         }
+        Some(Command::Status {
+            service,
+            json,
+            admin,
+        }) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            return runtime.block_on(embassy_host::status::status(
+                &admin,
+                service.as_deref(),
+                json,
+            ));
+        }
         Some(Command::Run(args)) => *args,
         None => cli.run,
     };
