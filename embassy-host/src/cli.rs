@@ -66,6 +66,17 @@ pub struct Cli {
     /// More logging (-v debug, -vv trace); EMBASSY_LOG=<filter> overrides.
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
+
+    /// Log lines as text, or as one JSON object per line (fields flattened) for log shippers.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "EMBASSY_LOG_FORMAT",
+        value_name = "FORMAT"
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]

@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         }
     };
     // Kept to the end of main: dropping it writes out what is still queued.
-    let log = logging::init(cli.verbose);
+    let log = logging::init(cli.verbose, cli.log_format);
     let code = match dispatch(cli) {
         Ok(code) => code,
         Err(error) => {

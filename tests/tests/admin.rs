@@ -305,3 +305,62 @@ fn a_tcp_admin_address_serves_when_given() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains(&format!("tcp-{port}")), "{response}");
 }
+
+/// `--log-format json`: every line one JSON object, a connection failure carrying the
+/// service, the endpoint and the reason as fields.
+#[test]
+fn json_logs_carry_their_fields() {
+    let dead = free_port(); // nothing listens there
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let services = dir.path().join("services.json");
+    write_services(&services, &json!({ "web": [format!("127.0.0.1:{dead}")] }));
+    let plugins = standard_plugin_dir(&[]);
+    let mut command = Embassy::command(
+        &artifacts().embassy(),
+        [
+            "--log-format".to_string(),
+            "json".to_string(),
+            "--plugin-dir".to_string(),
+            plugins.path().display().to_string(),
+            "--discovery".to_string(),
+            format!("file://{}", services.display()),
+            "--service".to_string(),
+            format!("web;{port}/tcp"),
+        ],
+    );
+    let mut embassy = Embassy::spawn(&mut command);
+    embassy.wait_for_log("listening", WAIT).expect("listening");
+    let _ = Client::connect(port);
+    embassy
+        .wait_for_log("connect failed", WAIT)
+        .expect("a failure line");
+    let lines: Vec<Value> = embassy
+        .log()
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    let failed = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("connect failed"))
+        })
+        .expect("the failure line");
+    assert_eq!(failed["level"], "WARN");
+    assert_eq!(failed["upstream"], format!("127.0.0.1:{dead}"), "{failed}");
+    assert!(
+        failed["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{failed}"
+    );
+    assert_eq!(
+        failed["spans"][0]["service"],
+        format!("web;{port}/tcp"),
+        "{failed}"
+    );
+    assert!(
+        failed["spans"][1]["peer"].as_str().is_some(),
+        "the client: {failed}"
+    );
+}
