@@ -5,6 +5,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use embassy_core::{copy::CopyMode, descriptor::parse_duration, ServiceDescriptor};
 
+use crate::admin::{AdminAddr, DEFAULT_ADMIN_ADDR};
 pub use crate::docker::watch::ModeChoice;
 
 /// Where plugins are looked for, relative to the installation prefix (`PREFIX/bin/embassy`
@@ -65,6 +66,17 @@ pub struct Cli {
     /// More logging (-v debug, -vv trace); EMBASSY_LOG=<filter> overrides.
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
+
+    /// Log lines as text, or as one JSON object per line (fields flattened) for log shippers.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "EMBASSY_LOG_FORMAT",
+        value_name = "FORMAT"
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +93,19 @@ pub enum Command {
     Check {
         #[arg(required = true, value_name = "DESCRIPTOR")]
         descriptors: Vec<String>,
+    },
+    /// Show what a running Embassy serves: services, endpoints, connections; with SERVICE (an
+    /// id such as tcp-8080, or a port), also each instance discovery left out and why.
+    Status {
+        /// One service: its id (tcp-8080), its port (8080) or its service name.
+        #[arg(value_name = "SERVICE")]
+        service: Option<String>,
+        /// The admin API's JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// The running Embassy's admin socket.
+        #[arg(long, env = "EMBASSY_ADMIN", default_value = DEFAULT_ADMIN_ADDR, value_name = "unix:PATH")]
+        admin: AdminAddr,
     },
 }
 
@@ -168,6 +193,19 @@ pub struct RunArgs {
     /// are reset, so their clients see the stream was cut.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration_arg)]
     pub grace_period: Duration,
+
+    /// Where the admin API listens (repeatable): unix:PATH (the trusted channel, mode 0660; the
+    /// default is unix:/run/embassy/admin.sock) or IP:PORT (read-only, off unless given: in
+    /// network-container mode Embassy's loopback is the apps'). `--admin off` serves none.
+    #[arg(long = "admin", env = "EMBASSY_ADMIN", value_name = "ADDR", value_parser = parse_admin, value_delimiter = ',')]
+    pub admin: Vec<Option<AdminAddr>>,
+}
+
+fn parse_admin(text: &str) -> Result<Option<AdminAddr>, String> {
+    match text {
+        "off" => Ok(None),
+        _ => text.parse().map(Some),
+    }
 }
 
 fn parse_descriptor(text: &str) -> Result<ServiceDescriptor, String> {

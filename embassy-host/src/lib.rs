@@ -3,6 +3,7 @@
 //!
 //! `main.rs` stays thin: parse, set up logging, load plugins, dispatch to [`run`].
 
+pub mod admin;
 pub mod cli;
 pub mod docker;
 pub mod logging;
@@ -12,4 +13,6 @@ pub mod requests;
 pub mod run;
 pub mod signals;
 pub mod sink;
+pub mod state;
+pub mod status;
 pub mod supervisor;

@@ -32,7 +32,7 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Sets up the global subscriber (`verbose`: 0 info, 1 debug, 2+ trace; `EMBASSY_LOG`
 /// overrides). Keep the guard for the life of the process: dropping it flushes the queue
 /// (waiting at most about a second for a stalled stderr).
-pub fn init(verbose: u8) -> WorkerGuard {
+pub fn init(verbose: u8, format: LogFormat) -> WorkerGuard {
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -47,12 +47,31 @@ pub fn init(verbose: u8) -> WorkerGuard {
         .finish(DropReporter::new(io::stderr(), Arc::clone(&counter)));
     // Set before the first line can be written: the worker only reads it after a write.
     let _ = counter.set(writer.error_counter());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(io::stderr().is_terminal())
-        .with_writer(writer)
-        .init();
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => builder.with_ansi(io::stderr().is_terminal()).init(),
+        // One object per line: timestamp, level, target, the event's fields flattened beside
+        // `message`, and `spans`, outermost first (listener: service, addr; conn: peer).
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
     guard
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// The writer behind the queue (run by the log thread): writes each line, and after a line

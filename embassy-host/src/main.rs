@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         }
     };
     // Kept to the end of main: dropping it writes out what is still queued.
-    let log = logging::init(cli.verbose);
+    let log = logging::init(cli.verbose, cli.log_format);
     let code = match dispatch(cli) {
         Ok(code) => code,
         Err(error) => {
@@ -58,6 +58,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Plugins { json }) => {
             let (plugins, failed) = run::load_plugins(&cli.plugin_dir)?;
             return run::list_plugins(&plugins, json, failed);
+        }
+        Some(Command::Status {
+            service,
+            json,
+            admin,
+        }) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            return runtime.block_on(embassy_host::status::status(
+                &admin,
+                service.as_deref(),
+                json,
+            ));
         }
         Some(Command::Run(args)) => *args,
         None => cli.run,

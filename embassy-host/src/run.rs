@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    admin::{AdminAddr, AdminContext, AdminListener, DEFAULT_ADMIN_ADDR},
     cli::RunArgs,
     docker::{
         serve::ServedContainers,
@@ -106,6 +107,7 @@ pub async fn run(
         .open_discovery(uri, &args.discovery_options)
         .with_context(|| format!("cannot open discovery backend {uri}"))?;
     info!(%uri, "discovery backend open");
+    let plugin_list = plugins.plugins().to_vec();
     let mut supervisor = Supervisor::new(
         Arc::new(plugins),
         discovery,
@@ -124,6 +126,13 @@ pub async fn run(
             },
         },
     );
+    let stop_admin = CancellationToken::new();
+    let admin = Arc::new(AdminContext {
+        host: supervisor.state(),
+        plugins: plugin_list,
+        discovery_uri: uri.to_string(),
+    });
+    start_admin(&args.admin, admin, stop_admin.clone()).await?;
     let mut failures = 0;
     for request in &requests {
         if let Err(error) = supervisor.add(&request.descriptor, &request.origin).await {
@@ -156,6 +165,7 @@ pub async fn run(
     stop_watching.cancel();
     info!(signal = stop.name(), grace = ?args.grace_period, "stopping: no new connections");
     let (left, again) = supervisor.shutdown(args.grace_period, signals.stop()).await;
+    stop_admin.cancel();
     if let Some(again) = again {
         warn!(
             signal = again.name(),
@@ -172,6 +182,42 @@ pub async fn run(
     }
     info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the admin API on each `--admin` address, or on the default socket when none is
+/// given. An address given that cannot be bound stops the start; the default that cannot be
+/// (another Embassy has it, no `/run`) only costs the API, with a warning saying so.
+async fn start_admin(
+    addresses: &[Option<AdminAddr>],
+    context: Arc<AdminContext>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let given: Vec<&AdminAddr> = addresses.iter().flatten().collect();
+    if addresses.iter().any(Option::is_none) {
+        if !given.is_empty() {
+            return Err(
+                UsageError("--admin off cannot be combined with admin addresses".into()).into(),
+            );
+        }
+        info!("admin API off (--admin off)");
+        return Ok(());
+    }
+    let default: AdminAddr = DEFAULT_ADMIN_ADDR.parse().map_err(anyhow::Error::msg)?;
+    let implicit = given.is_empty();
+    let chosen = if implicit { vec![&default] } else { given };
+    for addr in chosen {
+        match AdminListener::bind(addr).await {
+            Ok(listener) => {
+                tokio::spawn(listener.serve(Arc::clone(&context), stop.clone()));
+            }
+            Err(error) if implicit => warn!(
+                %error,
+                "no admin API (so no `embassy status`); give --admin unix:PATH to serve it elsewhere, or --admin off"
+            ),
+            Err(error) => return Err(error).context("--admin"),
+        }
+    }
+    Ok(())
 }
 
 /// Connects to the engine, settles the mode and starts following it: the changes arrive on the

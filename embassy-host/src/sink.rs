@@ -1,26 +1,29 @@
-//! The host's side of a discovery watch: endpoint sets land in a service's snapshot.
+//! The host's side of a discovery watch: endpoint sets land in a service's snapshot, and what
+//! the watch says lands in the read model ([`DiscoveryStatus`]).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use abi_stable::std_types::{RStr, RVec};
-use embassy_core::Service;
+use embassy_core::{endpoints::UpstreamAddr, Service};
 use embassy_plugin_api::{BackendHealth, Endpoint, EndpointSink, Excluded, Exclusion};
 use tracing::{info, warn};
+
+use crate::state::DiscoveryStatus;
 
 /// Feeds one service from one watch. Called from the discovery plugin's own threads.
 pub struct ServiceSink {
     service: Arc<Service>,
     label: String,
-    health: Mutex<BackendHealth>,
+    status: Arc<DiscoveryStatus>,
 }
 
 impl ServiceSink {
-    pub fn new(service: Arc<Service>) -> Self {
+    pub fn new(service: Arc<Service>, status: Arc<DiscoveryStatus>) -> Self {
         let label = service.descriptor.to_string();
         ServiceSink {
             service,
             label,
-            health: Mutex::new(BackendHealth::Reachable),
+            status,
         }
     }
 }
@@ -32,6 +35,18 @@ impl EndpointSink for ServiceSink {
 
     fn update_explained(&self, endpoints: RVec<Endpoint>, excluded: RVec<Excluded>) {
         let mut excluded = excluded.into_vec();
+        // An address the host cannot use is left out like any other instance, with the reason.
+        let (endpoints, unusable): (Vec<Endpoint>, Vec<Endpoint>) = endpoints
+            .into_iter()
+            .partition(|e| UpstreamAddr::parse(e.address.as_str()).is_some());
+        for endpoint in &unusable {
+            warn!(service = %self.label, address = %embassy_plugin_api::text::cut(&endpoint.address), "endpoint address is not host:port, ignored");
+            excluded.push(Excluded::new(
+                endpoint.address.as_str(),
+                Exclusion::UNREADABLE,
+                "the address is not HOST:PORT",
+            ));
+        }
         excluded.sort();
         excluded.dedup();
         let before = self.service.endpoints.load();
@@ -40,9 +55,7 @@ impl EndpointSink for ServiceSink {
         }
         drop(before);
         let change = self.service.replace_endpoints(&endpoints, excluded);
-        for address in &change.rejected {
-            warn!(service = %self.label, address, "endpoint address is not host:port, ignored");
-        }
+        self.status.updated();
         if !change.added.is_empty() || !change.removed.is_empty() {
             info!(
                 service = %self.label,
@@ -55,9 +68,7 @@ impl EndpointSink for ServiceSink {
     }
 
     fn report(&self, health: BackendHealth, detail: RStr<'_>) {
-        let mut last = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = *last != health;
-        *last = health;
+        let changed = self.status.reported(health, detail.as_str());
         match health {
             BackendHealth::Reachable if changed => {
                 info!(service = %self.label, %detail, "discovery backend recovered")

@@ -29,6 +29,7 @@ use crate::{
     netns::{Netns, NetnsError},
     plugins::{DiscoveryBackend, PluginRegistry, PluginUseError},
     sink::ServiceSink,
+    state::{service_id, DiscoveryStatus, HostState, ServiceState},
 };
 
 /// Why a service could not be served.
@@ -102,6 +103,8 @@ struct Active {
     owners: BTreeSet<String>,
     stop: CancellationToken,
     watch: WatchHandleBox,
+    balancer: String,
+    discovery: Arc<DiscoveryStatus>,
 }
 
 /// Owns every listener and watch.
@@ -114,6 +117,8 @@ pub struct Supervisor {
     connections: TaskTracker,
     /// Resets the connections still open when the grace period is over.
     cut: Arc<Cut>,
+    /// What readers see, republished on every change.
+    state: Arc<HostState>,
 }
 
 impl Supervisor {
@@ -130,7 +135,33 @@ impl Supervisor {
             listeners: TaskTracker::new(),
             connections: TaskTracker::new(),
             cut: Arc::default(),
+            state: Arc::default(),
         }
+    }
+
+    /// The read model this supervisor publishes to.
+    pub fn state(&self) -> Arc<HostState> {
+        Arc::clone(&self.state)
+    }
+
+    /// Publishes the services as they are now (after every change of listeners or owners).
+    fn publish(&self) {
+        let services = self
+            .active
+            .iter()
+            .map(|((namespace, addr, protocol), active)| {
+                Arc::new(ServiceState {
+                    id: service_id(*namespace, addr.port(), *protocol),
+                    address: *addr,
+                    namespace: *namespace,
+                    owners: active.owners.iter().cloned().collect(),
+                    balancer: active.balancer.clone(),
+                    service: Arc::clone(&active.service),
+                    discovery: Arc::clone(&active.discovery),
+                })
+            })
+            .collect();
+        self.state.publish(services);
     }
 
     /// Serves `descriptor` in Embassy's own namespace on behalf of `owner` (a container, a
@@ -160,7 +191,9 @@ impl Supervisor {
                     holder: active.service.descriptor.to_string(),
                 });
             }
-            active.owners.insert(owner.to_string());
+            if active.owners.insert(owner.to_string()) {
+                self.publish();
+            }
             return Ok(());
         }
         let balancer_name = descriptor
@@ -175,7 +208,8 @@ impl Supervisor {
         service.copy_mode = self.defaults.copy_mode;
         service.cut = Arc::clone(&self.cut);
         let service = Arc::new(service);
-        let sink = ServiceSink::new(Arc::clone(&service));
+        let discovery = Arc::new(DiscoveryStatus::default());
+        let sink = ServiceSink::new(Arc::clone(&service), Arc::clone(&discovery));
         let request = WatchRequest {
             options: options_of(descriptor),
             ..WatchRequest::new(&descriptor.service, &descriptor.tags, descriptor.protocol)
@@ -205,8 +239,11 @@ impl Supervisor {
                 owners: BTreeSet::from([owner.to_string()]),
                 stop,
                 watch,
+                balancer: balancer_name.to_string(),
+                discovery,
             },
         );
+        self.publish();
         Ok(())
     }
 
@@ -229,7 +266,9 @@ impl Supervisor {
         if active.service.descriptor != *descriptor {
             return;
         }
-        active.owners.remove(owner);
+        if !active.owners.remove(owner) {
+            return;
+        }
         if active.owners.is_empty() {
             if let Some(mut active) = self.active.remove(&key) {
                 active.stop.cancel();
@@ -237,6 +276,7 @@ impl Supervisor {
                 info!(service = %descriptor, last_owner = owner, "listener released");
             }
         }
+        self.publish();
     }
 
     /// How many listeners are open.
@@ -261,6 +301,7 @@ impl Supervisor {
             active.stop.cancel();
             active.watch.stop();
         }
+        self.publish();
         self.listeners.close();
         self.listeners.wait().await;
         self.connections.close();

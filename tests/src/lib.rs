@@ -329,6 +329,20 @@ pub struct Embassy {
     log: Arc<Mutex<Vec<String>>>,
     /// Reads stderr until the process closes it.
     reader: Option<thread::JoinHandle<()>>,
+    /// The admin socket [`Embassy::command`] gave it, if it came from there.
+    admin: Option<PathBuf>,
+}
+
+/// A fresh admin socket path for one test instance (the directory is shared, the names not).
+fn admin_socket_path() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join("embassy-tests-admin");
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(format!(
+        "{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 impl Embassy {
@@ -347,10 +361,25 @@ impl Embassy {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let child = Embassy::command(binary, args)
+        Embassy::spawn(&mut Embassy::command(binary, args))
+    }
+
+    /// Spawns `command` (made by [`Embassy::command`], perhaps changed), knowing its admin
+    /// socket.
+    pub fn spawn(command: &mut Command) -> Embassy {
+        let admin = command
+            .get_envs()
+            .find(|(key, _)| *key == "EMBASSY_ADMIN")
+            .and_then(|(_, value)| value)
+            .and_then(|value| value.to_str())
+            .and_then(|value| value.strip_prefix("unix:"))
+            .map(PathBuf::from);
+        let child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
-        Embassy::adopt(child)
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", command.get_program()));
+        let mut embassy = Embassy::adopt(child);
+        embassy.admin = admin;
+        embassy
     }
 
     /// The command [`Embassy::start_binary`] spawns (stderr piped, debug logging of the
@@ -367,6 +396,10 @@ impl Embassy {
             .env_remove("DISCOVERY")
             .env_remove("EMBASSY_PLUGIN_DIR")
             .env("EMBASSY_LOG", "info,embassy_core=debug")
+            .env(
+                "EMBASSY_ADMIN",
+                format!("unix:{}", admin_socket_path().display()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -378,7 +411,52 @@ impl Embassy {
         let stderr = child.stderr.take().expect("stderr must be piped");
         let log = Arc::new(Mutex::new(Vec::new()));
         let reader = Some(Embassy::collect(stderr, Arc::clone(&log)));
-        Embassy { child, log, reader }
+        Embassy {
+            child,
+            log,
+            reader,
+            admin: None,
+        }
+    }
+
+    /// GETs `path` from this instance's admin API over its unix socket (plain HTTP/1.1, one
+    /// request per connection): the status code and the JSON body.
+    pub fn admin_get(&self, path: &str) -> Result<(u16, serde_json::Value)> {
+        let socket = self
+            .admin
+            .as_ref()
+            .context("this instance was not started with an admin socket")?;
+        let (status, body) = http_get_unix(socket, path)?;
+        let json =
+            serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))?;
+        Ok((status, json))
+    }
+
+    /// The service `id` as `GET /v1/services/{id}` shows it, once `ready` holds of it (or the
+    /// last view after `timeout`, as an error).
+    pub fn wait_for_service(
+        &self,
+        id: &str,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Ok((200, view)) = self.admin_get(&format!("/v1/services/{id}")) {
+                if ready(&view) {
+                    return Ok(view);
+                }
+                last = Some(view);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        bail!("service {id} not as expected within {timeout:?}; last seen: {last:?}")
+    }
+
+    /// The admin socket's path.
+    pub fn admin_socket(&self) -> Option<&Path> {
+        self.admin.as_deref()
     }
 
     fn collect(
@@ -540,6 +618,28 @@ impl FileBacked {
             _dir: dir,
         }
     }
+}
+
+/// One `GET path` over the unix socket `socket`: the status code and the body.
+pub fn http_get_unix(socket: &Path, path: &str) -> Result<(u16, String)> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connect {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: embassy\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in {response:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_string()))
 }
 
 /// `--service DESCRIPTOR` as arguments.

@@ -1,0 +1,258 @@
+//! The host's read model: what the admin API, `embassy status` and tests ask.
+//!
+//! The supervisor (owned by the run loop) publishes the list of services whole on every change
+//! of listeners or owners; each entry holds the live `Service` (whose endpoint snapshot is read
+//! lock-free) and the discovery status its sink keeps. Readers never block the run loop, and
+//! nothing here is touched on the connection path.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwap;
+use embassy_core::Service;
+use embassy_plugin_api::{BackendHealth, Protocol};
+use serde::Serialize;
+
+/// Everything the run loop publishes for readers.
+#[derive(Default)]
+pub struct HostState {
+    services: ArcSwap<Vec<Arc<ServiceState>>>,
+}
+
+impl HostState {
+    /// Replaces the list of services (the supervisor, on every change).
+    pub fn publish(&self, mut services: Vec<Arc<ServiceState>>) {
+        services.sort_by(|a, b| a.id.cmp(&b.id));
+        self.services.store(Arc::new(services));
+    }
+
+    /// The services as last published, ordered by id.
+    pub fn services(&self) -> Arc<Vec<Arc<ServiceState>>> {
+        self.services.load_full()
+    }
+
+    /// The service `id`.
+    pub fn service(&self, id: &str) -> Option<Arc<ServiceState>> {
+        self.services.load().iter().find(|s| s.id == id).cloned()
+    }
+}
+
+/// One listener and the service it serves.
+pub struct ServiceState {
+    /// What names the listener: its protocol and port, and its namespace when not Embassy's
+    /// own (`tcp-8080`, `ns4026532245-udp-53`). Never what an operator may change.
+    pub id: String,
+    pub address: SocketAddr,
+    /// The network namespace's inode, for listeners in another container's namespace.
+    pub namespace: Option<u64>,
+    /// Who asked for it: `container NAME (ID):VARIABLE`, `--service`, an environment variable.
+    pub owners: Vec<String>,
+    pub balancer: String,
+    pub service: Arc<Service>,
+    pub discovery: Arc<DiscoveryStatus>,
+}
+
+/// The id of the listener on `port`/`protocol` in `namespace` (`None`: Embassy's own).
+pub fn service_id(namespace: Option<u64>, port: u16, protocol: Protocol) -> String {
+    match namespace {
+        None => format!("{protocol}-{port}"),
+        Some(inode) => format!("ns{inode}-{protocol}-{port}"),
+    }
+}
+
+/// What a service's discovery watch has said, kept by its sink.
+#[derive(Debug)]
+pub struct DiscoveryStatus {
+    inner: Mutex<DiscoveryInner>,
+    started: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct DiscoveryInner {
+    health: BackendHealth,
+    detail: String,
+    /// When `health` last changed.
+    health_since: SystemTime,
+    /// When the last set arrived, and how many have.
+    last_update: Option<(SystemTime, Instant)>,
+    updates: u64,
+}
+
+impl Default for DiscoveryStatus {
+    fn default() -> Self {
+        DiscoveryStatus {
+            inner: Mutex::new(DiscoveryInner {
+                health: BackendHealth::Reachable,
+                detail: String::new(),
+                health_since: SystemTime::now(),
+                last_update: None,
+                updates: 0,
+            }),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl DiscoveryStatus {
+    fn lock(&self) -> MutexGuard<'_, DiscoveryInner> {
+        // Every write replaces whole fields: a panic elsewhere leaves nothing half-written.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A set arrived.
+    pub fn updated(&self) {
+        let mut inner = self.lock();
+        inner.last_update = Some((SystemTime::now(), Instant::now()));
+        inner.updates += 1;
+    }
+
+    /// The plugin reported `health`; returns whether it changed.
+    pub fn reported(&self, health: BackendHealth, detail: &str) -> bool {
+        let mut inner = self.lock();
+        let changed = inner.health != health;
+        if changed {
+            inner.health_since = SystemTime::now();
+        }
+        inner.health = health;
+        inner.detail = detail.to_string();
+        changed
+    }
+
+    /// Whether a first set has arrived, or the plugin has said why not.
+    pub fn answered(&self) -> bool {
+        let inner = self.lock();
+        inner.updates > 0 || inner.health != BackendHealth::Reachable
+    }
+
+    pub fn view(&self) -> DiscoveryView {
+        let inner = self.lock().clone();
+        DiscoveryView {
+            state: match inner.health {
+                BackendHealth::Reachable => "reachable",
+                BackendHealth::Unreachable => "unreachable",
+                BackendHealth::Invalid => "invalid",
+            },
+            detail: inner.detail,
+            state_since: unix_seconds(inner.health_since),
+            updates: inner.updates,
+            last_update: inner.last_update.map(|(at, _)| unix_seconds(at)),
+            set_age_seconds: inner.last_update.map(|(_, at)| at.elapsed().as_secs_f64()),
+            waiting_seconds: (inner.updates == 0).then(|| self.started.elapsed().as_secs_f64()),
+        }
+    }
+}
+
+fn unix_seconds(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
+}
+
+/// A service's discovery state, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiscoveryView {
+    /// `reachable`, `unreachable` or `invalid`: what the plugin last reported.
+    pub state: &'static str,
+    pub detail: String,
+    /// Unix seconds since which `state` holds.
+    pub state_since: f64,
+    /// Sets received since the watch started.
+    pub updates: u64,
+    /// Unix seconds of the last set, if any came.
+    pub last_update: Option<f64>,
+    /// Seconds since the current set arrived.
+    pub set_age_seconds: Option<f64>,
+    /// Seconds waited so far for a first set, while none has come.
+    pub waiting_seconds: Option<f64>,
+}
+
+/// One endpoint of a service, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointView {
+    pub address: String,
+    /// `serving`: in the set the balancer picks from.
+    pub state: &'static str,
+    pub weight: u32,
+    /// Connections (or UDP sessions) open to it now.
+    pub active: u64,
+    /// Connect failures since its last success.
+    pub consecutive_failures: u64,
+}
+
+/// An instance discovery left out, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExcludedView {
+    pub instance: String,
+    pub reason: String,
+    pub detail: String,
+}
+
+/// A service as `GET /v1/services` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    pub id: String,
+    pub descriptor: String,
+    pub service: String,
+    pub tags: Vec<String>,
+    pub protocol: &'static str,
+    pub address: String,
+    pub namespace: Option<u64>,
+    pub owners: Vec<String>,
+    pub balancer: String,
+    pub discovery: DiscoveryView,
+    pub endpoints: Vec<EndpointView>,
+    /// Client connections open now (TCP), against `max_connections`.
+    pub open_connections: usize,
+    pub max_connections: usize,
+    /// With `GET /v1/services/{id}` only: what discovery left out, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub excluded: Option<Vec<ExcludedView>>,
+}
+
+impl ServiceState {
+    /// The view of this service now; `explain` adds what discovery left out.
+    pub fn view(&self, explain: bool) -> ServiceView {
+        let descriptor = &self.service.descriptor;
+        let set = self.service.endpoints.load();
+        let endpoints = set
+            .upstreams()
+            .iter()
+            .zip(set.views())
+            .map(|(upstream, view)| EndpointView {
+                address: upstream.addr.to_string(),
+                state: "serving",
+                weight: view.weight,
+                active: view.active_connections(),
+                consecutive_failures: upstream.health.failures(),
+            })
+            .collect();
+        let excluded = explain.then(|| {
+            set.excluded()
+                .iter()
+                .map(|e| ExcludedView {
+                    instance: e.instance.to_string(),
+                    reason: e.reason.to_string(),
+                    detail: e.detail.to_string(),
+                })
+                .collect()
+        });
+        ServiceView {
+            id: self.id.clone(),
+            descriptor: descriptor.to_string(),
+            service: descriptor.service.clone(),
+            tags: descriptor.tags.clone(),
+            protocol: descriptor.protocol.as_str(),
+            address: self.address.to_string(),
+            namespace: self.namespace,
+            owners: self.owners.clone(),
+            balancer: self.balancer.clone(),
+            discovery: self.discovery.view(),
+            endpoints,
+            open_connections: self.service.limit.open(),
+            max_connections: self.service.limit.max(),
+            excluded,
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! `embassy status`: asks a running Embassy's admin API and prints what it serves.
+
+use std::{fmt::Write as _, process::ExitCode, time::Duration};
+
+use anyhow::{bail, Context};
+use http_body_util::{BodyExt, Empty};
+use hyper::{body::Bytes, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use crate::admin::AdminAddr;
+
+/// How long `status` waits for the admin API.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// GETs `path` from the admin API at `addr`: the status code and the parsed JSON body.
+pub async fn get(addr: &AdminAddr, path: &str) -> anyhow::Result<(StatusCode, Value)> {
+    let exchange = async {
+        let request = Request::get(path)
+            .header("host", "embassy")
+            .body(Empty::<Bytes>::new())?;
+        let response = match addr {
+            AdminAddr::Unix(socket) => {
+                let stream = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .with_context(|| {
+                        format!("cannot reach the admin socket {}", socket.display())
+                    })?;
+                send(stream, request).await?
+            }
+            AdminAddr::Tcp(tcp) => {
+                let stream = tokio::net::TcpStream::connect(tcp)
+                    .await
+                    .with_context(|| format!("cannot reach the admin API at {tcp}"))?;
+                send(stream, request).await?
+            }
+        };
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        let json = serde_json::from_slice(&body)
+            .with_context(|| format!("the admin API answered {path} with something not JSON"))?;
+        anyhow::Ok((status, json))
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .with_context(|| format!("the admin API at {addr} did not answer within {TIMEOUT:?}"))?
+}
+
+async fn send<S>(
+    stream: S,
+    request: Request<Empty<Bytes>>,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    Ok(sender.send_request(request).await?)
+}
+
+/// `embassy status [SERVICE] [--json]`.
+pub async fn status(
+    addr: &AdminAddr,
+    service: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let (_, services) = get(addr, "/v1/services").await.with_context(|| {
+        format!("no answer from the admin API at {addr} (is Embassy running? --admin ADDR names another)")
+    })?;
+    let Some(list) = services.as_array() else {
+        bail!("the admin API's /v1/services is not a list");
+    };
+    let Some(wanted) = service else {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&services)?);
+        } else {
+            print!("{}", render_services(list));
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let Some(id) = find(list, wanted) else {
+        let ids: Vec<&str> = list.iter().filter_map(|s| s["id"].as_str()).collect();
+        bail!(
+            "no service {wanted:?} (by id, port or name); serving: {}",
+            if ids.is_empty() {
+                "nothing".to_string()
+            } else {
+                ids.join(", ")
+            }
+        );
+    };
+    let (_, one) = get(addr, &format!("/v1/services/{id}")).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&one)?);
+    } else {
+        print!("{}", render_service(&one));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The id of the service `wanted` names: an id, a port, or a service name (if only one).
+fn find<'a>(list: &'a [Value], wanted: &str) -> Option<&'a str> {
+    let id_of = |s: &'a Value| s["id"].as_str();
+    if let Some(exact) = list.iter().find(|s| s["id"].as_str() == Some(wanted)) {
+        return id_of(exact);
+    }
+    let found: Vec<&'a Value> = list
+        .iter()
+        .filter(|s| {
+            s["address"]
+                .as_str()
+                .and_then(|a| a.rsplit_once(':'))
+                .is_some_and(|(_, port)| port == wanted)
+                || s["service"].as_str() == Some(wanted)
+        })
+        .collect();
+    match found.as_slice() {
+        [one] => id_of(one),
+        _ => None,
+    }
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The discovery state in a few words: `reachable, 3 sets, last 12s ago`.
+fn discovery_summary(discovery: &Value) -> String {
+    let state = text(&discovery["state"]);
+    match discovery["set_age_seconds"].as_f64() {
+        Some(age) => format!("{state}, set {}s old", age.round()),
+        None => format!(
+            "{state}, no set yet ({}s)",
+            discovery["waiting_seconds"].as_f64().unwrap_or(0.0).round()
+        ),
+    }
+}
+
+fn render_services(list: &[Value]) -> String {
+    if list.is_empty() {
+        return "serving nothing yet\n".to_string();
+    }
+    let mut out = String::new();
+    for service in list {
+        let endpoints = service["endpoints"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        let _ = writeln!(
+            out,
+            "{}  {}  on {}  balancer {}  discovery {}  connections {}/{}",
+            text(&service["id"]),
+            text(&service["descriptor"]),
+            text(&service["address"]),
+            text(&service["balancer"]),
+            discovery_summary(&service["discovery"]),
+            text(&service["open_connections"]),
+            text(&service["max_connections"]),
+        );
+        if let Some(owners) = service["owners"].as_array() {
+            let owners: Vec<String> = owners.iter().map(text).collect();
+            let _ = writeln!(out, "  for: {}", owners.join(", "));
+        }
+        out.push_str(&endpoint_table(endpoints));
+    }
+    out
+}
+
+fn endpoint_table(endpoints: &[Value]) -> String {
+    if endpoints.is_empty() {
+        return "  no endpoints\n".to_string();
+    }
+    let mut out = format!(
+        "  {:<28} {:<10} {:>6} {:>8} {:>9}\n",
+        "ENDPOINT", "STATE", "WEIGHT", "ACTIVE", "FAILING"
+    );
+    for endpoint in endpoints {
+        let _ = writeln!(
+            out,
+            "  {:<28} {:<10} {:>6} {:>8} {:>9}",
+            text(&endpoint["address"]),
+            text(&endpoint["state"]),
+            text(&endpoint["weight"]),
+            text(&endpoint["active"]),
+            text(&endpoint["consecutive_failures"]),
+        );
+    }
+    out
+}
+
+fn render_service(service: &Value) -> String {
+    let mut out = render_services(std::slice::from_ref(service));
+    let discovery = &service["discovery"];
+    if let Some(detail) = discovery["detail"].as_str().filter(|d| !d.is_empty()) {
+        let _ = writeln!(out, "  discovery says: {detail}");
+    }
+    match service["excluded"].as_array() {
+        Some(excluded) if !excluded.is_empty() => {
+            let _ = writeln!(out, "  left out by discovery:");
+            let _ = writeln!(out, "  {:<40} {:<12} WHY", "INSTANCE", "REASON");
+            for entry in excluded {
+                let _ = writeln!(
+                    out,
+                    "  {:<40} {:<12} {}",
+                    text(&entry["instance"]),
+                    text(&entry["reason"]),
+                    text(&entry["detail"]),
+                );
+            }
+        }
+        _ => out.push_str("  discovery left nothing out\n"),
+    }
+    out
+}
