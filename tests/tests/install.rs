@@ -142,8 +142,14 @@ fn copy_template(to: &Path) {
     let manifest = to.join("Cargo.toml");
     let text = std::fs::read_to_string(&manifest).expect("read the template's manifest");
     let relative = r#"path = "../../plugin-api""#;
-    assert!(text.contains(relative), "the template depends on plugin-api by {relative}");
-    let absolute = format!("path = {:?}", workspace().join("plugin-api").display().to_string());
+    assert!(
+        text.contains(relative),
+        "the template depends on plugin-api by {relative}"
+    );
+    let absolute = format!(
+        "path = {:?}",
+        workspace().join("plugin-api").display().to_string()
+    );
     std::fs::write(&manifest, text.replace(relative, &absolute)).expect("write manifest");
 }
 
@@ -183,7 +189,10 @@ fn the_plugin_template_builds_out_of_the_tree_and_serves_through_the_release_hos
             .args([command, "--offline"])
             .status()
             .expect("run cargo");
-        assert!(status.success(), "cargo {command} in the copied template failed");
+        assert!(
+            status.success(),
+            "cargo {command} in the copied template failed"
+        );
     }
     let plugins = tempfile::tempdir().expect("temp dir");
     for library in [
@@ -202,7 +211,10 @@ fn the_plugin_template_builds_out_of_the_tree_and_serves_through_the_release_hos
     let list = plugins.path().join("services.txt");
     std::fs::write(
         &list,
-        format!("# the template's format\nweb {} tags=prod\nweb 127.0.0.1:9 proto=udp\n", upstream.addr),
+        format!(
+            "# the template's format\nweb {} tags=prod\nweb 127.0.0.1:9 proto=udp\n",
+            upstream.addr
+        ),
     )
     .expect("write the list");
     let port = free_port();
@@ -223,7 +235,9 @@ fn the_plugin_template_builds_out_of_the_tree_and_serves_through_the_release_hos
         .wait_for_log("endpoints updated", Duration::from_secs(20))
         .expect("the template's set reaches the host");
     assert_eq!(
-        Client::connect(port).expect("served through the template").upstream,
+        Client::connect(port)
+            .expect("served through the template")
+            .upstream,
         "template"
     );
 }
@@ -236,7 +250,13 @@ fn the_plugin_api_crate_packages_for_publishing() {
     let output = Command::new(cargo)
         .current_dir(workspace())
         .env("CARGO_TARGET_DIR", target_dir())
-        .args(["package", "-p", "embassy-plugin-api", "--offline", "--allow-dirty"])
+        .args([
+            "package",
+            "-p",
+            "embassy-plugin-api",
+            "--offline",
+            "--allow-dirty",
+        ])
         .output()
         .expect("run cargo package");
     assert!(
