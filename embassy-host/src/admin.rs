@@ -137,7 +137,7 @@ impl AdminListener {
         let app = router(context);
         let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
         let local = self.local();
-        info!(admin = %local, "admin API listening");
+        info!(admin = %local, "admin API serving");
         loop {
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                 return;

@@ -656,6 +656,7 @@ where
     let output = Command::new(artifacts().embassy())
         .args(args)
         .env_remove("DISCOVERY")
+        .env("EMBASSY_ADMIN", "off")
         .output()
         .expect("run embassy");
     (

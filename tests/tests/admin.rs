@@ -294,7 +294,7 @@ fn a_tcp_admin_address_serves_when_given() {
     command.env_remove("EMBASSY_ADMIN");
     let mut embassy = Embassy::spawn(&mut command);
     embassy
-        .wait_for_log("admin API listening", WAIT)
+        .wait_for_log("admin API serving", WAIT)
         .expect("admin up");
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", admin_port)).expect("connect");
     stream

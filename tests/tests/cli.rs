@@ -184,6 +184,7 @@ fn backend_variables_in_embassys_own_environment_are_served() {
     let plugins = standard_plugin_dir(&[]);
     let (port1, port2) = (free_port(), free_port());
     let child = std::process::Command::new(artifacts().embassy())
+        .env("EMBASSY_ADMIN", "off") // the default socket is the machine's, not this test's
         .args(["--plugin-dir", &plugins.path().display().to_string()])
         .env("DISCOVERY", format!("file://{}", services.display()))
         .env("BACKEND_APP1", format!("app1;{port1}/tcp"))
@@ -209,6 +210,7 @@ fn run_with(vars: &[(&str, String)], args: &[String]) -> (i32, String) {
     let services = dir.path().join("services.json");
     write_services(&services, &json!({ "web": ["127.0.0.1:1"] }));
     let mut command = std::process::Command::new(artifacts().embassy());
+    command.env("EMBASSY_ADMIN", "off"); // the default socket is the machine's, not this test's
     command
         .args(["--plugin-dir", &plugins.path().display().to_string()])
         .args(["--discovery", &format!("file://{}", services.display())])

@@ -26,6 +26,7 @@ fn start(
         artifacts().library("embassy-plugin-consul"),
     ]);
     let mut command = Command::new(artifacts().embassy());
+    command.env("EMBASSY_ADMIN", "off"); // the default socket is the machine's, not this test's
     command
         .arg("--plugin-dir")
         .arg(plugins.path())

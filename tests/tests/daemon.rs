@@ -121,6 +121,7 @@ fn a_stalled_log_pipe_never_stops_proxying() {
     let port = free_port();
     let (read, write) = small_pipe();
     let child = Command::new(artifacts().embassy())
+        .env("EMBASSY_ADMIN", "off") // the default socket is the machine's, not this test's
         .args(["-vv", "--plugin-dir"])
         .arg(plugins.path())
         .arg("--discovery")

@@ -582,6 +582,7 @@ fn losing_one_of_three_members_is_a_failover_not_an_outage() {
     let plugins = standard_plugin_dir(&[]);
     let port = free_port();
     let child = std::process::Command::new(artifacts().embassy())
+        .env("EMBASSY_ADMIN", "off") // the default socket is the machine's, not this test's
         .args(["--plugin-dir", &plugins.path().display().to_string()])
         .args(["--discovery", &format!("etcd://{}", members.join(","))])
         .args(["--discovery-opt", "timeout=3s"])

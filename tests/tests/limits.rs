@@ -65,6 +65,7 @@ fn start_limited(
     let path = dir.path().join("services.json");
     write_services(&path, services);
     let mut command = Command::new(artifacts().embassy());
+    command.env("EMBASSY_ADMIN", "off"); // the default socket is the machine's, not this test's
     command
         .arg("--plugin-dir")
         .arg(plugins.path())
