@@ -2,8 +2,9 @@
 //!
 //! Readers on the connection path `load` the current snapshot without locking. Each endpoint's
 //! live-connection counter lives outside the snapshot and is carried over by address, so a
-//! balancer keeps seeing the load of connections opened under an older snapshot; so is its
-//! [`Health`], so a failing endpoint is reported once per state change across updates.
+//! balancer keeps seeing the load of connections opened under an older snapshot; so are its
+//! [`Health`], so a failing endpoint is reported once per state change across updates, and its
+//! traffic [`EndpointCounters`], so totals survive updates.
 
 use std::{
     collections::HashMap,
@@ -18,6 +19,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 use embassy_plugin_api::{Endpoint, EndpointView, Excluded};
+
+use crate::counters::EndpointCounters;
 use tokio::sync::{futures::Notified, Notify};
 use tracing::{info, warn};
 
@@ -61,6 +64,8 @@ pub struct Upstream {
     pub active: Arc<AtomicU64>,
     /// Connect failures of this address, shared across snapshots.
     pub health: Arc<Health>,
+    /// Its traffic totals, shared across snapshots.
+    pub counters: Arc<EndpointCounters>,
 }
 
 /// While an endpoint keeps failing, one summary line per this period at most.
@@ -183,6 +188,7 @@ pub struct ServiceEndpoints {
 struct Carried {
     active: Arc<AtomicU64>,
     health: Arc<Health>,
+    counters: Arc<EndpointCounters>,
 }
 
 impl ServiceEndpoints {
@@ -242,6 +248,7 @@ impl ServiceEndpoints {
                     Carried {
                         active: Arc::new(AtomicU64::new(0)),
                         health: Arc::default(),
+                        counters: Arc::default(),
                     }
                 }
             };
@@ -250,6 +257,7 @@ impl ServiceEndpoints {
                 addr,
                 active: carried.active,
                 health: carried.health,
+                counters: carried.counters,
             });
             weights.push(endpoint.weight.max(1));
         }
