@@ -97,18 +97,21 @@ impl LatencyHistogram {
         );
     }
 
-    /// `(sum in seconds, count, cumulative buckets by upper bound)`, `+Inf` last, as the
-    /// Prometheus exposition wants them.
+    /// `(sum in seconds, count, observations per bucket by upper bound)`, `+Inf` last (not
+    /// cumulative: the exposition encoder adds them up).
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut cumulative = 0;
-        let mut buckets = Vec::with_capacity(self.buckets.len());
-        for (index, count) in self.buckets.iter().enumerate() {
-            cumulative += read(count);
-            let bound = CONNECT_BUCKETS.get(index).copied().unwrap_or(f64::INFINITY);
-            buckets.push((bound, cumulative));
-        }
+        let buckets: Vec<(f64, u64)> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(index, count)| {
+                let bound = CONNECT_BUCKETS.get(index).copied().unwrap_or(f64::INFINITY);
+                (bound, read(count))
+            })
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
         let sum = read(&self.sum_nanos) as f64 / 1e9;
-        (sum, cumulative, buckets)
+        (sum, count, buckets)
     }
 }
 
@@ -204,7 +207,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative_and_end_at_infinity() {
+    fn histogram_counts_each_observation_in_its_bucket() {
         let histogram = LatencyHistogram::default();
         histogram.observe(Duration::from_micros(30)); // first bucket
         histogram.observe(Duration::from_micros(100)); // on a bound: that bucket
@@ -215,11 +218,12 @@ mod tests {
         assert!((sum - 10.002_13).abs() < 1e-9, "{sum}");
         let at = |bound: f64| buckets.iter().find(|(b, _)| *b == bound).map(|(_, c)| *c);
         assert_eq!(at(0.000_05), Some(1));
-        assert_eq!(at(0.000_1), Some(2));
-        assert_eq!(at(0.001), Some(2));
-        assert_eq!(at(0.002_5), Some(3));
-        assert_eq!(at(3.0), Some(3));
-        assert_eq!(buckets.last(), Some(&(f64::INFINITY, 4)));
+        assert_eq!(at(0.000_1), Some(1));
+        assert_eq!(at(0.001), Some(0));
+        assert_eq!(at(0.002_5), Some(1));
+        assert_eq!(at(3.0), Some(0));
+        assert_eq!(buckets.last(), Some(&(f64::INFINITY, 1)));
+        assert_eq!(buckets.len(), CONNECT_BUCKETS.len() + 1);
     }
 
     #[test]

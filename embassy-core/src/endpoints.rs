@@ -93,12 +93,13 @@ impl Health {
         }
     }
 
-    pub fn failed(&self, addr: &UpstreamAddr, error: &dyn Display) {
+    /// A connect attempt failed; `reason` is its metrics label (`connect_refused`...).
+    pub fn failed(&self, addr: &UpstreamAddr, reason: &'static str, error: &dyn Display) {
         let failures = self.failing.fetch_add(1, Ordering::AcqRel) + 1;
         let now = coarse_seconds();
         if failures == 1 {
             self.reported.store(now, Ordering::Relaxed);
-            warn!(%error, upstream = %addr, "connect failed; further failures of this endpoint are counted until it answers again");
+            warn!(%error, upstream = %addr, reason, "connect failed; further failures of this endpoint are counted until it answers again");
             return;
         }
         let reported = self.reported.load(Ordering::Relaxed);
@@ -108,7 +109,7 @@ impl Health {
                 .compare_exchange(reported, now, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            warn!(%error, upstream = %addr, failures, "endpoint still failing");
+            warn!(%error, upstream = %addr, reason, failures, "endpoint still failing");
         }
     }
 
@@ -348,8 +349,12 @@ mod tests {
         service.replace(&endpoints(&["127.0.0.1:1"]));
         let old = service.load();
         let addr = &old.upstreams()[0].addr;
-        old.upstreams()[0].health.failed(addr, &"refused");
-        old.upstreams()[0].health.failed(addr, &"refused");
+        old.upstreams()[0]
+            .health
+            .failed(addr, "connect_refused", &"refused");
+        old.upstreams()[0]
+            .health
+            .failed(addr, "connect_refused", &"refused");
         service.replace(&endpoints(&["127.0.0.1:1", "127.0.0.1:2"]));
         let new = service.load();
         assert_eq!(new.upstreams()[0].health.failures(), 2, "kept by address");

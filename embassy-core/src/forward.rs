@@ -344,12 +344,15 @@ async fn connect(
             }
             Ok(Err(error)) => {
                 failure = ConnectFailure::of(&error);
-                upstream.health.failed(&upstream.addr, &error);
+                upstream
+                    .health
+                    .failed(&upstream.addr, failure.as_str(), &error);
             }
             Err(_) => {
                 failure = ConnectFailure::Timeout;
                 upstream.health.failed(
                     &upstream.addr,
+                    failure.as_str(),
                     &format_args!("timed out after {connect_timeout:?}"),
                 );
             }

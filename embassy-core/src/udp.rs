@@ -346,7 +346,9 @@ impl UdpProxy {
                 Err(error) => {
                     let failure = ConnectFailure::of(&error);
                     upstream.counters.connect_failed(failure);
-                    upstream.health.failed(&upstream.addr, &error);
+                    upstream
+                        .health
+                        .failed(&upstream.addr, failure.as_str(), &error);
                 }
             }
         }
@@ -420,9 +422,12 @@ impl UdpProxy {
                 }
             }
             Err(error) => {
-                opening.counters.connect_failed(ConnectFailure::of(&error));
+                let failure = ConnectFailure::of(&error);
+                opening.counters.connect_failed(failure);
                 counters::add(&self.service.counters.datagrams_dropped, 1);
-                opening.health.failed(&opening.upstream, &error);
+                opening
+                    .health
+                    .failed(&opening.upstream, failure.as_str(), &error);
             }
         }
     }

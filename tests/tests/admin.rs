@@ -350,6 +350,7 @@ fn json_logs_carry_their_fields() {
         .expect("the failure line");
     assert_eq!(failed["level"], "WARN");
     assert_eq!(failed["upstream"], format!("127.0.0.1:{dead}"), "{failed}");
+    assert_eq!(failed["reason"], "connect_refused", "{failed}");
     assert!(
         failed["error"].as_str().is_some_and(|e| !e.is_empty()),
         "{failed}"
