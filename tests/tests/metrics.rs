@@ -239,3 +239,81 @@ fn garbage_on_the_metrics_address_leaves_the_proxy_alone() {
     assert_eq!(status, 200);
     assert!(text.contains("embassy_connections_accepted_total"));
 }
+
+/// UDP: sessions per endpoint are exact; datagrams and their bytes agree (a resend after a
+/// loss on a loaded machine adds to both).
+#[test]
+fn udp_sessions_and_datagrams_are_counted() {
+    use embassy_tests::udp::{UdpClient, UdpUpstream};
+    let upstream = UdpUpstream::start("dns");
+    let port = free_port();
+    let services = json!({ "dns": [{ "address": upstream.addr.to_string(), "proto": "udp" }] });
+    let plugins = standard_plugin_dir(&[]);
+    let proxy = FileBacked::start(
+        &services,
+        plugins.path(),
+        &service_arg(format!("dns;{port}/udp")),
+        "listening",
+    );
+    let embassy = &proxy.embassy;
+    let id = format!("udp-{port}");
+    embassy
+        .wait_for_service(&id, WAIT, |v| {
+            v["endpoints"].as_array().is_some_and(|e| e.len() == 1)
+        })
+        .expect("one endpoint");
+    const CLIENTS: usize = 3;
+    const DATAGRAMS: usize = 4;
+    let mut clients: Vec<UdpClient> = (0..CLIENTS)
+        .map(|_| UdpClient::new(port).expect("client"))
+        .collect();
+    for client in &mut clients {
+        for index in 0..DATAGRAMS {
+            client
+                .echo(format!("datagram-{index}").as_bytes())
+                .expect("echoed");
+        }
+    }
+    let endpoint = upstream.addr.to_string();
+    let labels = [("service", id.as_str()), ("endpoint", endpoint.as_str())];
+    embassy
+        .wait_for_sample(
+            "embassy_endpoint_connections_total",
+            &labels,
+            CLIENTS as f64,
+            WAIT,
+        )
+        .unwrap_or_else(|error| panic!("{error:#}"));
+    embassy
+        .wait_for_sample(
+            "embassy_endpoint_connections_active",
+            &labels,
+            CLIENTS as f64,
+            WAIT,
+        )
+        .unwrap_or_else(|error| panic!("{error:#}"));
+    let text = embassy.metrics().expect("metrics");
+    let value = |name: &str| sample(&text, name, &labels).unwrap_or_else(|| panic!("{name}"));
+    let sent = value("embassy_endpoint_datagrams_sent_total");
+    let received = value("embassy_endpoint_datagrams_received_total");
+    assert!(sent >= (CLIENTS * DATAGRAMS) as f64, "{sent}");
+    assert!(received >= (CLIENTS * DATAGRAMS) as f64, "{received}");
+    // Every datagram here is "datagram-N": 10 bytes each way.
+    assert_eq!(value("embassy_endpoint_sent_bytes_total"), sent * 10.0);
+    assert_eq!(
+        value("embassy_endpoint_received_bytes_total"),
+        received * 10.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "embassy_connections_accepted_total",
+            &[("service", &id)]
+        ),
+        Some(CLIENTS as f64)
+    );
+    assert!(
+        sample(&text, "embassy_connections_open", &[("service", &id)]).is_none(),
+        "TCP-only series are not shown for a UDP listener"
+    );
+}
