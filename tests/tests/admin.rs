@@ -29,7 +29,6 @@ fn proxy_with_two_endpoints() -> (FileBacked, u16, Upstream, Upstream, tempfile:
         &services,
         plugins.path(),
         &service_arg(format!("web[prod];{port}/tcp")),
-        "listening",
     );
     (proxy, port, a, b, plugins)
 }

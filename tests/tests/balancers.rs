@@ -52,7 +52,7 @@ fn source_hash_keeps_each_client_on_its_upstream_across_a_removal() {
     ]
     .into();
     let services = |upstreams: &[&Upstream]| json!({ "web": upstreams.iter().map(|u| u.addr.to_string()).collect::<Vec<_>>() });
-    let mut proxy = FileBacked::start(&services(&[&a, &b, &c]), plugins.path(), &args, "listening");
+    let mut proxy = FileBacked::start(&services(&[&a, &b, &c]), plugins.path(), &args);
     proxy
         .embassy
         .wait_for_log("endpoints updated", Duration::from_secs(10))

@@ -20,7 +20,7 @@ fn start(initial: serde_json::Value, service: &str) -> Setup {
         "poll_interval=100ms".to_string(),
     ]);
     Setup {
-        proxy: FileBacked::start(&initial, plugins.path(), &args, "listening"),
+        proxy: FileBacked::start(&initial, plugins.path(), &args),
         port,
     }
 }

@@ -195,7 +195,6 @@ fn a_dead_endpoint_is_logged_once_and_its_failover_is_spread() {
         &json!({ "web": [dead, a.addr.to_string(), b.addr.to_string()] }),
         plugins.path(),
         &args,
-        "listening",
     );
     let counts = distribution(port, 300).expect("300 connections through the proxy");
     let (on_a, on_b) = (counts["a"], counts["b"]);
@@ -225,7 +224,7 @@ fn a_connection_accepted_before_any_endpoint_is_served_once_one_appears() {
         "--queue-timeout".to_string(),
         "10s".to_string(),
     ]);
-    let proxy = FileBacked::start(&json!({ "web": [] }), plugins.path(), &args, "listening");
+    let proxy = FileBacked::start(&json!({ "web": [] }), plugins.path(), &args);
     assert!(
         eventually(Duration::from_secs(10), || proxy
             .embassy
@@ -285,7 +284,6 @@ fn connections_open_at_the_end_of_the_grace_period_are_reset() {
         &json!({ "web": [a.addr.to_string()] }),
         plugins.path(),
         &args,
-        "listening",
     );
     let mut old = Client::connect(port).expect("connect");
     assert_eq!(old.echo(b"mid-stream").expect("echo"), b"mid-stream");

@@ -33,7 +33,6 @@ fn bad_libraries_get_one_clear_error_each_and_the_host_serves() {
         &json!({ "web": [upstream.addr.to_string()] }),
         plugins.path(),
         &service_arg(format!("web;{port}/tcp")),
-        "listening",
     );
     let embassy = &proxy.embassy;
 

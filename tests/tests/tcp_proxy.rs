@@ -19,12 +19,7 @@ fn serve(
     let port = free_port();
     let mut args: Vec<String> = service_arg(format!("web;{port}/tcp")).into();
     args.extend(extra_args.iter().map(|s| s.to_string()));
-    let proxy = FileBacked::start(
-        &json!({ "web": addresses }),
-        plugins.path(),
-        &args,
-        "listening",
-    );
+    let proxy = FileBacked::start(&json!({ "web": addresses }), plugins.path(), &args);
     (proxy, port)
 }
 

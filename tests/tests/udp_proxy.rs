@@ -23,7 +23,7 @@ fn start(services_json: serde_json::Value, descriptors: &[&str]) -> Setup {
     for descriptor in descriptors {
         args.extend(service_arg(descriptor.replace("PORT", &port.to_string())));
     }
-    let proxy = FileBacked::start(&services_json, plugins.path(), &args, "listening");
+    let proxy = FileBacked::start(&services_json, plugins.path(), &args);
     assert!(
         eventually(Duration::from_secs(5), || proxy
             .embassy
