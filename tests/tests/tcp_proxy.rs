@@ -149,7 +149,7 @@ fn least_conn_sends_new_connections_to_idle_endpoints() {
         Upstream::start("b"),
         Upstream::start("c"),
     );
-    let (mut proxy, port) = serve(&addresses(&[&a]), &["--balancer", "least-conn"], &[]);
+    let (proxy, port) = serve(&addresses(&[&a]), &["--balancer", "least-conn"], &[]);
     // Five long-lived connections pile up on the only endpoint...
     let mut held: Vec<Client> = (0..5)
         .map(|_| Client::connect(port).expect("connect"))
@@ -159,7 +159,11 @@ fn least_conn_sends_new_connections_to_idle_endpoints() {
     write_services(&proxy.services, &json!({ "web": addresses(&[&a, &b, &c]) }));
     proxy
         .embassy
-        .wait_for_log(&c.addr.to_string(), Duration::from_secs(5))
+        .wait_for_endpoints(
+            &format!("tcp-{port}"),
+            &[a.addr, b.addr, c.addr],
+            Duration::from_secs(5),
+        )
         .expect("update seen");
     let counts = distribution(port, 20).expect("new connections");
     assert_eq!(
@@ -209,8 +213,8 @@ fn sigterm_stops_accepting_and_lets_open_connections_finish() {
     proxy.embassy.signal(libc::SIGTERM);
     proxy
         .embassy
-        .wait_for_log("stopping", Duration::from_secs(5))
-        .expect("stop logged");
+        .wait_for_services(0, Duration::from_secs(5))
+        .expect("every listener stopped");
     assert!(
         eventually(Duration::from_secs(5), || std::net::TcpStream::connect((
             "127.0.0.1",
