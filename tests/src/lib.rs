@@ -547,31 +547,6 @@ impl Embassy {
         self.log.lock().expect("log").clone()
     }
 
-    /// The endpoints (as logged when they were added) of the service whose descriptor ends in
-    /// `suffix`, e.g. `/udp`: what discovery handed that service, failover aside.
-    pub fn endpoints_added(&self, suffix: &str) -> Vec<String> {
-        self.log_lines("endpoints updated")
-            .iter()
-            .filter(|line| {
-                line.split_whitespace()
-                    .any(|w| w.starts_with("service=") && w.ends_with(suffix))
-            })
-            .filter_map(|line| {
-                line.split("added=[")
-                    .nth(1)?
-                    .split(']')
-                    .next()
-                    .map(str::to_string)
-            })
-            .flat_map(|list| {
-                list.split(", ")
-                    .map(|a| a.trim_matches('"').to_string())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|a| !a.is_empty())
-            .collect()
-    }
-
     /// Lines logged so far that contain `needle`.
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
         self.log()
