@@ -441,18 +441,66 @@ impl Embassy {
         timeout: Duration,
         ready: impl Fn(&serde_json::Value) -> bool,
     ) -> Result<serde_json::Value> {
+        self.wait_for_admin(&format!("/v1/services/{id}"), timeout, ready)
+    }
+
+    /// The services `GET /v1/services` lists, once it lists `count` (a listed service's
+    /// listener is bound: what "listening" in the log says).
+    pub fn wait_for_services(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<serde_json::Value>> {
+        let list = self.wait_for_admin("/v1/services", timeout, |list| {
+            list.as_array().is_some_and(|l| l.len() == count)
+        })?;
+        Ok(list.as_array().cloned().unwrap_or_default())
+    }
+
+    /// The service `id` once the endpoints it serves are exactly `addresses` (in any order).
+    pub fn wait_for_endpoints<A: ToString>(
+        &self,
+        id: &str,
+        addresses: &[A],
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let mut expected: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+        expected.sort();
+        self.wait_for_service(id, timeout, |view| serving(view) == expected)
+    }
+
+    /// The service `id` once its discovery watch is in `state` (`reachable`, `unreachable`,
+    /// `invalid`: what the plugin last reported; `discovery.detail` says why).
+    pub fn wait_for_discovery(
+        &self,
+        id: &str,
+        state: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        self.wait_for_service(id, timeout, |view| view["discovery"]["state"] == state)
+    }
+
+    /// `GET path` answered 200 with a body `ready` holds of (or the last body, as an error).
+    fn wait_for_admin(
+        &self,
+        path: &str,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        if self.admin.is_none() {
+            bail!("GET {path}: this instance was not started with an admin socket");
+        }
         let deadline = Instant::now() + timeout;
         let mut last = None;
         while Instant::now() < deadline {
-            if let Ok((200, view)) = self.admin_get(&format!("/v1/services/{id}")) {
-                if ready(&view) {
-                    return Ok(view);
-                }
-                last = Some(view);
+            match self.admin_get(path) {
+                Ok((200, body)) if ready(&body) => return Ok(body),
+                Ok((status, body)) => last = Some(format!("{status} {body}")),
+                Err(error) => last = Some(format!("{error:#}")),
             }
             thread::sleep(Duration::from_millis(20));
         }
-        bail!("service {id} not as expected within {timeout:?}; last seen: {last:?}")
+        bail!("GET {path} not as expected within {timeout:?}; last seen: {last:?}")
     }
 
     /// `GET /metrics` over the admin socket: the Prometheus text.
@@ -533,31 +581,6 @@ impl Embassy {
         self.log.lock().expect("log").clone()
     }
 
-    /// The endpoints (as logged when they were added) of the service whose descriptor ends in
-    /// `suffix`, e.g. `/udp`: what discovery handed that service, failover aside.
-    pub fn endpoints_added(&self, suffix: &str) -> Vec<String> {
-        self.log_lines("endpoints updated")
-            .iter()
-            .filter(|line| {
-                line.split_whitespace()
-                    .any(|w| w.starts_with("service=") && w.ends_with(suffix))
-            })
-            .filter_map(|line| {
-                line.split("added=[")
-                    .nth(1)?
-                    .split(']')
-                    .next()
-                    .map(str::to_string)
-            })
-            .flat_map(|list| {
-                list.split(", ")
-                    .map(|a| a.trim_matches('"').to_string())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|a| !a.is_empty())
-            .collect()
-    }
-
     /// Lines logged so far that contain `needle`.
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
         self.log()
@@ -625,13 +648,9 @@ pub struct FileBacked {
 impl FileBacked {
     /// Writes `services` to a fresh services file and starts the default binary with
     /// `--plugin-dir plugins --discovery file://...` and `args` (the `--service`s and other
-    /// options); returns once a log line contains `ready` (e.g. "listening").
-    pub fn start(
-        services: &serde_json::Value,
-        plugins: &Path,
-        args: &[String],
-        ready: &str,
-    ) -> FileBacked {
+    /// options); returns once the admin API lists every `--service` of `args` (the file
+    /// plugin hands a watch its first set before the service is listed).
+    pub fn start(services: &serde_json::Value, plugins: &Path, args: &[String]) -> FileBacked {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("services.json");
         write_services(&path, services);
@@ -642,10 +661,11 @@ impl FileBacked {
             format!("file://{}", path.display()),
         ];
         all.extend_from_slice(args);
-        let mut embassy = Embassy::start(&all);
+        let embassy = Embassy::start(&all);
+        let count = args.iter().filter(|a| *a == "--service").count();
         embassy
-            .wait_for_log(ready, Duration::from_secs(20))
-            .expect("embassy starts");
+            .wait_for_services(count, Duration::from_secs(20))
+            .expect("embassy serves every --service");
         FileBacked {
             embassy,
             services: path,
@@ -686,6 +706,25 @@ fn http_get_on(mut stream: impl Read + Write, path: &str) -> Result<(u16, String
         .and_then(|code| code.parse().ok())
         .with_context(|| format!("no status in {head:?}"))?;
     Ok((status, body.to_string()))
+}
+
+/// The addresses of the endpoints a service view (`GET /v1/services/{id}`) shows serving,
+/// sorted.
+pub fn serving(view: &serde_json::Value) -> Vec<String> {
+    let mut found: Vec<String> = view["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["state"] == "serving")
+        .filter_map(|e| e["address"].as_str().map(str::to_string))
+        .collect();
+    found.sort();
+    found
+}
+
+/// What the plugin last said about a service's discovery (a view's `discovery.detail`).
+pub fn discovery_detail(view: &serde_json::Value) -> &str {
+    view["discovery"]["detail"].as_str().unwrap_or_default()
 }
 
 /// `--service DESCRIPTOR` as arguments.

@@ -29,20 +29,8 @@ fn proxy_with_two_endpoints() -> (FileBacked, u16, Upstream, Upstream, tempfile:
         &services,
         plugins.path(),
         &service_arg(format!("web[prod];{port}/tcp")),
-        "listening",
     );
     (proxy, port, a, b, plugins)
-}
-
-fn addresses(view: &Value) -> Vec<String> {
-    let mut found: Vec<String> = view["endpoints"]
-        .as_array()
-        .expect("endpoints")
-        .iter()
-        .map(|e| e["address"].as_str().expect("address").to_string())
-        .collect();
-    found.sort();
-    found
 }
 
 #[test]
@@ -57,7 +45,7 @@ fn services_list_what_is_served_and_one_service_explains_what_discovery_left_out
         .expect("two endpoints");
     let mut expected = vec![a.addr.to_string(), b.addr.to_string()];
     expected.sort();
-    assert_eq!(addresses(&view), expected);
+    assert_eq!(serving(&view), expected);
     assert_eq!(view["descriptor"], format!("web[prod];{port}/tcp"));
     assert_eq!(view["address"], format!("127.0.0.1:{port}"));
     assert_eq!(view["owners"], json!(["--service"]));
@@ -292,18 +280,21 @@ fn a_tcp_admin_address_serves_when_given() {
         ],
     );
     command.env_remove("EMBASSY_ADMIN");
-    let mut embassy = Embassy::spawn(&mut command);
-    embassy
-        .wait_for_log("admin API serving", WAIT)
-        .expect("admin up");
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", admin_port)).expect("connect");
-    stream
-        .write_all(b"GET /v1/services HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
+    let _embassy = Embassy::spawn(&mut command);
+    let get = || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", admin_port))?;
+        stream.write_all(b"GET /v1/services HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    };
+    // The address is bound before the first listener, and the service is listed once served.
+    let listed = eventually(WAIT, || {
+        get().is_ok_and(|response| response.contains(&format!("tcp-{port}")))
+    });
+    let response = get().expect("the TCP address answers");
+    assert!(listed, "{response}");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(response.contains(&format!("tcp-{port}")), "{response}");
 }
 
 /// `--log-format json`: every line one JSON object, a connection failure carrying the
@@ -330,7 +321,7 @@ fn json_logs_carry_their_fields() {
         ],
     );
     let mut embassy = Embassy::spawn(&mut command);
-    embassy.wait_for_log("listening", WAIT).expect("listening");
+    embassy.wait_for_services(1, WAIT).expect("listening");
     let _ = Client::connect(port);
     embassy
         .wait_for_log("connect failed", WAIT)

@@ -52,10 +52,11 @@ fn source_hash_keeps_each_client_on_its_upstream_across_a_removal() {
     ]
     .into();
     let services = |upstreams: &[&Upstream]| json!({ "web": upstreams.iter().map(|u| u.addr.to_string()).collect::<Vec<_>>() });
-    let mut proxy = FileBacked::start(&services(&[&a, &b, &c]), plugins.path(), &args, "listening");
+    let proxy = FileBacked::start(&services(&[&a, &b, &c]), plugins.path(), &args);
+    let id = format!("tcp-{port}");
     proxy
         .embassy
-        .wait_for_log("endpoints updated", Duration::from_secs(10))
+        .wait_for_endpoints(&id, &[a.addr, b.addr, c.addr], Duration::from_secs(10))
         .expect("first set");
 
     // One client, many connections (from as many ports): one upstream.
@@ -81,14 +82,10 @@ fn source_hash_keeps_each_client_on_its_upstream_across_a_removal() {
     // a leaves: its clients go elsewhere, every other client stays put, although b and c
     // are now the first and second endpoints of the set.
     write_services(&proxy.services, &services(&[&b, &c]));
-    let removed = eventually(Duration::from_secs(5), || {
-        proxy.embassy.log_lines("endpoints updated").len() == 2
-    });
-    assert!(
-        removed,
-        "the removal reaches the host: {:?}",
-        proxy.embassy.log()
-    );
+    proxy
+        .embassy
+        .wait_for_endpoints(&id, &[b.addr, c.addr], Duration::from_secs(5))
+        .expect("the removal reaches the host");
     let after = placement(port);
     for (client, upstream) in &before {
         if upstream == "a" {
@@ -122,7 +119,7 @@ fn round_robin_follows_weights_from_discovery() {
     }
     let plugins = standard_plugin_dir(&[]);
     let port = free_port();
-    let mut embassy = Embassy::start([
+    let embassy = Embassy::start([
         "--plugin-dir".to_string(),
         plugins.path().display().to_string(),
         "--discovery".to_string(),
@@ -130,9 +127,25 @@ fn round_robin_follows_weights_from_discovery() {
         "--service".to_string(),
         format!("{prefix};{port}/tcp"),
     ]);
-    embassy
-        .wait_for_log("endpoints updated", Duration::from_secs(30))
+    let view = embassy
+        .wait_for_endpoints(
+            &format!("tcp-{port}"),
+            &[heavy.addr, light.addr],
+            Duration::from_secs(30),
+        )
         .expect("first set");
+    let weight = |addr: std::net::SocketAddr| {
+        view["endpoints"]
+            .as_array()?
+            .iter()
+            .find(|e| e["address"] == addr.to_string())?["weight"]
+            .as_u64()
+    };
+    assert_eq!(
+        (weight(heavy.addr), weight(light.addr)),
+        (Some(3), Some(1)),
+        "the weights discovery gave: {view}"
+    );
     let turns: Vec<String> = (0..40)
         .map(|_| Client::connect(port).expect("connect").upstream)
         .collect();

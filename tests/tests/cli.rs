@@ -183,22 +183,34 @@ fn backend_variables_in_embassys_own_environment_are_served() {
     );
     let plugins = standard_plugin_dir(&[]);
     let (port1, port2) = (free_port(), free_port());
-    let child = std::process::Command::new(artifacts().embassy())
-        .env("EMBASSY_ADMIN", "off") // the default socket is the machine's, not this test's
-        .args(["--plugin-dir", &plugins.path().display().to_string()])
+    let mut command = Embassy::command(
+        &artifacts().embassy(),
+        ["--plugin-dir", &plugins.path().display().to_string()],
+    );
+    command
         .env("DISCOVERY", format!("file://{}", services.display()))
         .env("BACKEND_APP1", format!("app1;{port1}/tcp"))
         .env(
             "BACKEND_APP2",
             format!("app2;{port2}/tcp;balancer=least-conn"),
-        )
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut embassy = Embassy::adopt(child);
-    embassy
-        .wait_for_log(&format!("127.0.0.1:{port2}"), Duration::from_secs(20))
-        .expect("second listener");
+        );
+    let embassy = Embassy::spawn(&mut command);
+    let listed = embassy
+        .wait_for_services(2, Duration::from_secs(20))
+        .expect("both listeners");
+    let balancers: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap_or("?"),
+                s["balancer"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    assert!(
+        balancers.contains(&(format!("tcp-{port2}").as_str(), "least-conn")),
+        "{balancers:?}"
+    );
     assert_eq!(Client::connect(port1).expect("app1").upstream, "a");
     assert_eq!(Client::connect(port2).expect("app2").upstream, "b");
 }

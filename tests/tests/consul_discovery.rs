@@ -2,11 +2,7 @@
 //! health and tags decide routing, blocking queries survive index resets, an outage keeps the
 //! last endpoints, and fifty watches block side by side.
 
-use std::{
-    collections::HashSet,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{collections::HashSet, time::Duration};
 
 use embassy_tests::{
     consul_sim::{ConsulSim, Health, Instance, Mode},
@@ -25,12 +21,11 @@ fn start(
         artifacts().library("embassy-plugin-round-robin"),
         artifacts().library("embassy-plugin-consul"),
     ]);
-    let mut command = Command::new(artifacts().embassy());
-    command.env("EMBASSY_ADMIN", "off"); // the default socket is the machine's, not this test's
-    command
-        .arg("--plugin-dir")
-        .arg(plugins.path())
-        .args(["--discovery", &sim.uri()]);
+    let mut command = Embassy::command(
+        &artifacts().embassy(),
+        ["--plugin-dir".as_ref(), plugins.path().as_os_str()],
+    );
+    command.args(["--discovery", &sim.uri()]);
     for option in options {
         command.args(["--discovery-opt", option]);
     }
@@ -44,25 +39,16 @@ fn start(
         command.args(["--service", &service.replace("PORT", &port.to_string())]);
     }
     command
-        .env_remove("DISCOVERY")
         .env_remove("CONSUL_HTTP_TOKEN")
         // The plugin honours proxy variables, as Consul's own client does; the simulator is
         // on loopback, so a CI machine's proxy must not get in between.
         .env("NO_PROXY", "*")
         .env("EMBASSY_LOG", "info,plugin=debug")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let embassy = Embassy::adopt(command.spawn().expect("spawn embassy"));
-    let listening = eventually(Duration::from_secs(30), || {
-        embassy.log_lines("listening").len() == services.len()
-    });
-    assert!(
-        listening,
-        "embassy did not listen for every service:\n{}",
-        embassy.log().join("\n")
-    );
+        .envs(env.iter().copied());
+    let embassy = Embassy::spawn(&mut command);
+    embassy
+        .wait_for_services(services.len(), Duration::from_secs(30))
+        .expect("embassy listens for every service");
     (embassy, ports, plugins)
 }
 
@@ -174,7 +160,14 @@ fn index_resets_and_backwards_indexes_keep_the_watch_going_without_spinning() {
     let start = sim.requests("web");
     assert!(eventually(Duration::from_secs(5), || sim.requests("web") >= start + 3));
     let before = sim.requests("web");
-    let pushed_before = embassy.log_lines("consul answer changed").len();
+    let sets = || {
+        embassy
+            .admin_get(&format!("/v1/services/tcp-{port}"))
+            .expect("the service")
+            .1["discovery"]["updates"]
+            .as_u64()
+    };
+    let pushed_before = sets();
     std::thread::sleep(Duration::from_secs(1));
     let asked = sim.requests("web") - before;
     assert!(
@@ -182,7 +175,7 @@ fn index_resets_and_backwards_indexes_keep_the_watch_going_without_spinning() {
         "with min_interval=100ms, 1 s at index 0 should take ~10 queries, took {asked}"
     );
     assert_eq!(
-        embassy.log_lines("consul answer changed").len(),
+        sets(),
         pushed_before,
         "{asked} identical answers pushed nothing"
     );
@@ -204,17 +197,19 @@ fn outages_keep_the_last_endpoints_and_recovery_resyncs() {
         &["web;PORT/tcp"],
     );
     let port = ports[0];
+    let id = format!("tcp-{port}");
     assert!(reaches(port, "a"));
 
     sim.set_mode(Mode::Fail500);
-    embassy
-        .wait_for_log("unreachable", Duration::from_secs(10))
+    let view = embassy
+        .wait_for_discovery(&id, "unreachable", Duration::from_secs(10))
         .expect("500 reported");
+    assert!(discovery_detail(&view).contains("500"), "{view}");
     assert_eq!(landed(port, 5), names(&["a"]), "last endpoints kept on 500");
 
     sim.set_mode(Mode::Garbage);
     embassy
-        .wait_for_log("unusable data", Duration::from_secs(10))
+        .wait_for_discovery(&id, "invalid", Duration::from_secs(10))
         .expect("garbage reported");
     assert_eq!(
         landed(port, 5),
@@ -224,10 +219,9 @@ fn outages_keep_the_last_endpoints_and_recovery_resyncs() {
 
     sim.set_mode(Mode::Normal);
     sim.go_away();
-    let dead = eventually(Duration::from_secs(10), || {
-        embassy.log_lines("unreachable").len() >= 2
-    });
-    assert!(dead, "dead agent reported:\n{}", embassy.log().join("\n"));
+    embassy
+        .wait_for_discovery(&id, "unreachable", Duration::from_secs(10))
+        .expect("dead agent reported");
     // Many retries later, still one line per state change.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(embassy.log_lines("unreachable").len(), 2);
@@ -243,7 +237,7 @@ fn outages_keep_the_last_endpoints_and_recovery_resyncs() {
     sim.register(Instance::new("b", "web", b.addr));
     sim.come_back();
     embassy
-        .wait_for_log("recovered", Duration::from_secs(10))
+        .wait_for_discovery(&id, "reachable", Duration::from_secs(10))
         .expect("recovery reported");
     assert!(reaches(port, "b"));
     assert_eq!(landed(port, 10), names(&["b"]));
@@ -261,11 +255,15 @@ fn token_and_datacenter_reach_the_agent() {
     sim.register(in_dc2);
 
     // Without a token: refused, reported, nothing served.
-    let (mut refused, _, _dir) = start(&sim, &[], &[], &["web;PORT/tcp"]);
-    let line = refused
-        .wait_for_log("unusable data", Duration::from_secs(10))
+    let (refused, ports, _dir) = start(&sim, &[], &[], &["web;PORT/tcp"]);
+    let view = refused
+        .wait_for_discovery(
+            &format!("tcp-{}", ports[0]),
+            "invalid",
+            Duration::from_secs(10),
+        )
         .expect("403 reported");
-    assert!(line.contains("403"), "{line}");
+    assert!(discovery_detail(&view).contains("403"), "{view}");
     drop(refused);
 
     let (_from_env, ports, _dir) = start(
@@ -392,11 +390,15 @@ fn https_with_a_ca_file() {
     assert!(reaches(ports[0], "a"), "served over https");
 
     // Without the CA the agent's certificate is not trusted: reported, nothing served.
-    let (mut untrusted, ports, _plugins) = start(&sim, &[], &[], &["web;PORT/tcp"]);
-    let line = untrusted
-        .wait_for_log("unreachable", Duration::from_secs(10))
+    let (untrusted, ports, _plugins) = start(&sim, &[], &[], &["web;PORT/tcp"]);
+    let view = untrusted
+        .wait_for_discovery(
+            &format!("tcp-{}", ports[0]),
+            "unreachable",
+            Duration::from_secs(10),
+        )
         .expect("untrusted certificate reported");
-    assert!(line.contains("certificate"), "{line}");
+    assert!(discovery_detail(&view).contains("certificate"), "{view}");
     assert!(Client::connect(ports[0]).is_err());
 }
 
@@ -410,13 +412,21 @@ fn udp_descriptors_take_udp_tagged_instances_and_tcp_ones_the_others() {
     sim.register(Instance::new("dns-tcp", "dns", tcp.addr));
     sim.register(Instance::new("dns-udp", "dns", udp.addr).tags(&["udp"]));
     let (embassy, ports, _plugins) = start(&sim, &[], &[], &["dns;PORT/udp", "dns;PORT/tcp"]);
-    assert!(
-        eventually(Duration::from_secs(10), || embassy.endpoints_added("/udp")
-            == vec![udp.addr.to_string()]
-            && embassy.endpoints_added("/tcp") == vec![tcp.addr.to_string()]),
-        "each service gets its protocol's instance only:\n{}",
-        embassy.log().join("\n")
-    );
+    // Each service gets its protocol's instance only.
+    embassy
+        .wait_for_endpoints(
+            &format!("udp-{}", ports[0]),
+            &[udp.addr],
+            Duration::from_secs(10),
+        )
+        .expect("the udp instance");
+    embassy
+        .wait_for_endpoints(
+            &format!("tcp-{}", ports[1]),
+            &[tcp.addr],
+            Duration::from_secs(10),
+        )
+        .expect("the tcp instance");
     let mut client = UdpClient::new(ports[0]).expect("udp client");
     assert_eq!(client.whoami().expect("answered over udp").upstream, "u");
     assert_eq!(landed(ports[1], 6), HashSet::from(["t".to_string()]));

@@ -22,7 +22,6 @@ fn serve(upstream: &Upstream, args: &[&str]) -> (FileBacked, u16) {
         &json!({ "web": [upstream.addr.to_string()] }),
         plugins.path(),
         &all,
-        "listening",
     );
     // The libraries are loaded; the directory may go.
     drop(plugins);

@@ -49,10 +49,17 @@ fn instance_key(upstream: &Upstream) -> String {
 fn embassy(etcd: &Etcd, options: &[&str], services: &[&str]) -> (Embassy, Vec<u16>) {
     let (embassy, ports) = embassy_listening(etcd, options, services);
     // Every test starts with instances registered: wait for each service's first set.
-    let loaded = eventually(Duration::from_secs(30), || {
-        embassy.log_lines("endpoints updated").len() >= services.len()
-    });
-    assert!(loaded, "first endpoint sets:\n{}", embassy.log().join("\n"));
+    for service in embassy
+        .wait_for_services(services.len(), Duration::from_secs(1))
+        .expect("listed")
+    {
+        let id = service["id"].as_str().expect("an id");
+        embassy
+            .wait_for_service(id, Duration::from_secs(30), |view| {
+                !serving(view).is_empty()
+            })
+            .expect("a first endpoint set");
+    }
     (embassy, ports)
 }
 
@@ -77,9 +84,9 @@ fn embassy_listening(etcd: &Etcd, options: &[&str], services: &[&str]) -> (Embas
             service.replace("PORT", &port.to_string()),
         ]);
     }
-    let mut embassy = Embassy::start(args);
+    let embassy = Embassy::start(args);
     embassy
-        .wait_for_log("listening", Duration::from_secs(30))
+        .wait_for_services(services.len(), Duration::from_secs(30))
         .expect("listening");
     // The libraries are loaded by now; the directory may go.
     drop(plugins);
@@ -287,13 +294,15 @@ fn an_etcd_outage_keeps_the_last_endpoints_and_resyncs_after() {
         &["/services/prod/apache/80;PORT/tcp"],
     );
     let port = ports[0];
+    let id = format!("tcp-{port}");
     let mut open = Client::connect(port).expect("connect");
     let traffic = Traffic::start(port);
 
     etcd.stop();
-    embassy
-        .wait_for_log("etcd unreachable", Duration::from_secs(10))
+    let view = embassy
+        .wait_for_discovery(&id, "unreachable", Duration::from_secs(10))
         .expect("outage noticed");
+    assert_eq!(serving(&view), [a.addr.to_string()], "the last set stays");
     // Several retries happen during these seconds; traffic keeps flowing meanwhile.
     for _ in 0..4 {
         let counts = distribution(port, 5).expect("served during the outage");
@@ -310,6 +319,10 @@ fn an_etcd_outage_keeps_the_last_endpoints_and_resyncs_after() {
         settles_on(port, &["b"]),
         "the change made around the outage is picked up"
     );
+    embassy
+        .wait_for_discovery(&id, "reachable", Duration::from_secs(10))
+        .expect("recovered");
+    // The log says so too, once: its line may trail the state a little.
     embassy
         .wait_for_log("etcd reachable again", Duration::from_secs(10))
         .expect("recovery logged");
@@ -402,7 +415,7 @@ fn etcd_down_at_start_with_auth_then_up() {
     etcd.put(&instance_key(&a), &registrar(&a, &[]));
     etcd.enable_auth("embassy", "s3cret", "/services/");
     etcd.stop();
-    let (mut embassy, ports) = embassy_listening(
+    let (embassy, ports) = embassy_listening(
         &etcd,
         &[
             "username=embassy",
@@ -413,7 +426,11 @@ fn etcd_down_at_start_with_auth_then_up() {
         &["/services/prod/apache/80;PORT/tcp"],
     );
     embassy
-        .wait_for_log("etcd unreachable", Duration::from_secs(10))
+        .wait_for_discovery(
+            &format!("tcp-{}", ports[0]),
+            "unreachable",
+            Duration::from_secs(10),
+        )
         .expect("outage reported");
     assert!(Client::connect(ports[0]).is_err(), "no endpoint known yet");
     etcd.restart();
@@ -541,16 +558,20 @@ fn udp_and_tcp_descriptors_split_one_prefix_by_protocol() {
             "/services/prod/dns/53;PORT/tcp",
         ],
     );
-    let mut udp_set = embassy.endpoints_added("/udp");
-    udp_set.sort();
-    let mut expected = vec![udp_doc.addr.to_string(), udp_plain.addr.to_string()];
-    expected.sort();
-    assert_eq!(udp_set, expected, "the udp service's endpoints");
-    assert_eq!(
-        embassy.endpoints_added("/tcp"),
-        vec![tcp.addr.to_string()],
-        "the tcp service's endpoints"
-    );
+    embassy
+        .wait_for_endpoints(
+            &format!("udp-{}", ports[0]),
+            &[udp_doc.addr, udp_plain.addr],
+            Duration::from_secs(10),
+        )
+        .expect("the udp service's endpoints");
+    embassy
+        .wait_for_endpoints(
+            &format!("tcp-{}", ports[1]),
+            &[tcp.addr],
+            Duration::from_secs(10),
+        )
+        .expect("the tcp service's endpoints");
     let answered: std::collections::HashSet<String> = (0..6)
         .map(|_| {
             UdpClient::new(ports[0])

@@ -20,8 +20,15 @@ fn start(initial: serde_json::Value, service: &str) -> Setup {
         "poll_interval=100ms".to_string(),
     ]);
     Setup {
-        proxy: FileBacked::start(&initial, plugins.path(), &args, "listening"),
+        proxy: FileBacked::start(&initial, plugins.path(), &args),
         port,
+    }
+}
+
+impl Setup {
+    /// The service's id in the admin API.
+    fn id(&self) -> String {
+        format!("tcp-{}", self.port)
     }
 }
 
@@ -39,7 +46,7 @@ fn edits_add_and_remove_endpoints_for_new_connections_only() {
         Upstream::start("b"),
         Upstream::start("c"),
     );
-    let mut s = start(
+    let s = start(
         json!({ "web": [a.addr.to_string(), b.addr.to_string()] }),
         "web;PORT/tcp",
     );
@@ -61,8 +68,8 @@ fn edits_add_and_remove_endpoints_for_new_connections_only() {
     );
     s.proxy
         .embassy
-        .wait_for_log("removed", Duration::from_secs(5))
-        .expect("removal logged");
+        .wait_for_endpoints(&s.id(), &[b.addr, c.addr], Duration::from_secs(5))
+        .expect("a removed");
     let counts = distribution(s.port, 20).expect("connections");
     assert_eq!(
         counts.get("a"),
@@ -93,6 +100,17 @@ fn a_broken_file_keeps_the_last_good_endpoints() {
         "the error names the file: {line}"
     );
     assert!(line.contains("keeping the last good endpoints"), "{line}");
+    let view = s
+        .proxy
+        .embassy
+        .wait_for_discovery(&s.id(), "invalid", Duration::from_secs(5))
+        .expect("the API says why");
+    assert!(discovery_detail(&view).contains("services.json"), "{view}");
+    assert_eq!(
+        serving(&view),
+        [a.addr.to_string()],
+        "the last good set stays"
+    );
     let counts = distribution(s.port, 10).expect("still served");
     assert_eq!(counts.get("a"), Some(&10));
 
@@ -116,6 +134,10 @@ fn a_broken_file_keeps_the_last_good_endpoints() {
     let b = Upstream::start("b");
     write_services(&s.proxy.services, &json!({ "web": [b.addr.to_string()] }));
     assert!(reaches(s.port, "b"));
+    s.proxy
+        .embassy
+        .wait_for_discovery(&s.id(), "reachable", Duration::from_secs(5))
+        .expect("a good file again");
 }
 
 #[test]

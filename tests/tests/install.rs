@@ -102,7 +102,7 @@ fn the_installed_binary_finds_its_plugins_and_serves_a_file_service() {
     let services = dir.path().join("services.json");
     write_services(&services, &json!({ "web": [upstream.addr.to_string()] }));
     let port = free_port();
-    let mut proxy = Embassy::start_binary(
+    let proxy = Embassy::start_binary(
         &embassy,
         [
             "--discovery".to_string(),
@@ -112,7 +112,7 @@ fn the_installed_binary_finds_its_plugins_and_serves_a_file_service() {
         ],
     );
     proxy
-        .wait_for_log("listening", Duration::from_secs(20))
+        .wait_for_services(1, Duration::from_secs(20))
         .expect("the installed embassy starts with its default plugin directory");
     assert!(
         eventually(Duration::from_secs(5), || {
@@ -218,7 +218,7 @@ fn the_plugin_template_builds_out_of_the_tree_and_serves_through_the_release_hos
     )
     .expect("write the list");
     let port = free_port();
-    let mut proxy = Embassy::start_binary(
+    let proxy = Embassy::start_binary(
         &embassy,
         [
             "--plugin-dir".to_string(),
@@ -232,7 +232,11 @@ fn the_plugin_template_builds_out_of_the_tree_and_serves_through_the_release_hos
         ],
     );
     proxy
-        .wait_for_log("endpoints updated", Duration::from_secs(20))
+        .wait_for_endpoints(
+            &format!("tcp-{port}"),
+            &[upstream.addr],
+            Duration::from_secs(20),
+        )
         .expect("the template's set reaches the host");
     assert_eq!(
         Client::connect(port)

@@ -6,7 +6,6 @@ use std::{
     io::{ErrorKind, Read, Write},
     net::{TcpListener, TcpStream},
     os::unix::process::CommandExt,
-    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -64,20 +63,18 @@ fn start_limited(
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("services.json");
     write_services(&path, services);
-    let mut command = Command::new(artifacts().embassy());
-    command.env("EMBASSY_ADMIN", "off"); // the default socket is the machine's, not this test's
-    command
-        .arg("--plugin-dir")
-        .arg(plugins.path())
-        .arg("--discovery")
-        .arg(format!("file://{}", path.display()))
-        .args(args)
-        .env_remove("DISCOVERY")
-        .env_remove("EMBASSY_PLUGIN_DIR")
-        .env("EMBASSY_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut command = Embassy::command(
+        &artifacts().embassy(),
+        [
+            "--plugin-dir".to_string(),
+            plugins.path().display().to_string(),
+            "--discovery".to_string(),
+            format!("file://{}", path.display()),
+        ]
+        .iter()
+        .chain(args),
+    );
+    command.env("EMBASSY_LOG", "info");
     // SAFETY: setrlimit is async-signal-safe and touches only the child about to exec.
     unsafe {
         command.pre_exec(move || {
@@ -92,8 +89,7 @@ fn start_limited(
             }
         });
     }
-    let embassy = Embassy::adopt(command.spawn().expect("spawn embassy"));
-    (embassy, plugins, dir)
+    (Embassy::spawn(&mut command), plugins, dir)
 }
 
 #[test]
@@ -110,16 +106,11 @@ fn a_hung_upstream_cannot_starve_another_service_and_its_descriptors_are_release
         &json!({ "hung": [hung.addr.to_string()], "web": [web.addr.to_string()] }),
         &args,
     );
-    embassy
-        .wait_for_log("endpoints updated", Duration::from_secs(20))
-        .expect("embassy starts");
-    assert!(
-        eventually(Duration::from_secs(10), || embassy
-            .log_lines("endpoints updated")
-            .len()
-            == 2),
-        "both services get their endpoint"
-    );
+    for (port, upstream) in [(hung_port, hung.addr), (web_port, web.addr)] {
+        embassy
+            .wait_for_endpoints(&format!("tcp-{port}"), &[upstream], Duration::from_secs(20))
+            .expect("both services get their endpoint");
+    }
     let warning = embassy
         .wait_for_log("open-file limit is low", Duration::from_secs(5))
         .expect("the low limit is reported at start");
@@ -195,7 +186,6 @@ fn a_dead_endpoint_is_logged_once_and_its_failover_is_spread() {
         &json!({ "web": [dead, a.addr.to_string(), b.addr.to_string()] }),
         plugins.path(),
         &args,
-        "listening",
     );
     let counts = distribution(port, 300).expect("300 connections through the proxy");
     let (on_a, on_b) = (counts["a"], counts["b"]);
@@ -225,15 +215,8 @@ fn a_connection_accepted_before_any_endpoint_is_served_once_one_appears() {
         "--queue-timeout".to_string(),
         "10s".to_string(),
     ]);
-    let proxy = FileBacked::start(&json!({ "web": [] }), plugins.path(), &args, "listening");
-    assert!(
-        eventually(Duration::from_secs(10), || proxy
-            .embassy
-            .log_lines("listening")
-            .len()
-            == 2),
-        "both listeners open"
-    );
+    // Returns once both listeners are open.
+    let proxy = FileBacked::start(&json!({ "web": [] }), plugins.path(), &args);
 
     let mut early = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     early
@@ -285,7 +268,6 @@ fn connections_open_at_the_end_of_the_grace_period_are_reset() {
         &json!({ "web": [a.addr.to_string()] }),
         plugins.path(),
         &args,
-        "listening",
     );
     let mut old = Client::connect(port).expect("connect");
     assert_eq!(old.echo(b"mid-stream").expect("echo"), b"mid-stream");

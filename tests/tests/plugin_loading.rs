@@ -33,7 +33,6 @@ fn bad_libraries_get_one_clear_error_each_and_the_host_serves() {
         &json!({ "web": [upstream.addr.to_string()] }),
         plugins.path(),
         &service_arg(format!("web;{port}/tcp")),
-        "listening",
     );
     let embassy = &proxy.embassy;
 
@@ -220,7 +219,7 @@ fn plugins_built_against_contract_1_0_load_into_this_host_and_serve() {
 
     let (one, two) = (Upstream::start("one"), Upstream::start("two"));
     let port = free_port();
-    let mut embassy = Embassy::start([
+    let embassy = Embassy::start([
         "--plugin-dir".to_string(),
         plugins.path().display().to_string(),
         "--discovery".to_string(),
@@ -231,7 +230,11 @@ fn plugins_built_against_contract_1_0_load_into_this_host_and_serve() {
         format!("web;{port}/tcp"),
     ]);
     embassy
-        .wait_for_log("endpoints updated", Duration::from_secs(20))
+        .wait_for_endpoints(
+            &format!("tcp-{port}"),
+            &[one.addr, two.addr],
+            Duration::from_secs(20),
+        )
         .expect("the 1.0 discovery plugin delivers its set");
     let served: Vec<String> = (0..4)
         .map(|_| Client::connect(port).expect("served").upstream)
