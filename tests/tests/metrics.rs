@@ -26,15 +26,16 @@ fn two_services(extra: &[String]) -> (FileBacked, u16, u16, Upstream, u16, tempf
     let mut args: Vec<String> = service_arg(format!("web;{web_port}/tcp")).into();
     args.extend(service_arg(format!("dead;{dead_port}/tcp")));
     args.extend_from_slice(extra);
-    let proxy = FileBacked::start(&services, plugins.path(), &args, "admin API serving");
-    for port in [web_port, dead_port] {
-        proxy
-            .embassy
-            .wait_for_service(&format!("tcp-{port}"), WAIT, |v| {
-                v["endpoints"].as_array().is_some_and(|e| e.len() == 1)
-            })
-            .expect("one endpoint each");
-    }
+    let proxy = FileBacked::start(&services, plugins.path(), &args);
+    let embassy = &proxy.embassy;
+    let web_id = format!("tcp-{web_port}");
+    embassy
+        .wait_for_endpoints(&web_id, &[web.addr], WAIT)
+        .expect("web's endpoint");
+    let dead_id = format!("tcp-{dead_port}");
+    embassy
+        .wait_for_endpoints(&dead_id, &[format!("127.0.0.1:{dead}")], WAIT)
+        .expect("dead's endpoint");
     (proxy, web_port, dead_port, web, dead, plugins)
 }
 
@@ -253,14 +254,11 @@ fn udp_sessions_and_datagrams_are_counted() {
         &services,
         plugins.path(),
         &service_arg(format!("dns;{port}/udp")),
-        "listening",
     );
     let embassy = &proxy.embassy;
     let id = format!("udp-{port}");
     embassy
-        .wait_for_service(&id, WAIT, |v| {
-            v["endpoints"].as_array().is_some_and(|e| e.len() == 1)
-        })
+        .wait_for_endpoints(&id, &[upstream.addr], WAIT)
         .expect("one endpoint");
     const CLIENTS: usize = 3;
     const DATAGRAMS: usize = 4;
