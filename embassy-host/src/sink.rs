@@ -68,12 +68,15 @@ impl EndpointSink for ServiceSink {
     }
 
     fn report(&self, health: BackendHealth, detail: RStr<'_>) {
-        let changed = self.status.reported(health, detail.as_str());
+        let (changed, detail_changed) = self.status.reported(health, detail.as_str());
         match health {
             BackendHealth::Reachable if changed => {
                 info!(service = %self.label, %detail, "discovery backend recovered")
             }
             BackendHealth::Reachable => {}
+            // A plugin repeating its report (every retry) says nothing new: one line per state,
+            // or per new reason within it.
+            _ if !changed && !detail_changed => {}
             BackendHealth::Unreachable => {
                 warn!(service = %self.label, %detail, "discovery backend unreachable, serving the last known endpoints")
             }

@@ -159,16 +159,19 @@ impl DiscoveryStatus {
         inner.updates += 1;
     }
 
-    /// The plugin reported `health`; returns whether it changed.
-    pub fn reported(&self, health: BackendHealth, detail: &str) -> bool {
+    /// The plugin reported `health`; returns whether it changed, and whether the detail did.
+    pub fn reported(&self, health: BackendHealth, detail: &str) -> (bool, bool) {
         let mut inner = self.lock();
         let changed = inner.health != health;
         if changed {
             inner.health_since = SystemTime::now();
         }
+        let detail_changed = inner.detail != detail;
         inner.health = health;
-        inner.detail = detail.to_string();
-        changed
+        if detail_changed {
+            inner.detail = detail.to_string();
+        }
+        (changed, detail_changed)
     }
 
     /// Whether a first set has arrived, or the plugin has said why not.
