@@ -61,10 +61,10 @@ pub fn render(services: &[Value], discovery_uri: &str, now: SystemTime) -> Strin
          <div id=\"stale\" hidden></div>\n<main id=\"content\">",
         title = title(services),
     );
-    let _ = write!(
+    let _ = writeln!(
         out,
         "<header><h1>Embassy</h1><p>{count} · discovery <code>{uri}</code> · \
-         as of <time>{clock}</time> UTC, refreshed every {REFRESH_SECONDS}s</p></header>\n",
+         as of <time>{clock}</time> UTC, refreshed every {REFRESH_SECONDS}s</p></header>",
         count = plural(services.len(), "service"),
         uri = escape(discovery_uri),
         clock = clock(now),
@@ -253,11 +253,11 @@ fn excluded(out: &mut String, excluded: &Value) {
         out.push_str("<p class=\"quiet\">Discovery left nothing out.</p>\n");
         return;
     }
-    let _ = write!(
+    let _ = writeln!(
         out,
         "<details open><summary>Left out by discovery: {}</summary>\
          <table class=\"excluded\"><thead><tr><th>instance</th><th>reason</th><th>why</th>\
-         </tr></thead><tbody>\n",
+         </tr></thead><tbody>",
         plural(rows.len(), "instance"),
     );
     for row in rows {
