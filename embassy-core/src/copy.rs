@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use crate::counters::{self, ByteCounters};
 use socket2::SockRef;
 use tokio::{
     net::TcpStream,
@@ -130,6 +131,7 @@ pub async fn copy_bidirectional(
     mode: CopyMode,
     timeouts: Timeouts,
     cut: &Cut,
+    bytes: &ByteCounters,
 ) -> io::Result<Ended> {
     let progress = AtomicU64::new(0);
     let one_done = AtomicBool::new(false);
@@ -137,8 +139,8 @@ pub async fn copy_bidirectional(
         #[cfg(target_os = "linux")]
         CopyMode::Splice => {
             drive(
-                splice::one_way(client, upstream, &one_done, &progress),
-                splice::one_way(upstream, client, &one_done, &progress),
+                splice::one_way(client, upstream, &one_done, &progress, &bytes.sent),
+                splice::one_way(upstream, client, &one_done, &progress, &bytes.received),
                 &progress,
                 timeouts,
                 cut,
@@ -147,8 +149,8 @@ pub async fn copy_bidirectional(
         }
         _ => {
             drive(
-                userspace_one_way(client, upstream, &one_done, &progress),
-                userspace_one_way(upstream, client, &one_done, &progress),
+                userspace_one_way(client, upstream, &one_done, &progress, &bytes.sent),
+                userspace_one_way(upstream, client, &one_done, &progress, &bytes.received),
                 &progress,
                 timeouts,
                 cut,
@@ -299,6 +301,7 @@ async fn userspace_one_way(
     to: &TcpStream,
     one_done: &AtomicBool,
     progress: &AtomicU64,
+    moved: &AtomicU64,
 ) -> io::Result<u64> {
     let mut buffer = vec![0u8; COPY_BUFFER];
     let mut total = 0u64;
@@ -329,6 +332,7 @@ async fn userspace_one_way(
             }
         }
         total += read as u64;
+        counters::add(moved, read as u64);
     }
 }
 
@@ -357,6 +361,8 @@ mod splice {
 
     use tokio::{io::Interest, net::TcpStream};
 
+    use crate::counters;
+
     /// Most bytes asked of one `splice` call; the pipe's capacity bounds it anyway.
     const CHUNK: usize = 1 << 20;
     /// Idle pipes kept per thread.
@@ -376,6 +382,7 @@ mod splice {
         to: &TcpStream,
         one_done: &AtomicBool,
         progress: &AtomicU64,
+        counted: &AtomicU64,
     ) -> io::Result<u64> {
         let mut total = 0u64;
         let mut bulk = false;
@@ -383,17 +390,20 @@ mod splice {
             from.readable().await?;
             super::bump(progress);
             let moved = if bulk {
-                splice_available(from, to, progress).await?
+                splice_available(from, to, progress, counted).await?
             } else {
                 match relay_small(from, to) {
                     Ok(Relayed::All(n)) => {
                         bulk = n == SCRATCH;
+                        counters::add(counted, n as u64);
                         Some(n)
                     }
-                    Ok(Relayed::Partly(rest)) => {
+                    Ok(Relayed::Partly(written, rest)) => {
                         bulk = true; // the peer is slower than the sender: bulk
+                        counters::add(counted, written as u64);
                         write_all(to, &rest).await?;
-                        Some(rest.len())
+                        counters::add(counted, rest.len() as u64);
+                        Some(written + rest.len())
                     }
                     Ok(Relayed::End) => None,
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => Some(0),
@@ -416,8 +426,9 @@ mod splice {
     enum Relayed {
         /// Read and wrote this many bytes.
         All(usize),
-        /// Wrote part; these bytes remain (the only allocation, and only under backpressure).
-        Partly(Vec<u8>),
+        /// Wrote this many bytes; these remain (the only allocation, and only under
+        /// backpressure).
+        Partly(usize, Vec<u8>),
         /// `from` reached end of stream.
         End,
     }
@@ -445,7 +456,7 @@ mod splice {
             Ok(if written == read {
                 Relayed::All(read)
             } else {
-                Relayed::Partly(scratch[written..read].to_vec())
+                Relayed::Partly(written, scratch[written..read].to_vec())
             })
         })
     }
@@ -498,6 +509,7 @@ mod splice {
         from: &TcpStream,
         to: &TcpStream,
         progress: &AtomicU64,
+        counted: &AtomicU64,
     ) -> io::Result<Option<usize>> {
         let pipe = Pipe::take()?;
         let mut moved = 0;
@@ -513,6 +525,7 @@ mod splice {
                 Ok(mut pending) => {
                     super::bump(progress);
                     moved += pending;
+                    counters::add(counted, pending as u64);
                     while pending > 0 {
                         // Errors leave bytes in the pipe: it is dropped, not pooled.
                         pending -= to
@@ -641,10 +654,24 @@ mod tests {
         TcpStream,
         TcpStream,
     ) {
+        start_counted(mode, limits, cut, Arc::default()).await
+    }
+
+    /// [`start`], counting the copy's bytes into `bytes`.
+    async fn start_counted(
+        mode: CopyMode,
+        limits: Timeouts,
+        cut: Arc<Cut>,
+        bytes: Arc<ByteCounters>,
+    ) -> (
+        tokio::task::JoinHandle<io::Result<Ended>>,
+        TcpStream,
+        TcpStream,
+    ) {
         let (client, client_peer) = pair().await;
         let (upstream, upstream_peer) = pair().await;
         let task = tokio::spawn(async move {
-            copy_bidirectional(&client, &upstream, mode, limits, &cut).await
+            copy_bidirectional(&client, &upstream, mode, limits, &cut, &bytes).await
         });
         (task, client_peer, upstream_peer)
     }
@@ -803,6 +830,52 @@ mod tests {
                 },
                 "{mode:?}"
             );
+        }
+    }
+
+    /// Bytes are counted as they move, so a long-lived connection shows up while open; a bulk
+    /// transfer (spliced in the default mode) is counted exactly.
+    #[tokio::test]
+    async fn bytes_are_counted_while_the_connection_is_open() {
+        for mode in MODES {
+            let bytes = Arc::new(ByteCounters::default());
+            let (task, mut client, mut upstream) = start_counted(
+                mode,
+                timeouts(60_000, 60_000),
+                Arc::default(),
+                Arc::clone(&bytes),
+            )
+            .await;
+            client.write_all(b"hello").await.expect("write");
+            let mut hello = [0u8; 5];
+            upstream.read_exact(&mut hello).await.expect("relayed");
+            upstream.write_all(b"hi").await.expect("write");
+            let mut hi = [0u8; 2];
+            client.read_exact(&mut hi).await.expect("relayed");
+            assert_eq!(counters::read(&bytes.sent), 5, "{mode:?}");
+            assert_eq!(counters::read(&bytes.received), 2, "{mode:?}");
+
+            let bulk = 8usize << 20;
+            let reader = tokio::spawn(async move {
+                let mut buffer = vec![0u8; 1 << 16];
+                let mut total = 0usize;
+                while total < bulk {
+                    total += upstream.read(&mut buffer).await.expect("read");
+                }
+                upstream
+            });
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..8 {
+                client.write_all(&chunk).await.expect("write");
+            }
+            let _upstream = reader.await.expect("reader");
+            assert_eq!(
+                counters::read(&bytes.sent),
+                5 + bulk as u64,
+                "{mode:?}: still open, bulk counted"
+            );
+            assert!(!task.is_finished());
+            task.abort();
         }
     }
 }

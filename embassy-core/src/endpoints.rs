@@ -2,8 +2,9 @@
 //!
 //! Readers on the connection path `load` the current snapshot without locking. Each endpoint's
 //! live-connection counter lives outside the snapshot and is carried over by address, so a
-//! balancer keeps seeing the load of connections opened under an older snapshot; so is its
-//! [`Health`], so a failing endpoint is reported once per state change across updates.
+//! balancer keeps seeing the load of connections opened under an older snapshot; so are its
+//! [`Health`], so a failing endpoint is reported once per state change across updates, and its
+//! traffic [`EndpointCounters`], so totals survive updates.
 
 use std::{
     collections::HashMap,
@@ -18,6 +19,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 use embassy_plugin_api::{Endpoint, EndpointView, Excluded};
+
+use crate::counters::EndpointCounters;
 use tokio::sync::{futures::Notified, Notify};
 use tracing::{info, warn};
 
@@ -61,6 +64,8 @@ pub struct Upstream {
     pub active: Arc<AtomicU64>,
     /// Connect failures of this address, shared across snapshots.
     pub health: Arc<Health>,
+    /// Its traffic totals, shared across snapshots.
+    pub counters: Arc<EndpointCounters>,
 }
 
 /// While an endpoint keeps failing, one summary line per this period at most.
@@ -88,12 +93,13 @@ impl Health {
         }
     }
 
-    pub fn failed(&self, addr: &UpstreamAddr, error: &dyn Display) {
+    /// A connect attempt failed; `reason` is its metrics label (`connect_refused`...).
+    pub fn failed(&self, addr: &UpstreamAddr, reason: &'static str, error: &dyn Display) {
         let failures = self.failing.fetch_add(1, Ordering::AcqRel) + 1;
         let now = coarse_seconds();
         if failures == 1 {
             self.reported.store(now, Ordering::Relaxed);
-            warn!(%error, upstream = %addr, "connect failed; further failures of this endpoint are counted until it answers again");
+            warn!(%error, upstream = %addr, reason, "connect failed; further failures of this endpoint are counted until it answers again");
             return;
         }
         let reported = self.reported.load(Ordering::Relaxed);
@@ -103,7 +109,7 @@ impl Health {
                 .compare_exchange(reported, now, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            warn!(%error, upstream = %addr, failures, "endpoint still failing");
+            warn!(%error, upstream = %addr, reason, failures, "endpoint still failing");
         }
     }
 
@@ -183,6 +189,7 @@ pub struct ServiceEndpoints {
 struct Carried {
     active: Arc<AtomicU64>,
     health: Arc<Health>,
+    counters: Arc<EndpointCounters>,
 }
 
 impl ServiceEndpoints {
@@ -242,6 +249,7 @@ impl ServiceEndpoints {
                     Carried {
                         active: Arc::new(AtomicU64::new(0)),
                         health: Arc::default(),
+                        counters: Arc::default(),
                     }
                 }
             };
@@ -250,6 +258,7 @@ impl ServiceEndpoints {
                 addr,
                 active: carried.active,
                 health: carried.health,
+                counters: carried.counters,
             });
             weights.push(endpoint.weight.max(1));
         }
@@ -340,8 +349,12 @@ mod tests {
         service.replace(&endpoints(&["127.0.0.1:1"]));
         let old = service.load();
         let addr = &old.upstreams()[0].addr;
-        old.upstreams()[0].health.failed(addr, &"refused");
-        old.upstreams()[0].health.failed(addr, &"refused");
+        old.upstreams()[0]
+            .health
+            .failed(addr, "connect_refused", &"refused");
+        old.upstreams()[0]
+            .health
+            .failed(addr, "connect_refused", &"refused");
         service.replace(&endpoints(&["127.0.0.1:1", "127.0.0.1:2"]));
         let new = service.load();
         assert_eq!(new.upstreams()[0].health.failures(), 2, "kept by address");

@@ -23,7 +23,8 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
     copy::{copy_bidirectional, reset_on_close, Ended},
-    endpoints::{ActiveGuard, EndpointSet, UpstreamAddr},
+    counters::{self, ConnectFailure, ServiceFailure},
+    endpoints::{ActiveGuard, EndpointSet, Upstream, UpstreamAddr},
     service::{OpenConnection, Service},
 };
 
@@ -80,6 +81,7 @@ pub async fn serve_tcp(
             accept_failures = 0;
         }
         accepted = accepted.wrapping_add(1);
+        counters::add(&service.counters.accepted, 1);
         if let Some(episode) = limited.as_mut() {
             episode.accepted += 1;
         }
@@ -97,6 +99,7 @@ pub async fn serve_tcp(
                 None
             }
             Err(error) => {
+                service.counters.failed(ServiceFailure::BalancerError);
                 warn!(%peer, %error, "balancer failed, closing connection");
                 continue;
             }
@@ -225,11 +228,15 @@ async fn forward(client: TcpStream, path: Path) {
             }
         },
     };
-    let Some((upstream, _active, addr)) =
-        connect(&snapshot, first, path.salt, service.connect_timeout).await
-    else {
-        return;
-    };
+    let (upstream, _active, endpoint) =
+        match connect(&snapshot, first, path.salt, service.connect_timeout).await {
+            Ok(connected) => connected,
+            Err(failure) => {
+                service.counters.failed(ServiceFailure::Connect(failure));
+                return;
+            }
+        };
+    let addr = &endpoint.addr;
     if !path.accepted_nodelay {
         let _ = client.set_nodelay(true);
     }
@@ -239,6 +246,7 @@ async fn forward(client: TcpStream, path: Path) {
         service.copy_mode,
         service.timeouts,
         &service.cut,
+        &endpoint.counters.bytes,
     )
     .await
     {
@@ -283,6 +291,7 @@ async fn wait_for_endpoint(
             }
             Ok(None) => {}
             Err(error) => {
+                service.counters.failed(ServiceFailure::BalancerError);
                 warn!(%error, "balancer failed, closing connection");
                 return None;
             }
@@ -290,6 +299,7 @@ async fn wait_for_endpoint(
         tokio::select! {
             _ = changed => {}
             _ = sleep_until(deadline) => {
+                service.counters.failed(ServiceFailure::NoEndpoint);
                 service.queue.timed_out(&service.descriptor, service.queue_timeout);
                 return None;
             }
@@ -299,18 +309,21 @@ async fn wait_for_endpoint(
 }
 
 /// Tries up to [`MAX_CONNECT_ATTEMPTS`] endpoints, starting at `first`. Failures are logged per
-/// endpoint state change ([`Health`](crate::endpoints::Health)), not per connection.
+/// endpoint state change ([`Health`](crate::endpoints::Health)), not per connection; the error
+/// is the last attempt's.
 async fn connect(
     snapshot: &EndpointSet,
     first: usize,
     salt: u32,
     connect_timeout: Duration,
-) -> Option<(TcpStream, ActiveGuard, &UpstreamAddr)> {
+) -> Result<(TcpStream, ActiveGuard, &Upstream), ConnectFailure> {
     let upstreams = snapshot.upstreams();
+    let mut failure = ConnectFailure::Error;
     for attempt in 0..MAX_CONNECT_ATTEMPTS.min(upstreams.len()) {
         let upstream = &upstreams[failover_index(first, attempt, salt, upstreams.len())];
         // Counted from the attempt on, so least-conn sees a burst of new connections at once.
         let active = ActiveGuard::new(&upstream.active);
+        let started = Instant::now();
         let attempt = match &upstream.addr {
             UpstreamAddr::Socket(addr) => timeout(connect_timeout, connect_nodelay(*addr)).await,
             UpstreamAddr::Named(name) => {
@@ -324,18 +337,33 @@ async fn connect(
         };
         match attempt {
             Ok(Ok(stream)) => {
+                upstream.counters.connect_latency.observe(started.elapsed());
+                counters::add(&upstream.counters.connections, 1);
                 upstream.health.succeeded(&upstream.addr);
-                return Some((stream, active, &upstream.addr));
+                return Ok((stream, active, upstream));
             }
-            Ok(Err(error)) => upstream.health.failed(&upstream.addr, &error),
-            Err(_) => upstream.health.failed(
-                &upstream.addr,
-                &format_args!("timed out after {connect_timeout:?}"),
-            ),
+            Ok(Err(error)) => {
+                failure = ConnectFailure::of(&error);
+                upstream
+                    .health
+                    .failed(&upstream.addr, failure.as_str(), &error);
+            }
+            Err(_) => {
+                failure = ConnectFailure::Timeout;
+                upstream.health.failed(
+                    &upstream.addr,
+                    failure.as_str(),
+                    &format_args!("timed out after {connect_timeout:?}"),
+                );
+            }
         }
+        upstream.counters.connect_failed(failure);
     }
-    debug!("no upstream accepted the connection, closing it");
-    None
+    debug!(
+        reason = failure.as_str(),
+        "no upstream accepted the connection, closing it"
+    );
+    Err(failure)
 }
 
 /// Connects with `TCP_NODELAY` set from the start. Unlike `TcpStream::connect`, it asks the

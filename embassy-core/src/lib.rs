@@ -8,6 +8,7 @@
 
 pub mod balancer;
 pub mod copy;
+pub mod counters;
 pub mod descriptor;
 pub mod endpoints;
 pub mod forward;

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::{
     balancer::Picker,
     copy::{CopyMode, Cut, Timeouts},
+    counters::ServiceCounters,
     descriptor::{parse_duration, ServiceDescriptor},
     endpoints::{EndpointSet, ServiceEndpoints, SetChange},
 };
@@ -84,6 +85,8 @@ pub struct Service {
     pub queue: QueueState,
     /// Fired at the end of a graceful stop; shared by every service of the process.
     pub cut: Arc<Cut>,
+    /// Connections accepted and failed, for metrics.
+    pub counters: ServiceCounters,
 }
 
 impl Service {
@@ -140,6 +143,7 @@ impl Service {
             limit: ConnectionLimit::new(max_connections),
             queue: QueueState::default(),
             cut: Arc::default(),
+            counters: ServiceCounters::default(),
         }
     }
 

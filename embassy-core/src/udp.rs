@@ -30,6 +30,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, trace, warn};
 
 use crate::{
+    counters::{self, ConnectFailure, EndpointCounters, ServiceFailure},
     descriptor::ServiceDescriptor,
     endpoints::{ActiveGuard, EndpointSet, Health, Upstream, UpstreamAddr},
     service::Service,
@@ -102,6 +103,8 @@ struct Session {
     /// Counts the session against its endpoint; its counter also identifies the endpoint in
     /// later snapshots (counters are carried over by address).
     active: ActiveGuard,
+    /// The endpoint's traffic totals (this session's datagrams and bytes go there).
+    counters: Arc<EndpointCounters>,
     /// The snapshot generation in which the endpoint was last known to be listed.
     confirmed: u64,
     reply: AbortHandle,
@@ -187,8 +190,17 @@ struct Opening {
     first: Vec<u8>,
     active: ActiveGuard,
     health: Arc<Health>,
+    counters: Arc<EndpointCounters>,
     upstream: UpstreamAddr,
     generation: u64,
+}
+
+/// The endpoint a new session is pinned to.
+struct SessionEndpoint {
+    active: ActiveGuard,
+    counters: Arc<EndpointCounters>,
+    /// The snapshot generation it was picked in.
+    confirmed: u64,
 }
 
 /// What a resolver task hands back.
@@ -229,8 +241,12 @@ impl UdpProxy {
                 Ok(()) => {
                     session.state.last_active.store(now, Ordering::Relaxed);
                     match session.upstream.try_send(datagram) {
-                        Ok(_) => return,
+                        Ok(sent) => {
+                            sent_one(&session.counters, sent);
+                            return;
+                        }
                         Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                            counters::add(&self.service.counters.datagrams_dropped, 1);
                             trace!(%client, "upstream send buffer full, datagram dropped");
                             return;
                         }
@@ -248,8 +264,11 @@ impl UdpProxy {
         };
         // Awaited: a new socket's writability is not known to the runtime until its first
         // readiness event, and it is immediate on a fresh UDP socket.
-        if let Err(error) = session.upstream.send(datagram).await {
-            debug!(%client, %error, "first datagram of the session could not be sent");
+        match session.upstream.send(datagram).await {
+            Ok(sent) => sent_one(&session.counters, sent),
+            Err(error) => {
+                debug!(%client, %error, "first datagram of the session could not be sent")
+            }
         }
     }
 
@@ -270,13 +289,18 @@ impl UdpProxy {
     /// when the table is full. `None` when no session could be opened now, including while a
     /// named endpoint is being resolved (then `datagram` is kept for it).
     async fn open(&mut self, client: SocketAddr, now: u64, datagram: &[u8]) -> Option<&Session> {
+        let counters = &self.service.counters;
         if self.opening.contains_key(&client) {
+            counters::add(&counters.datagrams_dropped, 1);
             trace!(%client, "session still opening, datagram dropped");
             return None;
         }
+        counters::add(&counters.accepted, 1);
         let first = match self.service.pick(&self.snapshot, client) {
             Ok(Some(index)) => index,
             Ok(None) => {
+                counters.failed(ServiceFailure::NoEndpoint);
+                counters::add(&counters.datagrams_dropped, 1);
                 if !self.no_endpoint_logged {
                     warn!(%client, endpoints = self.snapshot.len(), "no endpoint available, dropping datagrams");
                     self.no_endpoint_logged = true;
@@ -284,6 +308,8 @@ impl UdpProxy {
                 return None;
             }
             Err(error) => {
+                counters.failed(ServiceFailure::BalancerError);
+                counters::add(&counters.datagrams_dropped, 1);
                 warn!(%client, %error, "balancer failed, datagram dropped");
                 return None;
             }
@@ -310,12 +336,23 @@ impl UdpProxy {
                 Ok(socket) => {
                     upstream.health.succeeded(&upstream.addr);
                     let active = ActiveGuard::new(&upstream.active);
-                    let generation = self.generation;
-                    return Some(self.start_session(client, socket, addr, active, generation, now));
+                    let endpoint = SessionEndpoint {
+                        active,
+                        counters: Arc::clone(&upstream.counters),
+                        confirmed: self.generation,
+                    };
+                    return Some(self.start_session(client, socket, addr, endpoint, now));
                 }
-                Err(error) => upstream.health.failed(&upstream.addr, &error),
+                Err(error) => {
+                    let failure = ConnectFailure::of(&error);
+                    upstream.counters.connect_failed(failure);
+                    upstream
+                        .health
+                        .failed(&upstream.addr, failure.as_str(), &error);
+                }
             }
         }
+        counters::add(&self.service.counters.datagrams_dropped, 1);
         None
     }
 
@@ -329,6 +366,7 @@ impl UdpProxy {
         datagram: &[u8],
     ) {
         if self.opening.len() >= self.settings.max_sessions {
+            counters::add(&self.service.counters.datagrams_dropped, 1);
             trace!(%client, "too many sessions opening, datagram dropped");
             return;
         }
@@ -338,6 +376,7 @@ impl UdpProxy {
                 first: datagram.to_vec(),
                 active: ActiveGuard::new(&upstream.active),
                 health: Arc::clone(&upstream.health),
+                counters: Arc::clone(&upstream.counters),
                 upstream: upstream.addr.clone(),
                 generation: self.generation,
             },
@@ -369,19 +408,27 @@ impl UdpProxy {
             Ok((socket, addr)) => {
                 opening.health.succeeded(&opening.upstream);
                 let now = self.clock.now();
-                let session = self.start_session(
-                    done.client,
-                    socket,
-                    addr,
-                    opening.active,
-                    opening.generation,
-                    now,
-                );
-                if let Err(error) = session.upstream.send(&opening.first).await {
-                    debug!(client = %done.client, %error, "first datagram of the session could not be sent");
+                let endpoint = SessionEndpoint {
+                    active: opening.active,
+                    counters: opening.counters,
+                    confirmed: opening.generation,
+                };
+                let session = self.start_session(done.client, socket, addr, endpoint, now);
+                match session.upstream.send(&opening.first).await {
+                    Ok(sent) => sent_one(&session.counters, sent),
+                    Err(error) => {
+                        debug!(client = %done.client, %error, "first datagram of the session could not be sent")
+                    }
                 }
             }
-            Err(error) => opening.health.failed(&opening.upstream, &error),
+            Err(error) => {
+                let failure = ConnectFailure::of(&error);
+                opening.counters.connect_failed(failure);
+                counters::add(&self.service.counters.datagrams_dropped, 1);
+                opening
+                    .health
+                    .failed(&opening.upstream, failure.as_str(), &error);
+            }
         }
     }
 
@@ -391,8 +438,7 @@ impl UdpProxy {
         client: SocketAddr,
         socket: UdpSocket,
         upstream_addr: SocketAddr,
-        active: ActiveGuard,
-        confirmed: u64,
+        endpoint: SessionEndpoint,
         now: u64,
     ) -> &Session {
         if self.sessions.len() >= self.settings.max_sessions {
@@ -410,16 +456,19 @@ impl UdpProxy {
                 Arc::clone(&self.listen),
                 client,
                 Arc::clone(&state),
+                Arc::clone(&endpoint.counters),
                 self.clock,
             ))
             .abort_handle();
+        counters::add(&endpoint.counters.connections, 1);
         debug!(%client, upstream = %upstream_addr, sessions = self.sessions.len() + 1, "udp session opened");
         let session = Session {
             upstream: socket,
             upstream_addr,
             state,
-            active,
-            confirmed,
+            active: endpoint.active,
+            counters: endpoint.counters,
+            confirmed: endpoint.confirmed,
             reply,
         };
         self.sessions.entry(client).insert_entry(session).into_mut()
@@ -505,6 +554,13 @@ fn check(session: &mut Session, snapshot: &EndpointSet, generation: u64) -> Resu
     Ok(())
 }
 
+/// One datagram of `bytes` went to the endpoint.
+#[inline]
+fn sent_one(counters: &EndpointCounters, bytes: usize) {
+    counters::add(&counters.datagrams_sent, 1);
+    counters::add(&counters.bytes.sent, bytes as u64);
+}
+
 thread_local! {
     /// One reply buffer per runtime worker thread, borrowed only between a receive and a send
     /// that never await, so sessions cost no buffer of their own.
@@ -526,6 +582,7 @@ async fn relay_replies(
     listen: Arc<UdpSocket>,
     client: SocketAddr,
     state: Arc<SessionState>,
+    counters: Arc<EndpointCounters>,
     clock: Clock,
 ) {
     loop {
@@ -542,7 +599,11 @@ async fn relay_replies(
                 Ok(len) => {
                     state.last_active.store(clock.now(), Ordering::Relaxed);
                     match listen.try_send_to(&buffer[..len], client) {
-                        Ok(_) => Relay::Sent,
+                        Ok(sent) => {
+                            counters::add(&counters.datagrams_received, 1);
+                            counters::add(&counters.bytes.received, sent as u64);
+                            Relay::Sent
+                        }
                         // UDP may drop: waiting here would hold the shared buffer.
                         Err(error) => Relay::Dropped(error),
                     }

@@ -17,7 +17,7 @@ use std::{
 
 use axum::{
     extract::{Path as UrlPath, State},
-    http::StatusCode,
+    http::{header::CONTENT_TYPE, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
     Json, Router,
@@ -134,10 +134,26 @@ impl AdminListener {
 
     /// Serves the API until `stop`; then removes a unix socket file.
     pub async fn serve(self, context: Arc<AdminContext>, stop: CancellationToken) {
-        let app = router(context);
-        let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
         let local = self.local();
         info!(admin = %local, "admin API serving");
+        self.serve_app(router(context), stop).await
+    }
+
+    /// Serves only `GET /metrics` until `stop` (`--metrics`: an address for scrapers, which
+    /// learn nothing else there).
+    pub async fn serve_metrics(self, context: Arc<AdminContext>, stop: CancellationToken) {
+        let local = self.local();
+        info!(metrics = %local, "metrics serving");
+        let app = Router::new()
+            .route("/metrics", get(metrics))
+            .fallback(|| async { not_found("only /metrics is served here") })
+            .with_state(context);
+        self.serve_app(app, stop).await
+    }
+
+    async fn serve_app(self, app: Router, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+        let local = self.local();
         loop {
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                 return;
@@ -222,6 +238,7 @@ fn router(context: Arc<AdminContext>) -> Router {
         .route("/v1/services/{id}", get(service))
         .route("/v1/plugins", get(plugins))
         .route("/v1/discovery", get(discovery))
+        .route("/metrics", get(metrics))
         .fallback(|| async { not_found("no such admin endpoint; try /v1/services") })
         .with_state(context)
 }
@@ -249,6 +266,17 @@ async fn service(
         None => not_found(&format!(
             "no service {id:?}; ids are PROTO-PORT, as GET /v1/services lists them"
         )),
+    }
+}
+
+async fn metrics(State(context): State<Arc<AdminContext>>) -> Response {
+    match crate::metrics::render(Arc::clone(&context.host)) {
+        Ok(text) => ([(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics encoding failed\n",
+        )
+            .into_response(),
     }
 }
 

@@ -1,6 +1,10 @@
 //! The command line, parsed into typed configuration.
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use embassy_core::{copy::CopyMode, descriptor::parse_duration, ServiceDescriptor};
@@ -199,6 +203,11 @@ pub struct RunArgs {
     /// network-container mode Embassy's loopback is the apps'). `--admin off` serves none.
     #[arg(long = "admin", env = "EMBASSY_ADMIN", value_name = "ADDR", value_parser = parse_admin, value_delimiter = ',')]
     pub admin: Vec<Option<AdminAddr>>,
+
+    /// A TCP address serving only GET /metrics (Prometheus text), for scrapers that should
+    /// see nothing else; off unless given. The admin API serves /metrics too.
+    #[arg(long, env = "EMBASSY_METRICS", value_name = "IP:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 fn parse_admin(text: &str) -> Result<Option<AdminAddr>, String> {

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cli;
 pub mod docker;
 pub mod logging;
+pub mod metrics;
 pub mod netns;
 pub mod plugins;
 pub mod requests;

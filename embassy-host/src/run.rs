@@ -22,6 +22,7 @@ use crate::{
     plugins::{log_load_error, PluginRegistry},
     requests::Request,
     signals::Signals,
+    state::Owner,
     supervisor::{balancer_config, ServeDefaults, Supervisor},
 };
 
@@ -132,10 +133,19 @@ pub async fn run(
         plugins: plugin_list,
         discovery_uri: uri.to_string(),
     });
-    start_admin(&args.admin, admin, stop_admin.clone()).await?;
+    start_admin(&args.admin, Arc::clone(&admin), stop_admin.clone()).await?;
+    if let Some(addr) = args.metrics {
+        let listener = AdminListener::bind(&AdminAddr::Tcp(addr))
+            .await
+            .context("--metrics")?;
+        tokio::spawn(listener.serve_metrics(admin, stop_admin.clone()));
+    }
     let mut failures = 0;
     for request in &requests {
-        if let Err(error) = supervisor.add(&request.descriptor, &request.origin).await {
+        if let Err(error) = supervisor
+            .add(&request.descriptor, &Owner::configured(&request.origin))
+            .await
+        {
             failures += 1;
             error!(service = %request.descriptor, origin = %request.origin, "cannot serve: {error}");
         }

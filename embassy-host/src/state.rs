@@ -6,13 +6,17 @@
 //! nothing here is touched on the connection path.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use arc_swap::ArcSwap;
-use embassy_core::Service;
+use embassy_core::{
+    counters::{self, ConnectFailure, ServiceFailure},
+    Service,
+};
 use embassy_plugin_api::{BackendHealth, Protocol};
 use serde::Serialize;
 
@@ -48,11 +52,57 @@ pub struct ServiceState {
     pub address: SocketAddr,
     /// The network namespace's inode, for listeners in another container's namespace.
     pub namespace: Option<u64>,
-    /// Who asked for it: `container NAME (ID):VARIABLE`, `--service`, an environment variable.
+    /// Who asked for it: `NAME (ID):VARIABLE` for a container, `--service`, an environment
+    /// variable.
     pub owners: Vec<String>,
+    /// The containers among them, once each, by name.
+    pub consumers: Vec<Consumer>,
     pub balancer: String,
     pub service: Arc<Service>,
     pub discovery: Arc<DiscoveryStatus>,
+}
+
+/// Who asked for a listener: a container's variable, or a source of Embassy's own
+/// configuration. Ordered and compared whole: one container asking twice (two variables) is two
+/// claims.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Owner {
+    /// The container that asked, in Docker modes.
+    pub container: Option<Consumer>,
+    /// What asked: the container's `BACKEND_*` variable, `--service`, an environment variable.
+    pub source: String,
+}
+
+impl Owner {
+    /// A claim from Embassy's own configuration.
+    pub fn configured(source: &str) -> Owner {
+        Owner {
+            container: None,
+            source: source.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.container {
+            Some(container) => write!(
+                f,
+                "{} ({}):{}",
+                container.name,
+                crate::docker::short_id(&container.id),
+                self.source
+            ),
+            None => f.write_str(&self.source),
+        }
+    }
+}
+
+/// A container served by a listener: the consumer whose name labels its metrics.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Consumer {
+    pub name: String,
+    pub id: String,
 }
 
 /// The id of the listener on `port`/`protocol` in `namespace` (`None`: Embassy's own).
@@ -172,13 +222,21 @@ pub struct DiscoveryView {
 #[derive(Debug, Clone, Serialize)]
 pub struct EndpointView {
     pub address: String,
-    /// `serving`: in the set the balancer picks from.
+    /// `serving`: in the set the balancer picks from; `failing`: in it, but its last connects
+    /// failed (connections fail over to the others).
     pub state: &'static str,
     pub weight: u32,
     /// Connections (or UDP sessions) open to it now.
     pub active: u64,
     /// Connect failures since its last success.
     pub consecutive_failures: u64,
+    /// Connections established (UDP: sessions opened) since it joined the set.
+    pub connections: u64,
+    /// Failed connect attempts since it joined the set.
+    pub connect_failures: u64,
+    /// Bytes client → endpoint and back, counted as they move.
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
 }
 
 /// An instance discovery left out, and why.
@@ -200,12 +258,18 @@ pub struct ServiceView {
     pub address: String,
     pub namespace: Option<u64>,
     pub owners: Vec<String>,
+    /// The containers that asked for it (Docker modes).
+    pub consumers: Vec<Consumer>,
     pub balancer: String,
     pub discovery: DiscoveryView,
     pub endpoints: Vec<EndpointView>,
     /// Client connections open now (TCP), against `max_connections`.
     pub open_connections: usize,
     pub max_connections: usize,
+    /// Client connections accepted (UDP: sessions asked for) since the listener opened.
+    pub accepted: u64,
+    /// Those not served, by reason (`no_endpoint`, `connect_refused`, ...); zeros left out.
+    pub failed: BTreeMap<&'static str, u64>,
     /// With `GET /v1/services/{id}` only: what discovery left out, and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub excluded: Option<Vec<ExcludedView>>,
@@ -220,13 +284,30 @@ impl ServiceState {
             .upstreams()
             .iter()
             .zip(set.views())
-            .map(|(upstream, view)| EndpointView {
-                address: upstream.addr.to_string(),
-                state: "serving",
-                weight: view.weight,
-                active: view.active_connections(),
-                consecutive_failures: upstream.health.failures(),
+            .map(|(upstream, view)| {
+                let failing = upstream.health.failures();
+                let c = &upstream.counters;
+                EndpointView {
+                    address: upstream.addr.to_string(),
+                    state: if failing > 0 { "failing" } else { "serving" },
+                    weight: view.weight,
+                    active: view.active_connections(),
+                    consecutive_failures: failing,
+                    connections: counters::read(&c.connections),
+                    connect_failures: ConnectFailure::ALL
+                        .iter()
+                        .map(|f| c.connect_failures(*f))
+                        .sum(),
+                    sent_bytes: counters::read(&c.bytes.sent),
+                    received_bytes: counters::read(&c.bytes.received),
+                }
             })
+            .collect();
+        let service_counters = &self.service.counters;
+        let failed = ServiceFailure::ALL
+            .iter()
+            .map(|f| (f.as_str(), service_counters.failures(*f)))
+            .filter(|(_, n)| *n > 0)
             .collect();
         let excluded = explain.then(|| {
             set.excluded()
@@ -247,11 +328,14 @@ impl ServiceState {
             address: self.address.to_string(),
             namespace: self.namespace,
             owners: self.owners.clone(),
+            consumers: self.consumers.clone(),
             balancer: self.balancer.clone(),
             discovery: self.discovery.view(),
             endpoints,
             open_connections: self.service.limit.open(),
             max_connections: self.service.limit.max(),
+            accepted: counters::read(&service_counters.accepted),
+            failed,
             excluded,
         }
     }

@@ -152,7 +152,7 @@ fn render_services(list: &[Value]) -> String {
             .map_or(&[][..], Vec::as_slice);
         let _ = writeln!(
             out,
-            "{}  {}  on {}  balancer {}  discovery {}  connections {}/{}",
+            "{}  {}  on {}  balancer {}  discovery {}  connections {}/{}, {} accepted{}",
             text(&service["id"]),
             text(&service["descriptor"]),
             text(&service["address"]),
@@ -160,6 +160,8 @@ fn render_services(list: &[Value]) -> String {
             discovery_summary(&service["discovery"]),
             text(&service["open_connections"]),
             text(&service["max_connections"]),
+            text(&service["accepted"]),
+            failed_summary(&service["failed"]),
         );
         if let Some(owners) = service["owners"].as_array() {
             let owners: Vec<String> = owners.iter().map(text).collect();
@@ -175,21 +177,55 @@ fn endpoint_table(endpoints: &[Value]) -> String {
         return "  no endpoints\n".to_string();
     }
     let mut out = format!(
-        "  {:<28} {:<10} {:>6} {:>8} {:>9}\n",
-        "ENDPOINT", "STATE", "WEIGHT", "ACTIVE", "FAILING"
+        "  {:<28} {:<8} {:>6} {:>7} {:>9} {:>8} {:>9} {:>9}\n",
+        "ENDPOINT", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "FAILED", "SENT", "RECEIVED"
     );
     for endpoint in endpoints {
         let _ = writeln!(
             out,
-            "  {:<28} {:<10} {:>6} {:>8} {:>9}",
+            "  {:<28} {:<8} {:>6} {:>7} {:>9} {:>8} {:>9} {:>9}",
             text(&endpoint["address"]),
             text(&endpoint["state"]),
             text(&endpoint["weight"]),
             text(&endpoint["active"]),
-            text(&endpoint["consecutive_failures"]),
+            text(&endpoint["connections"]),
+            text(&endpoint["connect_failures"]),
+            bytes(&endpoint["sent_bytes"]),
+            bytes(&endpoint["received_bytes"]),
         );
     }
     out
+}
+
+/// `, 3 failed (2 connect_refused, 1 no_endpoint)`, or nothing when none failed.
+fn failed_summary(failed: &Value) -> String {
+    let Some(failed) = failed.as_object().filter(|f| !f.is_empty()) else {
+        return String::new();
+    };
+    let total: u64 = failed.values().filter_map(Value::as_u64).sum();
+    let parts: Vec<String> = failed
+        .iter()
+        .map(|(reason, n)| format!("{} {reason}", text(n)))
+        .collect();
+    format!(", {total} failed ({})", parts.join(", "))
+}
+
+/// A byte count as people read it: `812`, `12.3K`, `4.0M`, `1.2G` (powers of 1024).
+fn bytes(value: &Value) -> String {
+    let Some(n) = value.as_u64() else {
+        return text(value);
+    };
+    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
+    if n < 1024 {
+        return n.to_string();
+    }
+    let mut scaled = n as f64 / 1024.0;
+    let mut unit = 0;
+    while scaled >= 1024.0 && unit < UNITS.len() - 1 {
+        scaled /= 1024.0;
+        unit += 1;
+    }
+    format!("{scaled:.1}{}", UNITS[unit])
 }
 
 fn render_service(service: &Value) -> String {
@@ -215,4 +251,36 @@ fn render_service(service: &Value) -> String {
         _ => out.push_str("  discovery left nothing out\n"),
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(value: Value, expected: &str) {
+        assert_eq!(bytes(&value), expected, "{value}");
+    }
+
+    #[test]
+    fn byte_counts_read_as_people_read_them() {
+        check(json!(0), "0");
+        check(json!(1023), "1023");
+        check(json!(1024), "1.0K");
+        check(json!(1536), "1.5K");
+        check(json!(5 * 1024 * 1024), "5.0M");
+        check(json!(3u64 << 40), "3.0T");
+        check(json!(5u64 << 50), "5120.0T");
+        check(json!(null), "-");
+    }
+
+    #[test]
+    fn failures_are_summed_with_their_reasons() {
+        assert_eq!(failed_summary(&json!({})), "");
+        assert_eq!(failed_summary(&json!(null)), "");
+        assert_eq!(
+            failed_summary(&json!({"connect_refused": 2, "no_endpoint": 1})),
+            ", 3 failed (2 connect_refused, 1 no_endpoint)"
+        );
+    }
 }

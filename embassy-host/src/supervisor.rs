@@ -29,7 +29,7 @@ use crate::{
     netns::{Netns, NetnsError},
     plugins::{DiscoveryBackend, PluginRegistry, PluginUseError},
     sink::ServiceSink,
-    state::{service_id, DiscoveryStatus, HostState, ServiceState},
+    state::{service_id, Consumer, DiscoveryStatus, HostState, Owner, ServiceState},
 };
 
 /// Why a service could not be served.
@@ -100,7 +100,7 @@ type ListenKey = (Option<u64>, SocketAddr, Protocol);
 
 struct Active {
     service: Arc<Service>,
-    owners: BTreeSet<String>,
+    owners: BTreeSet<Owner>,
     stop: CancellationToken,
     watch: WatchHandleBox,
     balancer: String,
@@ -119,6 +119,13 @@ pub struct Supervisor {
     cut: Arc<Cut>,
     /// What readers see, republished on every change.
     state: Arc<HostState>,
+}
+
+/// The containers among `owners`, once each.
+fn consumers(owners: &BTreeSet<Owner>) -> Vec<Consumer> {
+    let mut consumers: Vec<Consumer> = owners.iter().filter_map(|o| o.container.clone()).collect();
+    consumers.dedup();
+    consumers
 }
 
 impl Supervisor {
@@ -154,7 +161,8 @@ impl Supervisor {
                     id: service_id(*namespace, addr.port(), *protocol),
                     address: *addr,
                     namespace: *namespace,
-                    owners: active.owners.iter().cloned().collect(),
+                    owners: active.owners.iter().map(Owner::to_string).collect(),
+                    consumers: consumers(&active.owners),
                     balancer: active.balancer.clone(),
                     service: Arc::clone(&active.service),
                     discovery: Arc::clone(&active.discovery),
@@ -169,7 +177,7 @@ impl Supervisor {
     pub async fn add(
         &mut self,
         descriptor: &ServiceDescriptor,
-        owner: &str,
+        owner: &Owner,
     ) -> Result<(), ServeError> {
         self.add_in(&Place::Own, descriptor, owner).await
     }
@@ -179,7 +187,7 @@ impl Supervisor {
         &mut self,
         place: &Place,
         descriptor: &ServiceDescriptor,
-        owner: &str,
+        owner: &Owner,
     ) -> Result<(), ServeError> {
         let addr = SocketAddr::new(self.defaults.bind, descriptor.port);
         let key = (place.namespace_id(), addr, descriptor.protocol);
@@ -191,7 +199,7 @@ impl Supervisor {
                     holder: active.service.descriptor.to_string(),
                 });
             }
-            if active.owners.insert(owner.to_string()) {
+            if active.owners.insert(owner.clone()) {
                 self.publish();
             }
             return Ok(());
@@ -219,7 +227,9 @@ impl Supervisor {
             .watch(request, sink)
             .map_err(|error| ServeError::Watch(error.to_string()))?;
         let stop = CancellationToken::new();
-        let span = info_span!("listener", service = %descriptor, %addr, first_owner = owner);
+        let consumer = owner.container.as_ref().map_or("", |c| c.name.as_str());
+        let span =
+            info_span!("listener", service = %descriptor, %addr, first_owner = %owner, consumer);
         span.in_scope(|| {
             info!(
                 balancer = balancer_name,
@@ -236,7 +246,7 @@ impl Supervisor {
             key,
             Active {
                 service,
-                owners: BTreeSet::from([owner.to_string()]),
+                owners: BTreeSet::from([owner.clone()]),
                 stop,
                 watch,
                 balancer: balancer_name.to_string(),
@@ -249,12 +259,12 @@ impl Supervisor {
 
     /// Drops `owner`'s claim on `descriptor`; the last owner closes the listener and the watch.
     /// Connections already open continue until they end.
-    pub fn remove(&mut self, descriptor: &ServiceDescriptor, owner: &str) {
+    pub fn remove(&mut self, descriptor: &ServiceDescriptor, owner: &Owner) {
         self.remove_in(&Place::Own, descriptor, owner);
     }
 
     /// [`Supervisor::remove`] for a listener in the namespace `place`.
-    pub fn remove_in(&mut self, place: &Place, descriptor: &ServiceDescriptor, owner: &str) {
+    pub fn remove_in(&mut self, place: &Place, descriptor: &ServiceDescriptor, owner: &Owner) {
         let key = (
             place.namespace_id(),
             SocketAddr::new(self.defaults.bind, descriptor.port),
@@ -273,7 +283,7 @@ impl Supervisor {
             if let Some(mut active) = self.active.remove(&key) {
                 active.stop.cancel();
                 active.watch.stop();
-                info!(service = %descriptor, last_owner = owner, "listener released");
+                info!(service = %descriptor, last_owner = %owner, "listener released");
             }
         }
         self.publish();

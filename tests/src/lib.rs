@@ -6,6 +6,7 @@
 
 pub mod consul_sim;
 
+pub mod prometheus;
 pub mod udp;
 
 pub use udp::{closed_udp_addr, Identity, UdpClient, UdpUpstream};
@@ -454,6 +455,39 @@ impl Embassy {
         bail!("service {id} not as expected within {timeout:?}; last seen: {last:?}")
     }
 
+    /// `GET /metrics` over the admin socket: the Prometheus text.
+    pub fn metrics(&self) -> Result<String> {
+        let socket = self
+            .admin
+            .as_ref()
+            .context("this instance was not started with an admin socket")?;
+        match http_get_unix(socket, "/metrics")? {
+            (200, text) => Ok(text),
+            (status, body) => bail!("GET /metrics: {status}: {body}"),
+        }
+    }
+
+    /// Scrapes until the sample `name{labels}` equals `expected` (or fails after `timeout`
+    /// with the last value): counters settle a moment after the client sees its bytes.
+    pub fn wait_for_sample(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        expected: f64,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = prometheus::sample(&self.metrics()?, name, labels);
+            if last == Some(expected) {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        bail!("{name}{labels:?} is {last:?}, not {expected}, after {timeout:?}")
+    }
+
     /// The admin socket's path.
     pub fn admin_socket(&self) -> Option<&Path> {
         self.admin.as_deref()
@@ -622,9 +656,21 @@ impl FileBacked {
 
 /// One `GET path` over the unix socket `socket`: the status code and the body.
 pub fn http_get_unix(socket: &Path, path: &str) -> Result<(u16, String)> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+    let stream = std::os::unix::net::UnixStream::connect(socket)
         .with_context(|| format!("connect {}", socket.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    http_get_on(stream, path)
+}
+
+/// One `GET path` to the TCP address `addr`: the status code and the body.
+pub fn http_get_tcp(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    http_get_on(stream, path)
+}
+
+fn http_get_on(mut stream: impl Read + Write, path: &str) -> Result<(u16, String)> {
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: embassy\r\nConnection: close\r\n\r\n"

@@ -350,6 +350,9 @@ fn json_logs_carry_their_fields() {
         .expect("the failure line");
     assert_eq!(failed["level"], "WARN");
     assert_eq!(failed["upstream"], format!("127.0.0.1:{dead}"), "{failed}");
+    assert_eq!(failed["reason"], "connect_refused", "{failed}");
+    // No container asked for it (--service): the consumer field is there, empty.
+    assert_eq!(failed["spans"][0]["consumer"], "", "{failed}");
     assert!(
         failed["error"].as_str().is_some_and(|e| !e.is_empty()),
         "{failed}"

@@ -69,6 +69,9 @@ fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_la
     let embassy_image = engine.embassy_image().expect("embassy image");
     let busybox = engine.busybox_image().expect("busybox image");
     let volume = format!("{}:/etc/embassy", dir.path().display());
+    // The admin socket's directory, shared with the host: the test asks the API there.
+    let admin_dir = tempfile::tempdir().expect("temp dir");
+    let admin_volume = format!("{}:/run/embassy", admin_dir.path().display());
     let embassy = engine
         .run(
             "embassy",
@@ -77,6 +80,8 @@ fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_la
                 "/var/run/docker.sock:/var/run/docker.sock",
                 "-v",
                 &volume,
+                "-v",
+                &admin_volume,
                 "-e",
                 "EMBASSY_LOG=info",
                 &embassy_image,
@@ -138,6 +143,37 @@ fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_la
         embassy.logs().matches("listening").count(),
         1,
         "one shared listener"
+    );
+    // Both apps are its consumers: in the API by name and id, and on its metrics by name.
+    let socket = admin_dir.path().join("admin.sock");
+    let (status, body) = http_get_unix(&socket, "/v1/services/tcp-8080").expect("admin API");
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let mut consumers: Vec<(String, String)> = view["consumers"]
+        .as_array()
+        .expect("consumers")
+        .iter()
+        .map(|c| (c["name"].to_string(), c["id"].to_string()))
+        .collect();
+    consumers.sort();
+    let mut expected = vec![
+        (format!("{:?}", first.name), format!("{:?}", first.id)),
+        (format!("{:?}", second.name), format!("{:?}", second.id)),
+    ];
+    expected.sort();
+    assert_eq!(consumers, expected);
+    let (_, metrics) = http_get_unix(&socket, "/metrics").expect("metrics");
+    let mut names = [first.name.as_str(), second.name.as_str()];
+    names.sort();
+    let consumer = names.join(",");
+    assert!(
+        embassy_tests::prometheus::sample(
+            &metrics,
+            "embassy_connections_accepted_total",
+            &[("service", "tcp-8080"), ("consumer", &consumer)]
+        )
+        .is_some_and(|accepted| accepted >= 2.0),
+        "consumer={consumer} labels the listener's series:\n{metrics}"
     );
 
     // The first leaving does not close the shared listener...

@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use super::{Change, Container, ContainerLabel, Mode};
 use crate::{
     netns::Netns,
+    state::{Consumer, Owner},
     supervisor::{Place, Supervisor},
 };
 
@@ -21,7 +22,7 @@ struct Claims {
     pid: u32,
     started_at: String,
     place: Place,
-    held: Vec<(ServiceDescriptor, String)>,
+    held: Vec<(ServiceDescriptor, Owner)>,
 }
 
 /// The containers served, and their claims.
@@ -103,7 +104,13 @@ impl ServedContainers {
                     continue;
                 }
             };
-            let owner = format!("{}:{}", label, request.variable);
+            let owner = Owner {
+                container: Some(Consumer {
+                    name: container.name.clone(),
+                    id: container.id.clone(),
+                }),
+                source: request.variable.clone(),
+            };
             match supervisor.add_in(&place, descriptor, &owner).await {
                 Ok(()) => held.push((descriptor.clone(), owner)),
                 Err(error) => {
