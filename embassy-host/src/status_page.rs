@@ -272,23 +272,35 @@ fn excluded(out: &mut String, excluded: &Value) {
     out.push_str("</tbody></table></details>\n");
 }
 
-/// The scalar fields of `fields` not in `known`, in their order.
+/// The scalar fields of `fields` (and objects of numbers) not in `known`, in their order.
 fn extra_scalars<'a>(
     fields: &'a Map<String, Value>,
     known: &'a [&str],
 ) -> impl Iterator<Item = (&'a String, &'a Value)> {
     fields.iter().filter(|(key, value)| {
         !known.contains(&key.as_str())
-            && matches!(value, Value::String(_) | Value::Number(_) | Value::Bool(_))
+            && match value {
+                Value::String(_) | Value::Number(_) | Value::Bool(_) => true,
+                // Counts by reason and the like: `no_endpoint 2, connect_refused 1`.
+                Value::Object(counts) => counts.values().all(Value::is_number),
+                _ => false,
+            }
     })
 }
 
-/// A value as escaped text: strings bare, `null` as `-`, anything else as JSON.
+/// A value as escaped text: strings bare, `null` as `-`, an object as `key value, ...`,
+/// anything else as JSON.
 fn text(value: &Value) -> String {
     match value {
         Value::String(s) => escape(s),
         Value::Null => "-".to_string(),
         Value::Number(n) => n.to_string(),
+        Value::Object(fields) if fields.is_empty() => "-".to_string(),
+        Value::Object(fields) => fields
+            .iter()
+            .map(|(key, value)| format!("{} {}", escape(key), text(value)))
+            .collect::<Vec<_>>()
+            .join(", "),
         other => escape(&other.to_string()),
     }
 }
@@ -531,6 +543,8 @@ mod tests {
         grown["endpoints"][0]["<bytes>"] = json!(1);
         grown["endpoints"][1]["<bytes>"] = json!(2);
         grown["accepted_total"] = json!(22);
+        grown["failed"] = json!({ "no_endpoint": 2, "<x>": 1 });
+        grown["consumers"] = json!([{ "name": "shop", "id": "0123" }]);
         let page = render(&[grown], "file:///x", at(0));
         assert!(
             page.contains("<th class=\"n\">connections total</th>"),
@@ -544,6 +558,14 @@ mod tests {
         assert!(
             page.contains("<dt>accepted total</dt><dd>22</dd>"),
             "{page}"
+        );
+        assert!(
+            page.contains("<dt>failed</dt><dd>&lt;x&gt; 1, no_endpoint 2</dd>"),
+            "{page}"
+        );
+        assert!(
+            !page.contains("<dt>consumers</dt>"),
+            "lists are not scalars: {page}"
         );
     }
 
