@@ -231,6 +231,7 @@ async fn bind_unix(path: &Path) -> Result<AdminListener, AdminError> {
 
 fn router(context: Arc<AdminContext>) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/v1/services", get(services))
@@ -303,6 +304,30 @@ async fn discovery(State(context): State<Arc<AdminContext>>) -> impl IntoRespons
         })
         .collect();
     Json(json!({ "uri": context.discovery_uri, "services": services }))
+}
+
+/// The status page: every service explained, as HTML for a browser.
+async fn status_page(State(context): State<Arc<AdminContext>>) -> Response {
+    use axum::http::header;
+    // A view is plain data with string keys: serialising it cannot fail.
+    let views: Vec<serde_json::Value> = context
+        .host
+        .services()
+        .iter()
+        .filter_map(|s| serde_json::to_value(s.view(true)).ok())
+        .collect();
+    let page =
+        crate::status_page::render(&views, &context.discovery_uri, std::time::SystemTime::now());
+    let headers = [
+        (header::CACHE_CONTROL, "no-store"),
+        // Nothing but the page itself: no frames, no loads from elsewhere.
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; \
+             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    ];
+    (headers, axum::response::Html(page)).into_response()
 }
 
 /// 200 once every service has had a first answer from discovery (a set, or a reason why not).

@@ -16,4 +16,5 @@ pub mod signals;
 pub mod sink;
 pub mod state;
 pub mod status;
+pub mod status_page;
 pub mod supervisor;
