@@ -133,15 +133,18 @@ pub async fn copy_bidirectional(
     cut: &Cut,
     bytes: &ByteCounters,
 ) -> io::Result<Ended> {
-    let progress = AtomicU64::new(0);
-    let one_done = AtomicBool::new(false);
+    let shared = Shared {
+        progress: AtomicU64::new(0),
+        one_done: AtomicBool::new(false),
+        bytes,
+    };
     match mode {
         #[cfg(target_os = "linux")]
         CopyMode::Splice => {
             drive(
-                splice::one_way(client, upstream, &one_done, &progress, &bytes.sent),
-                splice::one_way(upstream, client, &one_done, &progress, &bytes.received),
-                &progress,
+                splice::one_way(client, upstream, &shared, Way::ToUpstream),
+                splice::one_way(upstream, client, &shared, Way::ToClient),
+                &shared.progress,
                 timeouts,
                 cut,
             )
@@ -149,13 +152,43 @@ pub async fn copy_bidirectional(
         }
         _ => {
             drive(
-                userspace_one_way(client, upstream, &one_done, &progress, &bytes.sent),
-                userspace_one_way(upstream, client, &one_done, &progress, &bytes.received),
-                &progress,
+                userspace_one_way(client, upstream, &shared, Way::ToUpstream),
+                userspace_one_way(upstream, client, &shared, Way::ToClient),
+                &shared.progress,
                 timeouts,
                 cut,
             )
             .await
+        }
+    }
+}
+
+/// What both directions of one connection share, behind one reference (each direction's
+/// future holds references for its whole life: one instead of two keeps idle connections
+/// small).
+struct Shared<'a> {
+    /// Reads and writes so far, for the watchdog.
+    progress: AtomicU64,
+    /// One direction has ended.
+    one_done: AtomicBool,
+    /// Where the bytes moved are counted, each way.
+    bytes: &'a ByteCounters,
+}
+
+/// Which way a direction moves bytes: a byte, where a counter's address would take eight in
+/// every direction's future.
+#[derive(Clone, Copy)]
+enum Way {
+    ToUpstream,
+    ToClient,
+}
+
+impl Shared<'_> {
+    #[inline]
+    fn moved(&self, way: Way) -> &AtomicU64 {
+        match way {
+            Way::ToUpstream => &self.bytes.sent,
+            Way::ToClient => &self.bytes.received,
         }
     }
 }
@@ -299,18 +332,17 @@ async fn drive(
 async fn userspace_one_way(
     from: &TcpStream,
     to: &TcpStream,
-    one_done: &AtomicBool,
-    progress: &AtomicU64,
-    moved: &AtomicU64,
+    shared: &Shared<'_>,
+    way: Way,
 ) -> io::Result<u64> {
     let mut buffer = vec![0u8; COPY_BUFFER];
     let mut total = 0u64;
     loop {
         from.readable().await?;
-        bump(progress);
+        bump(&shared.progress);
         let read = match from.try_read(&mut buffer) {
             Ok(0) => {
-                if !one_done.swap(true, Ordering::AcqRel) {
+                if !shared.one_done.swap(true, Ordering::AcqRel) {
                     shutdown_write(to)?;
                 }
                 return Ok(total);
@@ -324,7 +356,7 @@ async fn userspace_one_way(
             to.writable().await?;
             match to.try_write(rest) {
                 Ok(written) => {
-                    bump(progress); // a slow reader taking bytes is progress too
+                    bump(&shared.progress); // a slow reader taking bytes is progress too
                     rest = &rest[written..];
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -332,7 +364,7 @@ async fn userspace_one_way(
             }
         }
         total += read as u64;
-        counters::add(moved, read as u64);
+        counters::add(shared.moved(way), read as u64);
     }
 }
 
@@ -356,7 +388,7 @@ mod splice {
         cell::RefCell,
         io,
         os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-        sync::atomic::{AtomicBool, AtomicU64, Ordering},
+        sync::atomic::Ordering,
     };
 
     use tokio::{io::Interest, net::TcpStream};
@@ -380,30 +412,30 @@ mod splice {
     pub(super) async fn one_way(
         from: &TcpStream,
         to: &TcpStream,
-        one_done: &AtomicBool,
-        progress: &AtomicU64,
-        counted: &AtomicU64,
+        shared: &super::Shared<'_>,
+        way: super::Way,
     ) -> io::Result<u64> {
         let mut total = 0u64;
         let mut bulk = false;
         loop {
             from.readable().await?;
-            super::bump(progress);
+            super::bump(&shared.progress);
             let moved = if bulk {
-                splice_available(from, to, progress, counted).await?
+                splice_available(from, to, shared, way).await?
             } else {
                 match relay_small(from, to) {
                     Ok(Relayed::All(n)) => {
                         bulk = n == SCRATCH;
-                        counters::add(counted, n as u64);
+                        counters::add(shared.moved(way), n as u64);
                         Some(n)
                     }
                     Ok(Relayed::Partly(written, rest)) => {
                         bulk = true; // the peer is slower than the sender: bulk
-                        counters::add(counted, written as u64);
+                        counters::add(shared.moved(way), written as u64);
+                        total += written as u64; // before the await: one less value held
                         write_all(to, &rest).await?;
-                        counters::add(counted, rest.len() as u64);
-                        Some(written + rest.len())
+                        counters::add(shared.moved(way), rest.len() as u64);
+                        Some(rest.len())
                     }
                     Ok(Relayed::End) => None,
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => Some(0),
@@ -413,7 +445,7 @@ mod splice {
             match moved {
                 Some(n) => total += n as u64,
                 None => {
-                    if !one_done.swap(true, Ordering::AcqRel) {
+                    if !shared.one_done.swap(true, Ordering::AcqRel) {
                         half_close(to)?;
                     }
                     return Ok(total);
@@ -508,8 +540,8 @@ mod splice {
     async fn splice_available(
         from: &TcpStream,
         to: &TcpStream,
-        progress: &AtomicU64,
-        counted: &AtomicU64,
+        shared: &super::Shared<'_>,
+        way: super::Way,
     ) -> io::Result<Option<usize>> {
         let pipe = Pipe::take()?;
         let mut moved = 0;
@@ -523,9 +555,9 @@ mod splice {
                     return Ok(None);
                 }
                 Ok(mut pending) => {
-                    super::bump(progress);
+                    super::bump(&shared.progress);
                     moved += pending;
-                    counters::add(counted, pending as u64);
+                    counters::add(shared.moved(way), pending as u64);
                     while pending > 0 {
                         // Errors leave bytes in the pipe: it is dropped, not pooled.
                         pending -= to
@@ -533,7 +565,7 @@ mod splice {
                                 splice(pipe.read.as_raw_fd(), to.as_raw_fd(), pending)
                             })
                             .await?;
-                        super::bump(progress); // a slow reader taking bytes is progress too
+                        super::bump(&shared.progress); // a slow reader taking bytes is progress too
                     }
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {

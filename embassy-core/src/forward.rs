@@ -236,7 +236,6 @@ async fn forward(client: TcpStream, path: Path) {
                 return;
             }
         };
-    let addr = &endpoint.addr;
     if !path.accepted_nodelay {
         let _ = client.set_nodelay(true);
     }
@@ -251,21 +250,21 @@ async fn forward(client: TcpStream, path: Path) {
     .await
     {
         Ok(Ended::Closed { sent, received }) => {
-            debug!(upstream = %addr, sent, received, "connection closed")
+            debug!(upstream = %endpoint.addr, sent, received, "connection closed")
         }
         Ok(Ended::Idle) => {
-            debug!(upstream = %addr, idle_timeout = ?service.timeouts.idle, "connection closed: idle")
+            debug!(upstream = %endpoint.addr, idle_timeout = ?service.timeouts.idle, "connection closed: idle")
         }
         Ok(Ended::HalfClosed) => {
-            debug!(upstream = %addr, half_close_timeout = ?service.timeouts.half_close, "connection closed: half-closed and silent")
+            debug!(upstream = %endpoint.addr, half_close_timeout = ?service.timeouts.half_close, "connection closed: half-closed and silent")
         }
         Ok(Ended::Cut) => {
             // A reset, not a FIN: the client must not take a cut stream for a finished one.
             reset_on_close(&client);
             reset_on_close(&upstream);
-            debug!(upstream = %addr, "connection reset: the grace period is over");
+            debug!(upstream = %endpoint.addr, "connection reset: the grace period is over");
         }
-        Err(error) => debug!(upstream = %addr, %error, "connection ended with an error"),
+        Err(error) => debug!(upstream = %endpoint.addr, %error, "connection ended with an error"),
     }
 }
 
