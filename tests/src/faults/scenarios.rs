@@ -1000,7 +1000,10 @@ fn stalled_log_pipe(options: &Options, report: &mut Report) -> Result<()> {
         unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
         n.max(0) as usize
     };
-    let full = || queued() + 512 > capacity;
+    // A pipe holds whole pages: a line that does not fit in the last page's rest waits for a
+    // free page, so a stalled pipe may show up to a line's length short of its capacity (lines
+    // here carry the listener's and the connection's spans). A page of slack covers any line.
+    let full = || queued() + 4096 > capacity;
     wait_serving(port, WAIT)?;
 
     // Fill it: connections until no log line fits any more.
