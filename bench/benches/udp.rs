@@ -117,7 +117,6 @@ fn main() {
         &json!({ "dns": [{ "address": upstream.addr.to_string(), "proto": "udp" }] }),
         plugins.path(),
         &service_arg(format!("dns;{port}/udp")),
-        "listening",
     );
     let proxy: SocketAddr = ([127, 0, 0, 1], port).into();
 
