@@ -25,7 +25,7 @@ use tokio::sync::{futures::Notified, Notify};
 use tracing::{info, warn};
 
 /// Where an upstream lives: an address ready to connect, or a name resolved at connect time.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum UpstreamAddr {
     Socket(SocketAddr),
     Named(String),

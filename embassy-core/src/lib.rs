@@ -7,6 +7,7 @@
 //! sets and balancers.
 
 pub mod balancer;
+pub mod check;
 pub mod copy;
 pub mod counters;
 pub mod descriptor;
