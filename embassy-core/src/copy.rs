@@ -16,7 +16,10 @@ use std::{
     future::{poll_fn, Future},
     io,
     pin::pin,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
     task::Poll,
     time::Duration,
 };
@@ -97,14 +100,41 @@ pub enum Ended {
 pub struct Cut {
     cut: AtomicBool,
     notify: Notify,
+    /// Cut with this one: an endpoint's signal under its service's (which is the process's).
+    children: std::sync::Mutex<Vec<std::sync::Weak<Cut>>>,
 }
 
 impl Cut {
-    /// Ends every connection listening to this signal; the young ones within
-    /// [`CUT_LISTEN_AFTER`].
+    /// Ends every connection listening to this signal or to one of its children; the young
+    /// ones within [`CUT_LISTEN_AFTER`].
     pub fn cut(&self) {
         self.cut.store(true, Ordering::Release);
         self.notify.notify_waiters();
+        let children = std::mem::take(
+            &mut *self
+                .children
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for child in children.iter().filter_map(std::sync::Weak::upgrade) {
+            child.cut();
+        }
+    }
+
+    /// A signal of its own that this one also fires (once per endpoint, not per connection).
+    pub fn child(&self) -> Arc<Cut> {
+        let child = Arc::new(Cut::default());
+        let mut children = self
+            .children
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.is_cut() {
+            child.cut();
+        } else {
+            children.retain(|weak| weak.strong_count() > 0);
+            children.push(Arc::downgrade(&child));
+        }
+        child
     }
 
     #[inline]

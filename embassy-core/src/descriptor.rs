@@ -10,6 +10,8 @@
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use embassy_plugin_api::Protocol;
+
+use crate::health::OnRemove;
 use thiserror::Error;
 
 /// One service request, as a container or the command line states it.
@@ -51,6 +53,38 @@ pub const KNOWN_OPTIONS: &[(&str, &str)] = &[
     (
         "max_connections",
         "most TCP connections open at once; more wait in the listen backlog (default: --max-connections)",
+    ),
+    (
+        "eject_after",
+        "consecutive connect failures that take an endpoint out of rotation; 0 turns passive ejection off (default: --eject-after)",
+    ),
+    (
+        "eject_time",
+        "how long the first ejection lasts; each one in a row doubles it (default: --eject-time)",
+    ),
+    (
+        "eject_max_time",
+        "the longest an ejection lasts (default: --eject-max-time)",
+    ),
+    (
+        "max_ejected",
+        "most endpoints ejected at once, as a share such as 50% (one may always be) (default: --max-ejected)",
+    ),
+    (
+        "panic_threshold",
+        "below this share of fit endpoints, e.g. 50%, all are used; none fit always means all (default: --panic-threshold)",
+    ),
+    (
+        "on_remove",
+        "keep, drain or close: what happens to TCP connections to an endpoint discovery removed (default: --on-remove)",
+    ),
+    (
+        "drain_timeout",
+        "with on_remove=drain, how long those connections may run before they are reset (default: --drain-timeout)",
+    ),
+    (
+        "remove_delay",
+        "an endpoint discovery stops listing stays in rotation this long while healthy; 0: none (default: --remove-delay)",
     ),
     ("udp_idle", "seconds a UDP session may stay idle"),
     ("udp_max_sessions", "most UDP sessions kept at once"),
@@ -132,6 +166,8 @@ const PROTOCOL_OPTIONS: &[(&str, Protocol)] = &[
     ("half_close_timeout", Protocol::Tcp),
     ("queue_timeout", Protocol::Tcp),
     ("max_connections", Protocol::Tcp),
+    ("on_remove", Protocol::Tcp),
+    ("drain_timeout", Protocol::Tcp),
 ];
 
 impl ServiceDescriptor {
@@ -393,12 +429,27 @@ fn parse_option(option: &str) -> Result<(String, String), DescriptorError> {
             ))
         }
         "connect_timeout" | "idle_timeout" | "half_close_timeout" | "queue_timeout"
+        | "eject_time" | "eject_max_time" | "drain_timeout"
             if parse_duration(value).is_none() =>
         {
             return Err(invalid("expected a duration such as 500ms or 3s"))
         }
         "udp_idle" | "udp_max_sessions" | "max_connections" if !matches!(plain_number(value), Some(n) if n > 0) => {
             return Err(invalid("expected a whole number greater than 0"))
+        }
+        "remove_delay" if value != "0" && parse_duration(value).is_none() => {
+            return Err(invalid("expected a duration such as 500ms or 3s, or 0"))
+        }
+        "eject_after" if plain_number(value).is_none_or(|n| n > u64::from(u32::MAX)) => {
+            return Err(invalid(
+                "expected a whole number (0 turns passive ejection off)",
+            ))
+        }
+        "max_ejected" | "panic_threshold" if parse_percent(value).is_none() => {
+            return Err(invalid("expected a share from 0% to 100%"))
+        }
+        "on_remove" if OnRemove::parse(value).is_none() => {
+            return Err(invalid("expected keep, drain or close"))
         }
         _ => {}
     }
@@ -411,6 +462,14 @@ pub fn plain_number(text: &str) -> Option<u64> {
         && text.bytes().all(|b| b.is_ascii_digit())
         && (text == "0" || !text.starts_with('0'));
     plain.then(|| text.parse().ok()).flatten()
+}
+
+/// A share written `50%` (or `50`), from 0 to 100.
+pub fn parse_percent(text: &str) -> Option<u32> {
+    let digits = text.strip_suffix('%').unwrap_or(text);
+    plain_number(digits)
+        .filter(|&n| n <= 100)
+        .and_then(|n| u32::try_from(n).ok())
 }
 
 /// `500ms`, `3s`, `2m`, `1h` or a bare number of seconds: the one grammar of
@@ -636,7 +695,40 @@ mod tests {
         );
         check(
             "web;80/tcp;colour=blue",
-            "error: unknown option \"colour\" (known: balancer, connect_timeout, idle_timeout, half_close_timeout, queue_timeout, max_connections, udp_idle, udp_max_sessions)",
+            "error: unknown option \"colour\" (known: balancer, connect_timeout, idle_timeout, half_close_timeout, queue_timeout, max_connections, eject_after, eject_time, eject_max_time, max_ejected, panic_threshold, on_remove, drain_timeout, remove_delay, udp_idle, udp_max_sessions)",
+        );
+        check(
+            "web;80/tcp;eject_after=0;eject_time=2s;eject_max_time=1m;max_ejected=30%;panic_threshold=0",
+            "web;80/tcp;eject_after=0;eject_max_time=1m;eject_time=2s;max_ejected=30%;panic_threshold=0",
+        );
+        check(
+            "web;80/tcp;on_remove=drain;drain_timeout=10s;remove_delay=5s",
+            "web;80/tcp;drain_timeout=10s;on_remove=drain;remove_delay=5s",
+        );
+        check("web;80/tcp;remove_delay=0", "web;80/tcp;remove_delay=0");
+        check(
+            "web;80/tcp;remove_delay=0s",
+            "error: option remove_delay=\"0s\" is invalid: expected a duration such as 500ms or 3s, or 0",
+        );
+        check(
+            "web;80/tcp;eject_after=-1",
+            "error: option eject_after=\"-1\" is invalid: expected a whole number (0 turns passive ejection off)",
+        );
+        check(
+            "web;80/tcp;max_ejected=101%",
+            "error: option max_ejected=\"101%\" is invalid: expected a share from 0% to 100%",
+        );
+        check(
+            "web;80/tcp;panic_threshold=half",
+            "error: option panic_threshold=\"half\" is invalid: expected a share from 0% to 100%",
+        );
+        check(
+            "web;80/tcp;on_remove=drop",
+            "error: option on_remove=\"drop\" is invalid: expected keep, drain or close",
+        );
+        check(
+            "dns;53/udp;on_remove=close",
+            "error: option \"on_remove\" applies to tcp services only, and this one is udp",
         );
         check(
             "web;80/tcp; balancer=rr",

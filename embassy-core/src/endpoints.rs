@@ -3,16 +3,18 @@
 //! Readers on the connection path `load` the current snapshot without locking. Each endpoint's
 //! live-connection counter lives outside the snapshot and is carried over by address, so a
 //! balancer keeps seeing the load of connections opened under an older snapshot; so are its
-//! [`Health`], so a failing endpoint is reported once per state change across updates, and its
-//! traffic [`EndpointCounters`], so totals survive updates.
+//! [`Health`], so failures count across updates, its traffic [`EndpointCounters`], so totals
+//! survive updates, and its ejection, hold-down or drain. The snapshot holds what is in
+//! rotation (what balancers see) apart from what is known but out, each with its
+//! [`EndpointState`]; every change, from discovery or health, is one rebuild.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt::Display,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -20,7 +22,12 @@ use std::{
 use arc_swap::ArcSwap;
 use embassy_plugin_api::{Endpoint, EndpointView, Excluded};
 
-use crate::counters::EndpointCounters;
+pub use crate::health::Health;
+use crate::{
+    copy::Cut,
+    counters::EndpointCounters,
+    health::{At, EndpointState, HealthPolicy, OnRemove},
+};
 use tokio::sync::{futures::Notified, Notify};
 use tracing::{info, warn};
 
@@ -60,82 +67,37 @@ impl std::fmt::Display for UpstreamAddr {
 #[derive(Debug)]
 pub struct Upstream {
     pub addr: UpstreamAddr,
+    pub weight: u32,
     /// Live connections to this address, shared across snapshots.
     pub active: Arc<AtomicU64>,
-    /// Connect failures of this address, shared across snapshots.
+    /// Its connect results, shared across snapshots.
     pub health: Arc<Health>,
     /// Its traffic totals, shared across snapshots.
     pub counters: Arc<EndpointCounters>,
-}
-
-/// While an endpoint keeps failing, one summary line per this period at most.
-pub const FAILURE_SUMMARY_PERIOD: Duration = Duration::from_secs(10);
-
-/// An endpoint's connect failures, logged per state change: the first failure (with its
-/// error), a summary at most every [`FAILURE_SUMMARY_PERIOD`] while it keeps failing, and
-/// recovery with the count. Atomics only; a success costs one load.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// Failures since the last success; 0 while healthy.
-    failing: AtomicU64,
-    /// When the last line about this endpoint was logged, in seconds of [`coarse_seconds`].
-    reported: AtomicU64,
-}
-
-impl Health {
-    #[inline]
-    pub fn succeeded(&self, addr: &UpstreamAddr) {
-        if self.failing.load(Ordering::Relaxed) != 0 {
-            let failures = self.failing.swap(0, Ordering::AcqRel);
-            if failures > 0 {
-                info!(upstream = %addr, failures, "endpoint reachable again");
-            }
-        }
-    }
-
-    /// A connect attempt failed; `reason` is its metrics label (`connect_refused`...).
-    pub fn failed(&self, addr: &UpstreamAddr, reason: &'static str, error: &dyn Display) {
-        let failures = self.failing.fetch_add(1, Ordering::AcqRel) + 1;
-        let now = coarse_seconds();
-        if failures == 1 {
-            self.reported.store(now, Ordering::Relaxed);
-            warn!(%error, upstream = %addr, reason, "connect failed; further failures of this endpoint are counted until it answers again");
-            return;
-        }
-        let reported = self.reported.load(Ordering::Relaxed);
-        if now >= reported + FAILURE_SUMMARY_PERIOD.as_secs()
-            && self
-                .reported
-                .compare_exchange(reported, now, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            warn!(%error, upstream = %addr, reason, failures, "endpoint still failing");
-        }
-    }
-
-    /// Failures since the last success.
-    pub fn failures(&self) -> u64 {
-        self.failing.load(Ordering::Relaxed)
-    }
-}
-
-/// Seconds since the first call: a clock for the failure path only.
-fn coarse_seconds() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_secs()
+    /// Resets this endpoint's connections: on removal (`on_remove`), and through its parent,
+    /// the service's signal, at the end of a graceful stop.
+    pub cut: Arc<Cut>,
+    /// Why it is in or out of rotation, as of this snapshot.
+    pub state: EndpointState,
 }
 
 /// An immutable snapshot of a service's endpoints, with the views balancers pick over.
 #[derive(Debug, Default)]
 pub struct EndpointSet {
+    /// In rotation: what the balancer picks from.
     upstreams: Vec<Upstream>,
     // Views point into `upstreams[i].active`; both live and die with this snapshot.
     views: Vec<EndpointView>,
+    /// Known but out of rotation (ejected, check failing, held down while failing, draining).
+    out: Vec<Upstream>,
     /// What discovery left out of this set, and why (empty from a 1.0 plugin).
     excluded: Vec<Excluded>,
+    /// Too few endpoints were fit, so all of them are in rotation.
+    panic: bool,
 }
 
 impl EndpointSet {
+    /// Endpoints in rotation.
     pub fn len(&self) -> usize {
         self.upstreams.len()
     }
@@ -144,11 +106,17 @@ impl EndpointSet {
         self.upstreams.is_empty()
     }
 
+    /// Endpoints in rotation, in the balancer's order.
     pub fn upstreams(&self) -> &[Upstream] {
         &self.upstreams
     }
 
-    /// What balancers see: one view per upstream, same order.
+    /// Endpoints known but out of rotation, with their state saying why.
+    pub fn out_of_rotation(&self) -> &[Upstream] {
+        &self.out
+    }
+
+    /// What balancers see: one view per upstream in rotation, same order.
     pub fn views(&self) -> &[EndpointView] {
         &self.views
     }
@@ -156,6 +124,11 @@ impl EndpointSet {
     /// The instances discovery left out of this set, and why.
     pub fn excluded(&self) -> &[Excluded] {
         &self.excluded
+    }
+
+    /// Whether too few endpoints were fit and all are used (the panic threshold).
+    pub fn panic(&self) -> bool {
+        self.panic
     }
 }
 
@@ -174,22 +147,66 @@ impl SetChange {
     }
 }
 
-/// A service's current endpoints: the snapshot plus the counters carried across snapshots.
+/// What a rebuild needs from its service.
+pub struct Context<'a> {
+    pub policy: &'a HealthPolicy,
+    /// The service's cut signal: each endpoint's is its child.
+    pub cut: &'a Cut,
+    /// Names the service in log lines (rebuilds also run outside its span).
+    pub service: &'a dyn Display,
+}
+
+/// A service's current endpoints: the snapshot plus the state carried across snapshots.
 #[derive(Debug, Default)]
 pub struct ServiceEndpoints {
     current: ArcSwap<EndpointSet>,
-    /// Touched only when a new set arrives, never on the connection path.
-    counters: Mutex<HashMap<String, Carried>>,
-    /// Woken by every [`replace`](Self::replace), for connections waiting for an endpoint.
+    /// Touched only by rebuilds (a new set, a health change, a timer), never on the connection
+    /// path.
+    inner: Mutex<Inner>,
+    /// Woken by every rebuild that stores a snapshot, for connections waiting for an endpoint.
     changed: Notify,
+    /// Wakes the service's health task: enough connect failures for an ejection.
+    wake: Arc<Notify>,
+}
+
+/// The last set from discovery and what each address keeps across snapshots.
+#[derive(Debug, Default)]
+struct Inner {
+    listed: Vec<Endpoint>,
+    excluded: Vec<Excluded>,
+    /// Every address with state: listed, held down or draining.
+    carried: HashMap<String, Carried>,
+    panic: bool,
+    /// An ejection was refused for the max-ejected share (logged once per episode).
+    ejection_refused: bool,
+    /// When the next rebuild is due (an ejection ends, a hold-down or drain runs out).
+    next_due: Option<Instant>,
 }
 
 /// What an address keeps across snapshots.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Carried {
+    addr: UpstreamAddr,
+    weight: u32,
     active: Arc<AtomicU64>,
     health: Arc<Health>,
     counters: Arc<EndpointCounters>,
+    cut: Arc<Cut>,
+    /// In the last set from discovery.
+    listed: bool,
+    ejected: Option<Ejection>,
+    /// Discovery stopped listing it then (with `remove_delay`).
+    missing_since: Option<At>,
+    /// Removed with connections left (`on_remove=drain`): reset them then.
+    draining: Option<(At, At)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ejection {
+    since: At,
+    until: At,
+    failures: u64,
+    ejections: u32,
 }
 
 impl ServiceEndpoints {
@@ -206,86 +223,379 @@ impl ServiceEndpoints {
         Arc::ptr_eq(&self.current.load(), set)
     }
 
-    /// Completes at the next [`replace`](Self::replace) after it is enabled or first polled
-    /// (the waiting path only: it takes a lock).
+    /// Completes at the next stored snapshot after it is enabled or first polled (the waiting
+    /// path only: it takes a lock).
     pub fn changed(&self) -> Notified<'_> {
         self.changed.notified()
     }
 
-    /// Replaces the whole set, with nothing said about what was left out.
-    pub fn replace(&self, endpoints: &[Endpoint]) -> SetChange {
-        self.replace_explained(endpoints, Vec::new(), |_| {})
+    /// Completes when the health task should look again: a failure count reached `eject_after`
+    /// or a check changed.
+    pub fn health_wake(&self) -> &Arc<Notify> {
+        &self.wake
     }
 
-    /// Replaces the whole set. Start-up and every later update come through here. `prepare`
+    /// When the next timed rebuild is due, if any.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.lock().next_due
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Replaces the whole set under the default policy, with nothing said about what was left
+    /// out.
+    pub fn replace(&self, endpoints: &[Endpoint]) -> SetChange {
+        let context = Context {
+            policy: &HealthPolicy::default(),
+            cut: &Cut::default(),
+            service: &"-",
+        };
+        self.replace_explained(endpoints, Vec::new(), &context, |_| {})
+    }
+
+    /// Replaces discovery's set: start-up and every later update come through here. `prepare`
     /// sees the new views before any reader can load them (the balancer's set-change hook).
     pub fn replace_explained(
         &self,
         endpoints: &[Endpoint],
         excluded: Vec<Excluded>,
+        context: &Context<'_>,
         prepare: impl FnOnce(&[EndpointView]),
     ) -> SetChange {
-        let mut counters = self
-            .counters
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut inner = self.lock();
+        inner.listed = endpoints.to_vec();
+        inner.excluded = excluded;
         let mut change = SetChange::default();
-        let mut upstreams = Vec::with_capacity(endpoints.len());
-        let mut weights = Vec::with_capacity(endpoints.len());
-        let mut next_counters = HashMap::with_capacity(endpoints.len());
-        for endpoint in endpoints {
+        self.rebuild(&mut inner, context, &mut change, true, prepare);
+        change
+    }
+
+    /// Applies what time and health changed since the last rebuild (ejections starting or
+    /// ending, checks, hold-downs and drains running out); stores a snapshot only if something
+    /// did. Returns whether one was stored.
+    pub fn refresh(&self, context: &Context<'_>, prepare: impl FnOnce(&[EndpointView])) -> bool {
+        let mut inner = self.lock();
+        let mut change = SetChange::default();
+        let stored = self.rebuild(&mut inner, context, &mut change, false, prepare);
+        for address in &change.removed {
+            info!(service = %context.service, endpoint = %address, "endpoint removed: its hold-down is over");
+        }
+        stored
+    }
+
+    /// The one update path: decides every address's state and what is in rotation, and stores
+    /// the snapshot when `store` (discovery sent a set) or a state changed.
+    fn rebuild(
+        &self,
+        inner: &mut Inner,
+        context: &Context<'_>,
+        change: &mut SetChange,
+        store: bool,
+        prepare: impl FnOnce(&[EndpointView]),
+    ) -> bool {
+        let policy = context.policy;
+        let service = context.service;
+        let now = At::now();
+        let mut dirty = store;
+
+        // Discovery's set: what is listed, in its order.
+        let mut order: Vec<String> = Vec::with_capacity(inner.listed.len());
+        let mut seen: HashSet<&str> = HashSet::with_capacity(inner.listed.len());
+        let listed = std::mem::take(&mut inner.listed);
+        for endpoint in &listed {
             let address = endpoint.address.as_str();
             let Some(addr) = UpstreamAddr::parse(address) else {
                 change.rejected.push(address.to_string());
                 continue;
             };
-            if next_counters.contains_key(address) {
+            if !seen.insert(address) {
                 continue; // the same instance listed twice would skew balancing
             }
-            let carried = match counters.get(address) {
-                Some(carried) => carried.clone(),
-                None => {
-                    change.added.push(address.to_string());
-                    Carried {
-                        active: Arc::new(AtomicU64::new(0)),
-                        health: Arc::default(),
-                        counters: Arc::default(),
+            order.push(address.to_string());
+            let weight = endpoint.weight.max(1);
+            match inner.carried.get_mut(address) {
+                Some(carried) => {
+                    if carried.missing_since.take().is_some() || carried.draining.take().is_some() {
+                        dirty = true;
+                        info!(%service, endpoint = %address, "endpoint listed again");
                     }
+                    if !carried.listed || carried.weight != weight {
+                        dirty = true;
+                    }
+                    carried.listed = true;
+                    carried.weight = weight;
+                    carried.health.set_eject_after(policy.eject_after);
                 }
-            };
-            next_counters.insert(address.to_string(), carried.clone());
-            upstreams.push(Upstream {
-                addr,
-                active: carried.active,
-                health: carried.health,
-                counters: carried.counters,
-            });
-            weights.push(endpoint.weight.max(1));
+                None => {
+                    dirty = true;
+                    change.added.push(address.to_string());
+                    inner.carried.insert(
+                        address.to_string(),
+                        Carried {
+                            addr,
+                            weight,
+                            active: Arc::new(AtomicU64::new(0)),
+                            health: Arc::new(Health::new(
+                                policy.eject_after,
+                                Arc::clone(&self.wake),
+                            )),
+                            counters: Arc::default(),
+                            cut: context.cut.child(),
+                            listed: true,
+                            ejected: None,
+                            missing_since: None,
+                            draining: None,
+                        },
+                    );
+                }
+            }
         }
-        change.removed = counters
-            .keys()
-            .filter(|address| !next_counters.contains_key(*address))
-            .cloned()
-            .collect();
+
+        // What discovery no longer lists: held down, then removed; removed with connections
+        // left: kept, drained or closed.
+        let mut gone = Vec::new();
+        for (address, carried) in inner.carried.iter_mut() {
+            if carried.listed && !seen.contains(address.as_str()) {
+                carried.listed = false;
+                dirty = true;
+                if policy.remove_delay > Duration::ZERO {
+                    carried.missing_since = Some(now);
+                    info!(%service, endpoint = %address, remove_delay = ?policy.remove_delay, "endpoint no longer listed: held down, in rotation while healthy");
+                    continue;
+                }
+                gone.push(address.clone());
+            } else if let Some(since) = carried.missing_since {
+                if now.instant >= since.instant + policy.remove_delay {
+                    carried.missing_since = None;
+                    dirty = true;
+                    gone.push(address.clone());
+                }
+            } else if let Some((_, until)) = carried.draining {
+                let open = carried.active.load(Ordering::Relaxed);
+                if open == 0 {
+                    info!(%service, endpoint = %address, "endpoint drained: its last connection closed");
+                    gone.push(address.clone());
+                } else if now.instant >= until.instant {
+                    warn!(%service, endpoint = %address, connections = open, drain_timeout = ?policy.drain_timeout, "drain timeout: resetting the endpoint's remaining connections");
+                    carried.cut.cut();
+                    gone.push(address.clone());
+                }
+            }
+        }
+        for address in gone {
+            let Some(mut carried) = inner.carried.remove(&address) else {
+                continue;
+            };
+            if carried.draining.is_some() {
+                dirty = true;
+                continue; // its drain ended above
+            }
+            change.removed.push(address.clone());
+            let open = carried.active.load(Ordering::Relaxed);
+            match policy.on_remove {
+                OnRemove::Keep => {}
+                OnRemove::Close => {
+                    if open > 0 {
+                        info!(%service, endpoint = %address, connections = open, "endpoint removed: resetting its connections (on_remove=close)");
+                    }
+                    carried.cut.cut();
+                }
+                OnRemove::Drain if open > 0 => {
+                    let until = now.after(policy.drain_timeout);
+                    info!(%service, endpoint = %address, connections = open, drain_timeout = ?policy.drain_timeout, "endpoint removed: draining its connections");
+                    carried.draining = Some((now, until));
+                    carried.ejected = None;
+                    inner.carried.insert(address, carried);
+                }
+                OnRemove::Drain => {}
+            }
+        }
         change.removed.sort();
-        *counters = next_counters;
-        let views = upstreams
+
+        // Ejections: those over first, so their places are free for new ones.
+        for (address, carried) in inner.carried.iter_mut() {
+            if let Some(ejection) = carried.ejected {
+                if now.instant >= ejection.until.instant {
+                    carried.ejected = None;
+                    dirty = true;
+                    info!(%service, endpoint = %address, ejected_for = ?now.instant.duration_since(ejection.since.instant), "ejection over: endpoint back in rotation");
+                }
+            }
+        }
+        let in_service = |c: &Carried| c.listed || c.missing_since.is_some();
+        let total = inner.carried.values().filter(|c| in_service(c)).count();
+        let mut ejected = inner
+            .carried
+            .values()
+            .filter(|c| in_service(c) && c.ejected.is_some())
+            .count();
+        let allowed = policy.max_ejected(total);
+        let mut refused = 0usize;
+        for address in &order {
+            let Some(carried) = inner.carried.get_mut(address) else {
+                continue;
+            };
+            if carried.ejected.is_some() || !carried.health.wants_ejection() {
+                continue;
+            }
+            if ejected >= allowed {
+                refused += 1;
+                continue;
+            }
+            let failures = carried.health.failures();
+            let ejections = carried.health.ejected();
+            let time = policy.ejection_time(ejections);
+            carried.ejected = Some(Ejection {
+                since: now,
+                until: now.after(time),
+                failures,
+                ejections,
+            });
+            ejected += 1;
+            dirty = true;
+            warn!(%service, endpoint = %address, failures, ejections, ejected_for = ?time, "endpoint ejected: connects kept failing");
+        }
+        if refused > 0 && !inner.ejection_refused {
+            warn!(%service, failing = refused, ejected, max_ejected_percent = policy.max_ejected_percent, "failing endpoints left in rotation: the max-ejected share is reached");
+        }
+        inner.ejection_refused = refused > 0;
+
+        drop(seen);
+        inner.listed = listed;
+        if !dirty {
+            inner.next_due = next_due(inner, policy, now);
+            return false;
+        }
+
+        // What is in rotation, in discovery's order, then what is held down.
+        let mut rotation = Vec::new();
+        let mut out = Vec::new();
+        let held = inner
+            .carried
             .iter()
-            .zip(weights)
+            .filter(|(_, c)| c.missing_since.is_some())
+            .map(|(a, _)| a.clone());
+        let mut held: Vec<String> = held.collect();
+        held.sort();
+        for address in order.iter().chain(held.iter()) {
+            let Some(carried) = inner.carried.get(address) else {
+                continue;
+            };
+            let (state, fit) = match (carried.ejected, carried.missing_since) {
+                (Some(e), _) => (
+                    EndpointState::Ejected {
+                        since: e.since.wall,
+                        until: e.until.wall,
+                        failures: e.failures,
+                        ejections: e.ejections,
+                    },
+                    false,
+                ),
+                (None, Some(since)) => {
+                    let healthy = carried.health.failures() == 0;
+                    (
+                        EndpointState::HeldDown {
+                            since: since.wall,
+                            until: since.after(policy.remove_delay).wall,
+                            healthy,
+                        },
+                        healthy,
+                    )
+                }
+                (None, None) => (EndpointState::Serving, true),
+            };
+            let upstream = carried.upstream(state);
+            if fit {
+                rotation.push(upstream);
+            } else {
+                out.push(upstream);
+            }
+        }
+        let panic = policy.panics(rotation.len(), rotation.len() + out.len());
+        if panic != inner.panic {
+            if panic {
+                warn!(%service, fit = rotation.len(), endpoints = rotation.len() + out.len(), panic_threshold_percent = policy.panic_threshold_percent, "panic: too few endpoints are fit, so all of them are in rotation");
+            } else {
+                info!(%service, fit = rotation.len(), endpoints = rotation.len() + out.len(), "panic over: only fit endpoints are in rotation");
+            }
+            inner.panic = panic;
+        }
+        if panic {
+            rotation.append(&mut out);
+        }
+        let mut draining: Vec<(&String, &Carried)> = inner
+            .carried
+            .iter()
+            .filter(|(_, c)| c.draining.is_some())
+            .collect();
+        draining.sort_by(|a, b| a.0.cmp(b.0));
+        for (_, carried) in draining {
+            if let Some((since, until)) = carried.draining {
+                out.push(carried.upstream(EndpointState::Draining {
+                    since: since.wall,
+                    until: until.wall,
+                }));
+            }
+        }
+        let views = rotation
+            .iter()
             // SAFETY: each view points into an `Arc` owned by the same `EndpointSet`.
-            .map(|(upstream, weight)| unsafe {
-                EndpointView::new(Arc::as_ptr(&upstream.active), weight, true)
+            .map(|upstream| unsafe {
+                EndpointView::new(Arc::as_ptr(&upstream.active), upstream.weight, true)
             })
             .collect();
         let set = EndpointSet {
-            upstreams,
+            upstreams: rotation,
             views,
-            excluded,
+            out,
+            excluded: inner.excluded.clone(),
+            panic,
         };
+        inner.next_due = next_due(inner, policy, now);
         prepare(set.views());
         self.current.store(Arc::new(set));
         self.changed.notify_waiters();
-        change
+        true
+    }
+}
+
+/// The next time something runs out: an ejection, a hold-down, a drain (whose connections are
+/// also looked at every second, as their closing wakes nobody).
+fn next_due(inner: &Inner, policy: &HealthPolicy, now: At) -> Option<Instant> {
+    inner
+        .carried
+        .values()
+        .flat_map(|c| {
+            [
+                c.ejected.map(|e| e.until.instant),
+                c.missing_since
+                    .map(|since| since.instant + policy.remove_delay),
+                c.draining
+                    .map(|(_, until)| until.instant.min(now.instant + DRAIN_LOOK_PERIOD)),
+            ]
+        })
+        .flatten()
+        .min()
+}
+
+/// How often a draining endpoint's connections are counted.
+const DRAIN_LOOK_PERIOD: Duration = Duration::from_secs(1);
+
+impl Carried {
+    fn upstream(&self, state: EndpointState) -> Upstream {
+        Upstream {
+            addr: self.addr.clone(),
+            weight: self.weight,
+            active: Arc::clone(&self.active),
+            health: Arc::clone(&self.health),
+            counters: Arc::clone(&self.counters),
+            cut: Arc::clone(&self.cut),
+            state,
+        }
     }
 }
 
@@ -365,6 +675,212 @@ mod tests {
             0,
             "one state per address"
         );
+    }
+
+    fn states(set: &EndpointSet) -> (Vec<String>, Vec<String>) {
+        let show = |u: &Upstream| format!("{} {}", u.addr, u.state.as_str());
+        (
+            set.upstreams().iter().map(show).collect(),
+            set.out_of_rotation().iter().map(show).collect(),
+        )
+    }
+
+    fn fail(set: &EndpointSet, address: &str, times: usize) {
+        let upstream = set
+            .upstreams()
+            .iter()
+            .chain(set.out_of_rotation())
+            .find(|u| u.addr.to_string() == address)
+            .expect("listed");
+        for _ in 0..times {
+            upstream
+                .health
+                .failed(&upstream.addr, "connect_refused", &"refused");
+        }
+    }
+
+    #[test]
+    fn failures_eject_within_the_share_and_the_ejection_ends() {
+        let policy = HealthPolicy {
+            eject_time: Duration::from_millis(50),
+            ..HealthPolicy::default()
+        };
+        let cut = Cut::default();
+        let context = Context {
+            policy: &policy,
+            cut: &cut,
+            service: &"web",
+        };
+        let service = ServiceEndpoints::default();
+        let listed = endpoints(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]);
+        service.replace_explained(&listed, Vec::new(), &context, |_| {});
+        fail(&service.load(), "127.0.0.1:1", 2);
+        assert!(
+            !service.refresh(&context, |_| {}),
+            "two failures: nothing to do"
+        );
+        fail(&service.load(), "127.0.0.1:1", 1);
+        fail(&service.load(), "127.0.0.1:2", 3);
+        fail(&service.load(), "127.0.0.1:3", 3);
+        let mut seen = 0;
+        assert!(service.refresh(&context, |views| seen = views.len()));
+        assert_eq!(seen, 2, "the balancer sees only what is in rotation");
+        assert_eq!(
+            states(&service.load()),
+            (
+                vec!["127.0.0.1:3 serving".into(), "127.0.0.1:4 serving".into()],
+                vec!["127.0.0.1:1 ejected".into(), "127.0.0.1:2 ejected".into()]
+            ),
+            "at most half ejected: the third failing one stays"
+        );
+        assert!(service.next_due().is_some(), "the ejections' end is due");
+        // A replace that keeps the endpoint keeps its ejection.
+        service.replace_explained(&listed, Vec::new(), &context, |_| {});
+        assert_eq!(service.load().out_of_rotation().len(), 2);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(service.refresh(&context, |_| {}));
+        let set = service.load();
+        assert_eq!(
+            set.len(),
+            3,
+            "3 takes a free place as the others return: {:?}",
+            states(&set)
+        );
+        assert_eq!(states(&set).1, vec!["127.0.0.1:3 ejected".to_string()]);
+        let returned = set
+            .upstreams()
+            .iter()
+            .find(|u| u.addr.to_string() == "127.0.0.1:1");
+        assert_eq!(
+            returned.map(|u| u.health.ejections()),
+            Some(1),
+            "the ejection count stays until a success"
+        );
+    }
+
+    #[test]
+    fn too_few_fit_endpoints_put_all_in_rotation() {
+        let policy = HealthPolicy {
+            max_ejected_percent: 100,
+            ..HealthPolicy::default()
+        };
+        let cut = Cut::default();
+        let context = Context {
+            policy: &policy,
+            cut: &cut,
+            service: &"web",
+        };
+        let service = ServiceEndpoints::default();
+        service.replace_explained(
+            &endpoints(&["127.0.0.1:1", "127.0.0.1:2"]),
+            Vec::new(),
+            &context,
+            |_| {},
+        );
+        fail(&service.load(), "127.0.0.1:1", 3);
+        service.refresh(&context, |_| {});
+        assert!(!service.load().panic(), "one of two fit is not below half");
+        fail(&service.load(), "127.0.0.1:2", 3);
+        service.refresh(&context, |_| {});
+        let set = service.load();
+        assert!(set.panic());
+        assert_eq!(
+            states(&set).0,
+            vec![
+                "127.0.0.1:1 ejected".to_string(),
+                "127.0.0.1:2 ejected".into()
+            ],
+            "all in rotation, each still saying why it is unfit"
+        );
+    }
+
+    #[test]
+    fn a_removed_endpoint_is_held_down_then_removed_and_closed() {
+        let policy = HealthPolicy {
+            remove_delay: Duration::from_millis(50),
+            on_remove: OnRemove::Close,
+            ..HealthPolicy::default()
+        };
+        let cut = Cut::default();
+        let context = Context {
+            policy: &policy,
+            cut: &cut,
+            service: &"web",
+        };
+        let service = ServiceEndpoints::default();
+        service.replace_explained(
+            &endpoints(&["127.0.0.1:1", "127.0.0.1:2"]),
+            Vec::new(),
+            &context,
+            |_| {},
+        );
+        let first = service.load();
+        let _open = ActiveGuard::new(&first.upstreams()[1].active);
+        let change =
+            service.replace_explained(&endpoints(&["127.0.0.1:1"]), Vec::new(), &context, |_| {});
+        assert!(change.removed.is_empty(), "held down, not removed yet");
+        assert_eq!(
+            states(&service.load()).0,
+            vec![
+                "127.0.0.1:1 serving".to_string(),
+                "127.0.0.1:2 held_down".into()
+            ]
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!first.upstreams()[1].cut.is_cut());
+        assert!(service.refresh(&context, |_| {}));
+        assert_eq!(
+            states(&service.load()),
+            (vec!["127.0.0.1:1 serving".to_string()], vec![])
+        );
+        assert!(
+            first.upstreams()[1].cut.is_cut(),
+            "on_remove=close resets its connections"
+        );
+        assert!(!first.upstreams()[0].cut.is_cut());
+        cut.cut();
+        assert!(
+            first.upstreams()[0].cut.is_cut(),
+            "the service's cut reaches every endpoint"
+        );
+    }
+
+    #[test]
+    fn a_drained_endpoint_stays_until_its_connections_end() {
+        let policy = HealthPolicy {
+            on_remove: OnRemove::Drain,
+            ..HealthPolicy::default()
+        };
+        let cut = Cut::default();
+        let context = Context {
+            policy: &policy,
+            cut: &cut,
+            service: &"web",
+        };
+        let service = ServiceEndpoints::default();
+        service.replace_explained(
+            &endpoints(&["127.0.0.1:1", "127.0.0.1:2"]),
+            Vec::new(),
+            &context,
+            |_| {},
+        );
+        let first = service.load();
+        let open = ActiveGuard::new(&first.upstreams()[1].active);
+        let change =
+            service.replace_explained(&endpoints(&["127.0.0.1:1"]), Vec::new(), &context, |_| {});
+        assert_eq!(change.removed, vec!["127.0.0.1:2"]);
+        assert_eq!(
+            states(&service.load()).1,
+            vec!["127.0.0.1:2 draining".to_string()]
+        );
+        assert!(
+            service.next_due().is_some(),
+            "its connections are looked at"
+        );
+        drop(open);
+        assert!(service.refresh(&context, |_| {}));
+        assert!(service.load().out_of_rotation().is_empty());
+        assert!(!first.upstreams()[1].cut.is_cut(), "nothing left to reset");
     }
 
     #[tokio::test]

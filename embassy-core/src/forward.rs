@@ -244,7 +244,7 @@ async fn forward(client: TcpStream, path: Path) {
         &upstream,
         service.copy_mode,
         service.timeouts,
-        &service.cut,
+        &endpoint.cut,
         &endpoint.counters.bytes,
     )
     .await

@@ -13,6 +13,7 @@ pub mod counters;
 pub mod descriptor;
 pub mod endpoints;
 pub mod forward;
+pub mod health;
 pub mod listener;
 pub mod service;
 pub mod udp;

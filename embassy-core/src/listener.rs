@@ -151,18 +151,27 @@ impl Listener {
         })
     }
 
-    /// Serves connections or datagrams until `shutdown` fires; per-connection and per-session
-    /// tasks go on `tasks`.
+    /// Serves connections or datagrams until `shutdown` fires, and runs the service's health
+    /// task meanwhile; per-connection and per-session tasks go on `tasks`.
     pub async fn serve(
         self,
         service: Arc<Service>,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) {
-        match self {
-            Listener::Tcp(listener) => serve_tcp(listener, service, shutdown, tasks).await,
-            Listener::Udp(socket) => serve_udp(socket, service, shutdown, tasks).await,
-        }
+        // The health task lives exactly as long as the listener.
+        let health = service.maintain_health(shutdown.clone());
+        let serve = async {
+            match self {
+                Listener::Tcp(listener) => {
+                    serve_tcp(listener, Arc::clone(&service), shutdown, tasks).await
+                }
+                Listener::Udp(socket) => {
+                    serve_udp(socket, Arc::clone(&service), shutdown, tasks).await
+                }
+            }
+        };
+        tokio::join!(serve, health);
     }
 }
 

@@ -17,8 +17,9 @@ use crate::{
     balancer::Picker,
     copy::{CopyMode, Cut, Timeouts},
     counters::ServiceCounters,
-    descriptor::{parse_duration, ServiceDescriptor},
-    endpoints::{EndpointSet, ServiceEndpoints, SetChange},
+    descriptor::{parse_duration, parse_percent, plain_number, ServiceDescriptor},
+    endpoints::{Context, EndpointSet, ServiceEndpoints, SetChange},
+    health::{HealthPolicy, OnRemove},
 };
 
 /// Default upstream connect timeout when neither the descriptor nor the CLI sets one.
@@ -47,13 +48,14 @@ pub fn default_max_connections(limit: u64) -> usize {
 }
 
 /// The settings of a service's connections unless its descriptor overrides them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionDefaults {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub half_close_timeout: Duration,
     pub queue_timeout: Duration,
     pub max_connections: usize,
+    pub health: HealthPolicy,
 }
 
 impl Default for ConnectionDefaults {
@@ -64,6 +66,7 @@ impl Default for ConnectionDefaults {
             half_close_timeout: DEFAULT_HALF_CLOSE_TIMEOUT,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             max_connections: usize::MAX,
+            health: HealthPolicy::default(),
         }
     }
 }
@@ -87,6 +90,8 @@ pub struct Service {
     pub cut: Arc<Cut>,
     /// Connections accepted and failed, for metrics.
     pub counters: ServiceCounters,
+    /// What keeps endpoints in rotation and what happens when discovery removes one.
+    pub health: HealthPolicy,
 }
 
 impl Service {
@@ -132,6 +137,7 @@ impl Service {
             .and_then(|value| value.parse::<usize>().ok())
             .filter(|&n| n > 0)
             .unwrap_or(defaults.max_connections.max(1));
+        let health = health_policy(&descriptor, &defaults.health);
         Service {
             descriptor,
             endpoints: ServiceEndpoints::default(),
@@ -144,6 +150,7 @@ impl Service {
             queue: QueueState::default(),
             cut: Arc::default(),
             counters: ServiceCounters::default(),
+            health,
         }
     }
 
@@ -157,11 +164,46 @@ impl Service {
     /// Replaces the service's endpoint set (the one update path): the balancer prepares for
     /// the new set before the first pick over it.
     pub fn replace_endpoints(&self, endpoints: &[Endpoint], excluded: Vec<Excluded>) -> SetChange {
-        self.endpoints.replace_explained(endpoints, excluded, |views| {
-            if let Err(error) = self.picker.endpoints_changed(views) {
-                warn!(service = %self.descriptor, %error, "balancer failed to take the new endpoint set; its picks may be uneven until the next one");
+        self.endpoints
+            .replace_explained(endpoints, excluded, &self.context(), |views| {
+                self.endpoints_changed(views)
+            })
+    }
+
+    /// Applies health and timers (ejections, checks, hold-downs, drains) through the same
+    /// path; returns whether the snapshot changed.
+    pub fn refresh_endpoints(&self) -> bool {
+        self.endpoints
+            .refresh(&self.context(), |views| self.endpoints_changed(views))
+    }
+
+    /// The service's health task: rebuilds the snapshot when a failure count reaches
+    /// `eject_after`, a check changes or a timer runs out, until `shutdown`.
+    pub async fn maintain_health(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let wake = std::sync::Arc::clone(self.endpoints.health_wake());
+        loop {
+            let due = self.endpoints.next_due();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = sleep_until_due(due) => {}
             }
-        })
+            self.refresh_endpoints();
+        }
+    }
+
+    fn context(&self) -> Context<'_> {
+        Context {
+            policy: &self.health,
+            cut: &self.cut,
+            service: &self.descriptor,
+        }
+    }
+
+    fn endpoints_changed(&self, views: &[embassy_plugin_api::EndpointView]) {
+        if let Err(error) = self.picker.endpoints_changed(views) {
+            warn!(service = %self.descriptor, %error, "balancer failed to take the new endpoint set; its picks may be uneven until the next one");
+        }
     }
 
     /// Asks the balancer for an index into `set` for a connection from `client`, checking it
@@ -183,6 +225,58 @@ impl Service {
             ))),
             None => Ok(None),
         }
+    }
+}
+
+async fn sleep_until_due(due: Option<std::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The descriptor's health options over `defaults` (the parser has checked every value).
+fn health_policy(descriptor: &ServiceDescriptor, defaults: &HealthPolicy) -> HealthPolicy {
+    let duration = |key, default| {
+        descriptor
+            .option(key)
+            .and_then(parse_duration)
+            .unwrap_or(default)
+    };
+    let count = |key, default: u32| {
+        descriptor
+            .option(key)
+            .and_then(plain_number)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(default)
+    };
+    let percent = |key, default| {
+        descriptor
+            .option(key)
+            .and_then(parse_percent)
+            .unwrap_or(default)
+    };
+    HealthPolicy {
+        eject_after: count("eject_after", defaults.eject_after),
+        eject_time: duration("eject_time", defaults.eject_time),
+        eject_max_time: duration("eject_max_time", defaults.eject_max_time),
+        max_ejected_percent: percent("max_ejected", defaults.max_ejected_percent),
+        panic_threshold_percent: percent("panic_threshold", defaults.panic_threshold_percent),
+        on_remove: descriptor
+            .option("on_remove")
+            .and_then(OnRemove::parse)
+            .unwrap_or(defaults.on_remove),
+        drain_timeout: duration("drain_timeout", defaults.drain_timeout),
+        remove_delay: descriptor
+            .option("remove_delay")
+            .and_then(|value| {
+                if value == "0" {
+                    Some(Duration::ZERO)
+                } else {
+                    parse_duration(value)
+                }
+            })
+            .unwrap_or(defaults.remove_delay),
     }
 }
 

@@ -7,7 +7,12 @@ use std::{
 };
 
 use clap::{ArgAction, Args, Parser, Subcommand};
-use embassy_core::{copy::CopyMode, descriptor::parse_duration, ServiceDescriptor};
+use embassy_core::{
+    copy::CopyMode,
+    descriptor::{parse_duration, parse_percent},
+    health::{self, OnRemove},
+    ServiceDescriptor,
+};
 
 use crate::admin::{AdminAddr, DEFAULT_ADMIN_ADDR};
 pub use crate::docker::watch::ModeChoice;
@@ -169,6 +174,46 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = parse_count)]
     pub max_connections: Option<usize>,
 
+    /// Consecutive connect failures (refused, timed out, reset before any byte) that take an
+    /// endpoint out of rotation; 0 turns passive ejection off. Connect failures are unambiguous,
+    /// so fewer than Envoy's 5; each costs a client a failover attempt, not an error.
+    #[arg(long, default_value_t = health::DEFAULT_EJECT_AFTER, value_name = "N", help_heading = "Endpoint health")]
+    pub eject_after: u32,
+
+    /// The first ejection's length; each ejection in a row doubles it, up to --eject-max-time.
+    /// A connect that succeeds after an ejection resets the count.
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration_arg, help_heading = "Endpoint health")]
+    pub eject_time: Duration,
+
+    /// The longest an ejection lasts.
+    #[arg(long, default_value = "2m", value_name = "DURATION", value_parser = parse_duration_arg, help_heading = "Endpoint health")]
+    pub eject_max_time: Duration,
+
+    /// Most of a service's endpoints ejected at once, as a share (one may always be): failures
+    /// spread over many endpoints point at the network, not at them.
+    #[arg(long, default_value = "50%", value_name = "PERCENT", value_parser = parse_percent_arg, help_heading = "Endpoint health")]
+    pub max_ejected: u32,
+
+    /// When fewer than this share of a service's endpoints are fit (not ejected, check
+    /// passing), all of them are used, as Envoy's panic threshold: the survivors alone would
+    /// fall too. No fit endpoint at all always means all of them.
+    #[arg(long, default_value = "50%", value_name = "PERCENT", value_parser = parse_percent_arg, help_heading = "Endpoint health")]
+    pub panic_threshold: u32,
+
+    /// What happens to TCP connections to an endpoint discovery removed: `keep` (they run on),
+    /// `drain` (they run up to --drain-timeout, then are reset) or `close` (reset at once).
+    #[arg(long, default_value = "keep", value_name = "POLICY", value_parser = parse_on_remove, help_heading = "Endpoint health")]
+    pub on_remove: OnRemove,
+
+    /// With on_remove=drain, how long connections to a removed endpoint may run.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration_arg, help_heading = "Endpoint health")]
+    pub drain_timeout: Duration,
+
+    /// An endpoint discovery stops listing stays in rotation (while its connects succeed) this
+    /// long, so a container being recreated causes no errors; 0: removed at once.
+    #[arg(long, default_value = "0", value_name = "DURATION", value_parser = parse_delay_arg, help_heading = "Endpoint health")]
+    pub remove_delay: Duration,
+
     /// How bytes are moved: `splice` (zero-copy through a pipe, Linux) or `userspace`
     /// (read/write through a buffer).
     #[arg(long = "copy", default_value = default_copy(), value_name = "MODE", value_parser = parse_copy_mode)]
@@ -240,6 +285,21 @@ fn parse_copy_mode(text: &str) -> Result<CopyMode, String> {
 fn parse_duration_arg(text: &str) -> Result<Duration, String> {
     parse_duration(text)
         .ok_or_else(|| format!("{text:?} is not a duration such as 500ms, 3s or 1m"))
+}
+
+fn parse_delay_arg(text: &str) -> Result<Duration, String> {
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration_arg(text)
+}
+
+fn parse_percent_arg(text: &str) -> Result<u32, String> {
+    parse_percent(text).ok_or_else(|| format!("{text:?} is not a share from 0% to 100%"))
+}
+
+fn parse_on_remove(text: &str) -> Result<OnRemove, String> {
+    OnRemove::parse(text).ok_or_else(|| format!("{text:?} is not keep, drain or close"))
 }
 
 fn parse_count(text: &str) -> Result<usize, String> {

@@ -10,6 +10,8 @@ use std::{fmt, sync::Arc};
 
 use embassy_core::{
     counters::{self, ConnectFailure, EndpointCounters, LatencyHistogram, ServiceFailure},
+    endpoints::Upstream,
+    health::EndpointState,
     EndpointSet,
 };
 use embassy_plugin_api::Protocol;
@@ -58,7 +60,7 @@ impl Listed {
         names.sort_unstable();
         names.dedup();
         Listed {
-            endpoints: set.upstreams().iter().map(|u| u.addr.to_string()).collect(),
+            endpoints: all(&set).map(|u| u.addr.to_string()).collect(),
             consumer: names.join(","),
             set,
             state: Arc::clone(state),
@@ -75,9 +77,7 @@ impl Listed {
 
     /// `(labels, counters)` of each endpoint.
     fn endpoints(&self) -> impl Iterator<Item = (Labels<'_>, &EndpointCounters)> {
-        self.set
-            .upstreams()
-            .iter()
+        all(&self.set)
             .zip(&self.endpoints)
             .map(|(upstream, endpoint)| {
                 let mut labels = self.labels();
@@ -86,6 +86,29 @@ impl Listed {
             })
     }
 }
+
+/// Every endpoint of `set`: in rotation, then out.
+fn all(set: &EndpointSet) -> impl Iterator<Item = &Upstream> {
+    set.upstreams().iter().chain(set.out_of_rotation())
+}
+
+/// An endpoint's state as the API names it.
+fn state_name(upstream: &Upstream) -> &'static str {
+    match upstream.state {
+        EndpointState::Serving if upstream.health.failures() > 0 => "failing",
+        ref state => state.as_str(),
+    }
+}
+
+/// The states `embassy_endpoints` always reports (a zero says "none", not "unknown").
+const STATES: [&str; 6] = [
+    "serving",
+    "failing",
+    "ejected",
+    "check_failing",
+    "held_down",
+    "draining",
+];
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
@@ -200,20 +223,40 @@ impl Collector for Scrape {
         family(
             e,
             "embassy_endpoints",
-            "Endpoints by state: serving (in the set, last connect fine), failing (in the set, its last connects failed), excluded (left out by discovery, see GET /v1/services/ID).",
+            "Endpoints by state: serving; failing (serving, its last connects failed); ejected (out after eject_after connect failures in a row); check_failing; held_down (no longer listed, kept for remove_delay); draining (removed, connections running out); excluded (left out by discovery, see GET /v1/services/ID).",
             services.iter().flat_map(|s| {
-                let failing = s
-                    .set
-                    .upstreams()
+                let mut counts = [0usize; STATES.len()];
+                for upstream in all(&s.set) {
+                    let name = state_name(upstream);
+                    if let Some(i) = STATES.iter().position(|state| *state == name) {
+                        counts[i] += 1;
+                    }
+                }
+                STATES
                     .iter()
-                    .filter(|u| u.health.failures() > 0)
-                    .count();
-                [
-                    ("serving", s.set.len() - failing),
-                    ("failing", failing),
-                    ("excluded", s.set.excluded().len()),
-                ]
-                .map(|(state, n)| (with(s.labels(), "state", state), Value::Gauge(n as f64)))
+                    .zip(counts)
+                    .chain([(&"excluded", s.set.excluded().len())])
+                    .map(|(state, n)| (with(s.labels(), "state", state), Value::Gauge(n as f64)))
+                    .collect::<Vec<_>>()
+            }),
+        )?;
+        family(
+            e,
+            "embassy_endpoints_panic",
+            "1 while too few of the service's endpoints are fit and all of them are in rotation (the panic threshold).",
+            services.iter().map(|s| {
+                (s.labels(), Value::Gauge(if s.set.panic() { 1.0 } else { 0.0 }))
+            }),
+        )?;
+        family(
+            e,
+            "embassy_endpoint_in_rotation",
+            "1 if the balancer may pick the endpoint now, 0 if it is out (see embassy_endpoints' states).",
+            services.iter().flat_map(|s| {
+                let in_rotation = s.set.len();
+                s.endpoints().enumerate().map(move |(i, (labels, _))| {
+                    (labels, Value::Gauge(if i < in_rotation { 1.0 } else { 0.0 }))
+                })
             }),
         )?;
         family(
@@ -230,14 +273,10 @@ impl Collector for Scrape {
             "embassy_endpoint_connections_active",
             "Connections (UDP: sessions) open to the endpoint now; what least-conn balances on.",
             services.iter().flat_map(|s| {
-                s.set
-                    .upstreams()
-                    .iter()
-                    .zip(s.endpoints())
-                    .map(|(u, (labels, _))| {
-                        let active = u.active.load(std::sync::atomic::Ordering::Relaxed);
-                        (labels, Value::Gauge(active as f64))
-                    })
+                all(&s.set).zip(s.endpoints()).map(|(u, (labels, _))| {
+                    let active = u.active.load(std::sync::atomic::Ordering::Relaxed);
+                    (labels, Value::Gauge(active as f64))
+                })
             }),
         )?;
         family(

@@ -4,6 +4,7 @@ use std::{process::ExitCode, sync::Arc};
 
 use anyhow::{bail, Context};
 use embassy_core::{
+    health::HealthPolicy,
     service::{default_max_connections, ConnectionDefaults, RESERVED_DESCRIPTORS},
     ServiceDescriptor,
 };
@@ -124,6 +125,16 @@ pub async fn run(
                 max_connections: args
                     .max_connections
                     .unwrap_or_else(|| default_max_connections(open_files)),
+                health: HealthPolicy {
+                    eject_after: args.eject_after,
+                    eject_time: args.eject_time,
+                    eject_max_time: args.eject_max_time,
+                    max_ejected_percent: args.max_ejected,
+                    panic_threshold_percent: args.panic_threshold,
+                    on_remove: args.on_remove,
+                    drain_timeout: args.drain_timeout,
+                    remove_delay: args.remove_delay,
+                },
             },
         },
     );

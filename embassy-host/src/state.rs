@@ -15,6 +15,8 @@ use std::{
 use arc_swap::ArcSwap;
 use embassy_core::{
     counters::{self, ConnectFailure, ServiceFailure},
+    endpoints::Upstream,
+    health::EndpointState,
     Service,
 };
 use embassy_plugin_api::{BackendHealth, Protocol};
@@ -225,14 +227,29 @@ pub struct DiscoveryView {
 #[derive(Debug, Clone, Serialize)]
 pub struct EndpointView {
     pub address: String,
-    /// `serving`: in the set the balancer picks from; `failing`: in it, but its last connects
-    /// failed (connections fail over to the others).
+    /// `serving`; `failing`: serving, but its last connects failed (connections fail over);
+    /// `ejected`: out after `eject_after` failures in a row; `check_failing`; `held_down`:
+    /// discovery stopped listing it and `remove_delay` keeps it; `draining`: removed, its
+    /// connections run out (`on_remove=drain`).
     pub state: &'static str,
+    /// Whether the balancer picks it now (an unfit endpoint is, in a panic).
+    pub in_rotation: bool,
+    /// Unix seconds since which `state` holds, and until which it will (ejected, held down,
+    /// draining).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<f64>,
+    /// What put it in this state, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub weight: u32,
     /// Connections (or UDP sessions) open to it now.
     pub active: u64,
     /// Connect failures since its last success.
     pub consecutive_failures: u64,
+    /// Ejections in a row without a successful connect since.
+    pub ejections: u32,
     /// Connections established (UDP: sessions opened) since it joined the set.
     pub connections: u64,
     /// Failed connect attempts since it joined the set.
@@ -240,6 +257,72 @@ pub struct EndpointView {
     /// Bytes client → endpoint and back, counted as they move.
     pub sent_bytes: u64,
     pub received_bytes: u64,
+}
+
+impl EndpointView {
+    fn of(upstream: &Upstream, in_rotation: bool) -> EndpointView {
+        let failing = upstream.health.failures();
+        let c = &upstream.counters;
+        let (state, since, until, reason) = match &upstream.state {
+            EndpointState::Serving if failing > 0 => ("failing", None, None, None),
+            EndpointState::Serving => ("serving", None, None, None),
+            EndpointState::Ejected {
+                since,
+                until,
+                failures,
+                ejections,
+            } => (
+                "ejected",
+                Some(*since),
+                Some(*until),
+                Some(format!(
+                    "{failures} connect failures in a row (ejection {ejections} in a row)"
+                )),
+            ),
+            EndpointState::CheckFailing { since, error } => {
+                ("check_failing", Some(*since), None, error.clone())
+            }
+            EndpointState::HeldDown {
+                since,
+                until,
+                healthy,
+            } => (
+                "held_down",
+                Some(*since),
+                Some(*until),
+                Some(if *healthy {
+                    "no longer listed by discovery; kept for remove_delay".to_string()
+                } else {
+                    "no longer listed by discovery, and failing: out of rotation".to_string()
+                }),
+            ),
+            EndpointState::Draining { since, until } => (
+                "draining",
+                Some(*since),
+                Some(*until),
+                Some("removed by discovery; its connections run until the drain timeout".into()),
+            ),
+        };
+        EndpointView {
+            address: upstream.addr.to_string(),
+            state,
+            in_rotation,
+            since: since.map(unix_seconds),
+            until: until.map(unix_seconds),
+            reason,
+            weight: upstream.weight,
+            active: upstream.active.load(std::sync::atomic::Ordering::Relaxed),
+            consecutive_failures: failing,
+            ejections: upstream.health.ejections(),
+            connections: counters::read(&c.connections),
+            connect_failures: ConnectFailure::ALL
+                .iter()
+                .map(|f| c.connect_failures(*f))
+                .sum(),
+            sent_bytes: counters::read(&c.bytes.sent),
+            received_bytes: counters::read(&c.bytes.received),
+        }
+    }
 }
 
 /// An instance discovery left out, and why.
@@ -266,6 +349,8 @@ pub struct ServiceView {
     pub balancer: String,
     pub discovery: DiscoveryView,
     pub endpoints: Vec<EndpointView>,
+    /// Too few endpoints are fit, so all of them are in rotation (the panic threshold).
+    pub panic: bool,
     /// Client connections open now (TCP), against `max_connections`.
     pub open_connections: usize,
     pub max_connections: usize,
@@ -286,25 +371,12 @@ impl ServiceState {
         let endpoints = set
             .upstreams()
             .iter()
-            .zip(set.views())
-            .map(|(upstream, view)| {
-                let failing = upstream.health.failures();
-                let c = &upstream.counters;
-                EndpointView {
-                    address: upstream.addr.to_string(),
-                    state: if failing > 0 { "failing" } else { "serving" },
-                    weight: view.weight,
-                    active: view.active_connections(),
-                    consecutive_failures: failing,
-                    connections: counters::read(&c.connections),
-                    connect_failures: ConnectFailure::ALL
-                        .iter()
-                        .map(|f| c.connect_failures(*f))
-                        .sum(),
-                    sent_bytes: counters::read(&c.bytes.sent),
-                    received_bytes: counters::read(&c.bytes.received),
-                }
-            })
+            .map(|upstream| EndpointView::of(upstream, true))
+            .chain(
+                set.out_of_rotation()
+                    .iter()
+                    .map(|upstream| EndpointView::of(upstream, false)),
+            )
             .collect();
         let service_counters = &self.service.counters;
         let failed = ServiceFailure::ALL
@@ -335,6 +407,7 @@ impl ServiceState {
             balancer: self.balancer.clone(),
             discovery: self.discovery.view(),
             endpoints,
+            panic: set.panic(),
             open_connections: self.service.limit.open(),
             max_connections: self.service.limit.max(),
             accepted: counters::read(&service_counters.accepted),
