@@ -271,6 +271,9 @@ impl ServiceEndpoints {
         inner.excluded = excluded;
         let mut change = SetChange::default();
         self.rebuild(&mut inner, context, &mut change, true, prepare);
+        drop(inner);
+        // The set may have started a timer (a hold-down, a drain) the task does not wait for.
+        self.wake.notify_one();
         change
     }
 

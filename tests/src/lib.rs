@@ -191,7 +191,12 @@ impl Upstream {
     /// Like [`Upstream::start`] on another local address (e.g. Docker's bridge gateway, for
     /// containers to reach).
     pub fn start_on(name: &str, ip: std::net::IpAddr) -> Upstream {
-        let listener = TcpListener::bind((ip, 0)).expect("bind upstream");
+        Upstream::start_at(name, SocketAddr::new(ip, 0))
+    }
+
+    /// Like [`Upstream::start`] on `addr`: a stopped upstream coming back where it was.
+    pub fn start_at(name: &str, addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr).expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         listener.set_nonblocking(true).expect("nonblocking");
         let accepted = Arc::new(AtomicUsize::new(0));
