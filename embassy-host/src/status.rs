@@ -167,6 +167,12 @@ fn render_services(list: &[Value]) -> String {
             let owners: Vec<String> = owners.iter().map(text).collect();
             let _ = writeln!(out, "  for: {}", owners.join(", "));
         }
+        if service["panic"] == true {
+            let _ = writeln!(
+                out,
+                "  panic: too few endpoints are fit, so all of them are in rotation"
+            );
+        }
         out.push_str(&endpoint_table(endpoints));
     }
     out
@@ -177,13 +183,13 @@ fn endpoint_table(endpoints: &[Value]) -> String {
         return "  no endpoints\n".to_string();
     }
     let mut out = format!(
-        "  {:<28} {:<8} {:>6} {:>7} {:>9} {:>8} {:>9} {:>9}\n",
+        "  {:<28} {:<13} {:>6} {:>7} {:>9} {:>8} {:>9} {:>9}\n",
         "ENDPOINT", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "FAILED", "SENT", "RECEIVED"
     );
     for endpoint in endpoints {
         let _ = writeln!(
             out,
-            "  {:<28} {:<8} {:>6} {:>7} {:>9} {:>8} {:>9} {:>9}",
+            "  {:<28} {:<13} {:>6} {:>7} {:>9} {:>8} {:>9} {:>9}",
             text(&endpoint["address"]),
             text(&endpoint["state"]),
             text(&endpoint["weight"]),
@@ -193,8 +199,26 @@ fn endpoint_table(endpoints: &[Value]) -> String {
             bytes(&endpoint["sent_bytes"]),
             bytes(&endpoint["received_bytes"]),
         );
+        if let Some(reason) = endpoint["reason"].as_str() {
+            let until = endpoint["until"]
+                .as_f64()
+                .map(|until| format!(", for {}s more", (until - now_unix()).max(0.0).round()))
+                .unwrap_or_default();
+            let rotation = if endpoint["in_rotation"] == true && endpoint["state"] != "held_down" {
+                " (in rotation: panic)"
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "    {reason}{until}{rotation}");
+        }
     }
     out
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
 }
 
 /// `, 3 failed (2 connect_refused, 1 no_endpoint)`, or nothing when none failed.
@@ -272,6 +296,28 @@ mod tests {
         check(json!(3u64 << 40), "3.0T");
         check(json!(5u64 << 50), "5120.0T");
         check(json!(null), "-");
+    }
+
+    #[test]
+    fn an_endpoint_out_of_rotation_says_why_and_for_how_long() {
+        let until = now_unix() + 30.0;
+        let table = endpoint_table(&[
+            json!({"address": "127.0.0.1:1", "state": "serving", "in_rotation": true}),
+            json!({"address": "127.0.0.1:2", "state": "ejected", "in_rotation": false,
+                   "reason": "3 connect failures in a row (ejection 1 in a row)", "until": until}),
+            json!({"address": "127.0.0.1:3", "state": "check_failing", "in_rotation": true,
+                   "reason": "status 503"}),
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 6, "{table}");
+        assert!(lines[2].contains("ejected"), "{table}");
+        assert!(
+            lines[3].trim() == "3 connect failures in a row (ejection 1 in a row), for 30s more"
+                || lines[3].trim()
+                    == "3 connect failures in a row (ejection 1 in a row), for 29s more",
+            "{table}"
+        );
+        assert_eq!(lines[5].trim(), "status 503 (in rotation: panic)");
     }
 
     #[test]
