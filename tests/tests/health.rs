@@ -302,3 +302,201 @@ fn connection_to(s: &Setup, name: &str) -> Client {
     }
     panic!("no connection reached {name} in 100 tries");
 }
+
+/// A real HTTP/1.1 server on loopback: `GET /healthz` answers with the status the test sets,
+/// any other path `200` with the server's name as the body. One connection per request.
+struct HttpServer {
+    addr: SocketAddr,
+    health: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HttpServer {
+    fn start(name: &str) -> HttpServer {
+        use std::{
+            io::{BufRead, BufReader, Write},
+            sync::{
+                atomic::{AtomicBool, AtomicU16, Ordering},
+                Arc,
+            },
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind http");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let health = Arc::new(AtomicU16::new(200));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (status, stopped, name) = (Arc::clone(&health), Arc::clone(&stop), name.to_string());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = BufReader::new(stream);
+                let mut request = String::new();
+                if reader.read_line(&mut request).is_err() {
+                    continue;
+                }
+                loop {
+                    let mut header = String::new();
+                    match reader.read_line(&mut header) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) if header == "\r\n" => break,
+                        Ok(_) => {}
+                    }
+                }
+                let (code, body) = if request.starts_with("GET /healthz ") {
+                    (status.load(Ordering::Relaxed), "health".to_string())
+                } else {
+                    (200, name.clone())
+                };
+                let _ = write!(
+                    reader.get_mut(),
+                    "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        HttpServer { addr, health, stop }
+    }
+
+    fn set_health(&self, status: u16) {
+        self.health
+            .store(status, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Setup {
+    /// `n` HTTP requests through the proxy, counted by the server that answered.
+    fn http_load(&self, n: usize) -> std::collections::HashMap<String, usize> {
+        let proxy: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let mut counts = std::collections::HashMap::new();
+        for i in 0..n {
+            let (status, body) = http_get_tcp(proxy, "/")
+                .unwrap_or_else(|error| panic!("request {i} of {n} failed: {error:#}"));
+            assert_eq!(status, 200);
+            *counts.entry(body).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+const FAST_CHECKS: &str = ";check_interval=200ms;check_timeout=500ms;check_rise=2;check_fall=2";
+
+#[test]
+fn an_http_check_takes_out_an_endpoint_answering_503_and_brings_it_back_on_200() {
+    let (x, y) = (HttpServer::start("x"), HttpServer::start("y"));
+    let s = start(&[x.addr, y.addr], &format!(";check=http:/healthz{FAST_CHECKS}"));
+    s.wait_endpoint(y.addr, |e| e["state"] == "serving");
+    assert_eq!(s.http_load(10).len(), 2, "both serve");
+
+    y.set_health(503);
+    let failing = s.wait_endpoint(y.addr, |e| e["state"] == "check_failing");
+    assert_eq!(failing["in_rotation"], false);
+    assert!(
+        failing["reason"].as_str().is_some_and(|r| r.contains("503")),
+        "the last check's error: {failing}"
+    );
+    let counts = s.http_load(20);
+    assert_eq!(counts.get("y"), None, "{counts:?}");
+
+    y.set_health(200);
+    s.wait_endpoint(y.addr, |e| e["state"] == "serving");
+    assert!(
+        eventually(Duration::from_secs(5), || s
+            .http_load(4)
+            .contains_key("y")),
+        "y serves again"
+    );
+}
+
+#[test]
+fn an_upstream_that_accepts_but_never_answers_is_taken_out_by_its_check() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    // Connects succeed (the kernel completes them in the backlog), nothing ever answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung_addr = hung.local_addr().expect("addr");
+    let s = start(
+        &[a.addr, b.addr, hung_addr],
+        &format!(";check=send:hello,expect:hello{FAST_CHECKS}"),
+    );
+    let out = s.wait_endpoint(hung_addr, |e| e["state"] == "check_failing");
+    assert!(
+        out["reason"].as_str().is_some_and(|r| r.contains("timed out")),
+        "{out}"
+    );
+    s.wait_endpoint(a.addr, |e| e["state"] == "serving");
+    s.wait_endpoint(b.addr, |e| e["state"] == "serving");
+    let counts = s.load(30);
+    assert_eq!(counts.values().sum::<usize>(), 30, "every connection answered");
+    drop(hung);
+}
+
+#[test]
+fn when_every_check_fails_traffic_still_flows_to_all_endpoints() {
+    let servers: Vec<HttpServer> = ["x", "y", "z"].into_iter().map(HttpServer::start).collect();
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let s = start(&addrs, &format!(";check=http:/healthz{FAST_CHECKS}"));
+    for server in &servers {
+        server.set_health(503);
+    }
+    let view = s
+        .proxy
+        .embassy
+        .wait_for_service(&s.id(), Duration::from_secs(10), |view| {
+            view["panic"] == true
+                && view["endpoints"]
+                    .as_array()
+                    .is_some_and(|e| e.iter().all(|e| e["state"] == "check_failing"))
+        })
+        .expect("all failing: panic");
+    assert!(
+        view["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.iter().all(|e| e["in_rotation"] == true)),
+        "all in rotation: {view}"
+    );
+    let counts = s.http_load(30);
+    assert_eq!(counts.len(), 3, "traffic reaches all three: {counts:?}");
+}
+
+#[test]
+fn a_udp_check_tells_an_echo_from_a_silent_socket() {
+    let echo = UdpUpstream::start("echo");
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let plugins = standard_plugin_dir(&[]);
+    let port = free_port();
+    let mut args: Vec<String> = service_arg(format!(
+        "dns;{port}/udp;check=udp:send:ping,expect:ping{FAST_CHECKS}"
+    ))
+    .into();
+    args.extend(["--discovery-opt".into(), "poll_interval=100ms".into()]);
+    let services = json!({ "dns": [
+        { "address": echo.addr.to_string(), "proto": "udp" },
+        { "address": silent_addr.to_string(), "proto": "udp" },
+    ]});
+    let proxy = FileBacked::start(&services, plugins.path(), &args);
+    let id = format!("udp-{port}");
+    let view = proxy
+        .embassy
+        .wait_for_service(&id, Duration::from_secs(10), |view| {
+            endpoint(view, silent_addr).is_some_and(|e| e["state"] == "check_failing")
+                && endpoint(view, echo.addr).is_some_and(|e| e["state"] == "serving")
+        })
+        .expect("the silent socket fails its check, the echo passes");
+    assert!(echo.received() > 0, "checked with real datagrams: {view}");
+    let mut client = UdpClient::new(port).expect("client");
+    for _ in 0..5 {
+        assert_eq!(client.whoami().expect("answer").upstream, "echo");
+    }
+    drop(silent);
+}
