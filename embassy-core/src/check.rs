@@ -1,0 +1,870 @@
+//! Active health checks: one checker per distinct (endpoint, check, parameters), shared by
+//! every service that declares it, each a small tokio task probing on a jittered interval.
+//!
+//! A service states the intent (`check=tcp`, `check=http:/healthz`,
+//! `check=send:PING,expect:PONG`, `check=udp:send:PING,expect:PONG`); [`Checks::subscribe`]
+//! hands back the shared [`CheckStatus`], whose state follows HAProxy's rise/fall rule: the
+//! first result decides, then `fall` failures in a row turn a passing endpoint failing and
+//! `rise` passes in a row bring it back, so one lost probe neither ejects nor readmits.
+//!
+//! Checks leave from Embassy's own network namespace, as the proxy's upstream connections do:
+//! their sockets are created on ordinary runtime threads, never on the `setns` threads that
+//! bind listeners inside containers. A check thus sees the endpoint exactly as a forwarded
+//! connection would (routes, firewall, name resolution), which is what its verdict is for.
+//!
+//! Nothing here is on the connection path: the path reads the state the host derives from a
+//! status, never the status itself. A checker logs one line per state change, never per check.
+//!
+//! # Spec grammar
+//!
+//! `tcp` | `http:<path>` | `send:<text>,expect:<text>` | `udp:send:<text>,expect:<text>`.
+//! A path starts with `/` and is printable ASCII. A text is non-empty; since a descriptor value
+//! holds no whitespace, `;` or (here) `,`, such bytes are written as escapes: `\r`, `\n`, `\t`,
+//! `\\`, and `\xHH` for any byte (`\x20` a space, `\x2c` a comma, `\x3b` a semicolon). The
+//! parser is strict (an unknown escape, a stray part or an empty text is an error naming it)
+//! and `Display` prints the canonical form, which parses back equal.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    io::{self, ErrorKind},
+    net::SocketAddr,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use embassy_plugin_api::support::Backoff;
+use thiserror::Error;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, UdpSocket},
+    runtime::Handle,
+    sync::Notify,
+    time::{timeout_at, Instant},
+};
+use tracing::{debug, info, warn};
+
+use crate::endpoints::UpstreamAddr;
+
+/// Between two checks of one endpoint, jittered a quarter either way. HAProxy's `inter`
+/// default: an endpoint that dies is out within `fall` intervals (about 6 s with the default
+/// fall), at one cheap connection per endpoint every 2 s.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Deadline of one check, connect and exchange together. Shorter than the interval so a check
+/// is over before the next is due; a healthy endpoint on a LAN answers in milliseconds, so a
+/// second means it is stuck (HAProxy falls back to `inter` itself, which lets one hung probe
+/// stretch detection by a whole interval).
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Passes in a row that bring a failing endpoint back: HAProxy's default, so one lucky probe
+/// of a flapping endpoint does not readmit it.
+pub const DEFAULT_CHECK_RISE: u32 = 2;
+
+/// Failures in a row that take a passing endpoint out: HAProxy's default, so one dropped probe
+/// (a full backlog, a lost SYN) does not eject a healthy endpoint.
+pub const DEFAULT_CHECK_FALL: u32 = 3;
+
+/// Most bytes of a reply a check reads looking for its status line or expected text: a
+/// health answer is short, and a bound keeps a chatty endpoint from costing memory.
+pub const MAX_REPLY: usize = 4096;
+
+/// What a consumer declares in its descriptor as `check=<spec>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CheckSpec {
+    /// `tcp`: the connect succeeds.
+    Tcp,
+    /// `http:/healthz`: `GET path HTTP/1.1` (Host: the endpoint, Connection: close) answered
+    /// with a 2xx or 3xx status, HAProxy's rule.
+    Http { path: String },
+    /// `send:PING,expect:PONG`: over TCP, `send` followed by `\r\n` (line protocols such as
+    /// Redis inline commands); passes once the reply (up to [`MAX_REPLY`] bytes) contains
+    /// `expect`.
+    Send { send: Vec<u8>, expect: Vec<u8> },
+    /// `udp:send:PING,expect:PONG`: one datagram exactly `send` (no line end); passes if the
+    /// reply datagram contains `expect`.
+    Udp { send: Vec<u8>, expect: Vec<u8> },
+}
+
+/// What is wrong with a check spec.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CheckSpecError {
+    #[error("check is empty: expected tcp, http:<path>, send:<text>,expect:<text> or udp:send:<text>,expect:<text>")]
+    Empty,
+    #[error("unknown check {0:?}: expected tcp, http:<path>, send:<text>,expect:<text> or udp:send:<text>,expect:<text>")]
+    Unknown(String),
+    #[error("http check path {0:?} does not start with '/'")]
+    PathNotAbsolute(String),
+    #[error("http check path {path:?} contains {found:?}: a path is printable ASCII with no ';'")]
+    InvalidPathChar { path: String, found: char },
+    #[error("check {0:?} is not of the form send:<text>,expect:<text>")]
+    NotSendExpect(String),
+    #[error("the {part} text of check {spec:?} is empty")]
+    EmptyText { spec: String, part: &'static str },
+    #[error(
+        "check text {text:?} has an unknown escape {escape:?}: use \\r, \\n, \\t, \\\\ or \\xHH"
+    )]
+    UnknownEscape { text: String, escape: String },
+    #[error("check text {text:?} contains {found:?}: write it as \\x{:02x}", *found as u32)]
+    Unescaped { text: String, found: char },
+}
+
+impl FromStr for CheckSpec {
+    type Err = CheckSpecError;
+
+    fn from_str(input: &str) -> Result<Self, CheckSpecError> {
+        if input.is_empty() {
+            return Err(CheckSpecError::Empty);
+        }
+        if input == "tcp" {
+            return Ok(CheckSpec::Tcp);
+        }
+        if let Some(path) = input.strip_prefix("http:") {
+            if !path.starts_with('/') {
+                return Err(CheckSpecError::PathNotAbsolute(path.to_string()));
+            }
+            if let Some(found) = path.chars().find(|&c| !c.is_ascii_graphic() || c == ';') {
+                return Err(CheckSpecError::InvalidPathChar {
+                    path: path.to_string(),
+                    found,
+                });
+            }
+            return Ok(CheckSpec::Http {
+                path: path.to_string(),
+            });
+        }
+        if let Some(rest) = input.strip_prefix("udp:") {
+            let (send, expect) = parse_send_expect(input, rest)?;
+            return Ok(CheckSpec::Udp { send, expect });
+        }
+        if input.starts_with("send:") {
+            let (send, expect) = parse_send_expect(input, input)?;
+            return Ok(CheckSpec::Send { send, expect });
+        }
+        Err(CheckSpecError::Unknown(input.to_string()))
+    }
+}
+
+/// `send:<text>,expect:<text>` of `spec`.
+fn parse_send_expect(spec: &str, text: &str) -> Result<(Vec<u8>, Vec<u8>), CheckSpecError> {
+    let (send, expect) = text
+        .strip_prefix("send:")
+        .and_then(|rest| rest.split_once(",expect:"))
+        .ok_or_else(|| CheckSpecError::NotSendExpect(spec.to_string()))?;
+    let empty = |part| CheckSpecError::EmptyText {
+        spec: spec.to_string(),
+        part,
+    };
+    if send.is_empty() {
+        return Err(empty("send"));
+    }
+    if expect.is_empty() {
+        return Err(empty("expect"));
+    }
+    Ok((unescape(send)?, unescape(expect)?))
+}
+
+/// The bytes `text` stands for, in the escape grammar of the module doc.
+fn unescape(text: &str) -> Result<Vec<u8>, CheckSpecError> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            if !c.is_ascii_graphic() || matches!(c, ',' | ';') {
+                return Err(CheckSpecError::Unescaped {
+                    text: text.to_string(),
+                    found: c,
+                });
+            }
+            bytes.push(c as u8);
+            continue;
+        }
+        let unknown = |escape: String| CheckSpecError::UnknownEscape {
+            text: text.to_string(),
+            escape,
+        };
+        match chars.next() {
+            Some('r') => bytes.push(b'\r'),
+            Some('n') => bytes.push(b'\n'),
+            Some('t') => bytes.push(b'\t'),
+            Some('\\') => bytes.push(b'\\'),
+            Some('x') => {
+                let high = chars.next();
+                let low = chars.next();
+                match (
+                    high.and_then(|h| h.to_digit(16)),
+                    low.and_then(|l| l.to_digit(16)),
+                ) {
+                    (Some(h), Some(l)) => bytes.push((h * 16 + l) as u8),
+                    _ => {
+                        return Err(unknown(
+                            ['\\', 'x'].into_iter().chain(high).chain(low).collect(),
+                        ))
+                    }
+                }
+            }
+            Some(other) => return Err(unknown(format!("\\{other}"))),
+            None => return Err(unknown("\\".to_string())),
+        }
+    }
+    Ok(bytes)
+}
+
+/// `bytes` in the canonical escaped form.
+struct Escaped<'a>(&'a [u8]);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for &byte in self.0 {
+            match byte {
+                b'\r' => f.write_str("\\r")?,
+                b'\n' => f.write_str("\\n")?,
+                b'\t' => f.write_str("\\t")?,
+                b'\\' => f.write_str("\\\\")?,
+                b',' | b';' => write!(f, "\\x{byte:02x}")?,
+                _ if byte.is_ascii_graphic() => write!(f, "{}", byte as char)?,
+                _ => write!(f, "\\x{byte:02x}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for CheckSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckSpec::Tcp => f.write_str("tcp"),
+            CheckSpec::Http { path } => write!(f, "http:{path}"),
+            CheckSpec::Send { send, expect } => {
+                write!(f, "send:{},expect:{}", Escaped(send), Escaped(expect))
+            }
+            CheckSpec::Udp { send, expect } => {
+                write!(f, "udp:send:{},expect:{}", Escaped(send), Escaped(expect))
+            }
+        }
+    }
+}
+
+/// How often and how strictly an endpoint is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CheckParams {
+    /// Between checks (jittered a quarter either way); the next starts after one ends.
+    pub interval: Duration,
+    /// Deadline of one check, connect and exchange together.
+    pub timeout: Duration,
+    /// Passes in a row that turn failing into passing; 0 counts as 1.
+    pub rise: u32,
+    /// Failures in a row that turn passing into failing; 0 counts as 1.
+    pub fall: u32,
+}
+
+impl Default for CheckParams {
+    fn default() -> Self {
+        CheckParams {
+            interval: DEFAULT_CHECK_INTERVAL,
+            timeout: DEFAULT_CHECK_TIMEOUT,
+            rise: DEFAULT_CHECK_RISE,
+            fall: DEFAULT_CHECK_FALL,
+        }
+    }
+}
+
+/// One checker's identity: services declaring the same endpoint, check and parameters share it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CheckKey {
+    pub addr: UpstreamAddr,
+    pub spec: CheckSpec,
+    pub params: CheckParams,
+}
+
+/// An endpoint's check result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CheckState {
+    /// No check has finished yet.
+    Unknown,
+    Passing,
+    Failing,
+}
+
+impl CheckState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Unknown => "unknown",
+            CheckState::Passing => "passing",
+            CheckState::Failing => "failing",
+        }
+    }
+
+    fn from_u8(value: u8) -> CheckState {
+        match value {
+            1 => CheckState::Passing,
+            2 => CheckState::Failing,
+            _ => CheckState::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for CheckState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why one check failed; [`CheckStatus::last_error`] is its text.
+#[derive(Debug, Error)]
+pub enum CheckError {
+    #[error("cannot resolve {name}: {error}")]
+    Resolve { name: String, error: io::Error },
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+    #[error("connect refused")]
+    Refused,
+    #[error("connect failed: {0}")]
+    Connect(io::Error),
+    #[error("timed out after {after:?} {doing}")]
+    Timeout {
+        after: Duration,
+        doing: &'static str,
+    },
+    #[error("{doing} failed: {error}")]
+    Io {
+        doing: &'static str,
+        error: io::Error,
+    },
+    #[error("port unreachable (nothing listens on it)")]
+    Unreachable,
+    #[error("closed without a reply")]
+    Closed,
+    #[error("status {0}")]
+    Status(u16),
+    #[error("not an HTTP response: {0:?}")]
+    NotHttp(String),
+    #[error("reply did not contain \"{0}\"")]
+    Missing(String),
+}
+
+/// An endpoint's shared check status: written by its checker, read by the host and the
+/// operator's views. Atomics, plus a small lock for the last error.
+#[derive(Debug)]
+pub struct CheckStatus {
+    key: CheckKey,
+    state: AtomicU8,
+    /// When the state last changed, in nanoseconds since the Unix epoch.
+    since: AtomicU64,
+    checks: AtomicU64,
+    failures: AtomicU64,
+    last_error: Mutex<Option<CheckError>>,
+    /// Notified on each state change.
+    watchers: Mutex<Vec<Weak<Notify>>>,
+    /// Wakes the checker to stop when the last holder drops this status.
+    stop: Arc<Notify>,
+}
+
+impl CheckStatus {
+    fn new(key: CheckKey) -> CheckStatus {
+        CheckStatus {
+            key,
+            state: AtomicU8::new(CheckState::Unknown as u8),
+            since: AtomicU64::new(unix_nanos(SystemTime::now())),
+            checks: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            watchers: Mutex::new(Vec::new()),
+            stop: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn state(&self) -> CheckState {
+        CheckState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// When the state last changed (or the checker started, while unknown).
+    pub fn since(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.since.load(Ordering::Acquire))
+    }
+
+    /// The last failed check's error, kept after the endpoint passes again.
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).as_ref().map(ToString::to_string)
+    }
+
+    pub fn key(&self) -> &CheckKey {
+        &self.key
+    }
+
+    /// Checks finished so far.
+    pub fn checks(&self) -> u64 {
+        self.checks.load(Ordering::Acquire)
+    }
+
+    /// Checks failed so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Acquire)
+    }
+
+    fn watch(&self, on_change: Weak<Notify>) {
+        let mut watchers = lock(&self.watchers);
+        watchers.retain(|w| w.strong_count() > 0);
+        if !watchers.iter().any(|w| w.ptr_eq(&on_change)) {
+            watchers.push(on_change);
+        }
+    }
+
+    /// Counts one result (counters first, so whoever sees a new state sees its counts).
+    fn record(&self, result: &Result<(), CheckError>) {
+        if result.is_err() {
+            self.failures.fetch_add(1, Ordering::AcqRel);
+        }
+        self.checks.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn set_state(&self, state: CheckState) {
+        self.since
+            .store(unix_nanos(SystemTime::now()), Ordering::Release);
+        self.state.store(state as u8, Ordering::Release);
+        let mut watchers = lock(&self.watchers);
+        watchers.retain(|watcher| match watcher.upgrade() {
+            Some(notify) => {
+                notify.notify_one();
+                true
+            }
+            None => false,
+        });
+    }
+}
+
+impl Drop for CheckStatus {
+    fn drop(&mut self) {
+        // A stored permit: the checker stops even if it is mid-check now.
+        self.stop.notify_one();
+    }
+}
+
+fn unix_nanos(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// A lock whose data stays valid if a holder panicked (a counter list, an error text).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// HAProxy's rise/fall counting over one endpoint's results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    state: CheckState,
+    /// Results in a row that disagree with `state`.
+    against: u32,
+}
+
+impl Tally {
+    const START: Tally = Tally {
+        state: CheckState::Unknown,
+        against: 0,
+    };
+
+    /// Counts one result; the new state if it changed, with the results in a row that did it.
+    fn record(&mut self, passed: bool, rise: u32, fall: u32) -> Option<(CheckState, u32)> {
+        let (agrees, turns_to, needed) = match self.state {
+            CheckState::Unknown => (false, verdict(passed), 1),
+            CheckState::Passing => (passed, CheckState::Failing, fall.max(1)),
+            CheckState::Failing => (!passed, CheckState::Passing, rise.max(1)),
+        };
+        if agrees {
+            self.against = 0;
+            return None;
+        }
+        self.against += 1;
+        if self.against < needed {
+            return None;
+        }
+        *self = Tally {
+            state: turns_to,
+            against: 0,
+        };
+        Some((turns_to, needed))
+    }
+}
+
+fn verdict(passed: bool) -> CheckState {
+    if passed {
+        CheckState::Passing
+    } else {
+        CheckState::Failing
+    }
+}
+
+/// The process's checkers: one per distinct [`CheckKey`], shared by every service that uses it.
+pub struct Checks {
+    handle: Option<Handle>,
+    registry: Arc<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    statuses: Mutex<HashMap<CheckKey, Weak<CheckStatus>>>,
+    running: AtomicUsize,
+}
+
+impl fmt::Debug for Checks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checks")
+            .field("running", &self.running())
+            .finish()
+    }
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        Checks::new(Handle::try_current().ok())
+    }
+}
+
+impl Checks {
+    /// Checkers run on `handle`, or (`None`) on the runtime current at each subscribe.
+    pub fn new(handle: Option<Handle>) -> Self {
+        Checks {
+            handle,
+            registry: Arc::default(),
+        }
+    }
+
+    /// Returns the shared status for `key`, starting its checker if none runs. `on_change` is
+    /// notified (`notify_one`, so a permit is stored) each time the state changes. The checker
+    /// stops once every `Arc<CheckStatus>` for it is dropped: it holds only a `Weak`.
+    ///
+    /// # Panics
+    ///
+    /// When a checker must start and there is neither a handle nor a current runtime: a
+    /// host that wires checks without a runtime is a programming error, not an input one.
+    pub fn subscribe(&self, key: CheckKey, on_change: Weak<Notify>) -> Arc<CheckStatus> {
+        let mut statuses = lock(&self.registry.statuses);
+        if let Some(status) = statuses.get(&key).and_then(Weak::upgrade) {
+            status.watch(on_change);
+            return status;
+        }
+        let status = Arc::new(CheckStatus::new(key.clone()));
+        status.watch(on_change);
+        let handle = match &self.handle {
+            Some(handle) => handle.clone(),
+            None => Handle::try_current()
+                .unwrap_or_else(|_| panic!("Checks::subscribe needs a tokio runtime or a handle")),
+        };
+        statuses.insert(key, Arc::downgrade(&status));
+        drop(statuses);
+        self.registry.running.fetch_add(1, Ordering::AcqRel);
+        let running = Running {
+            registry: Arc::clone(&self.registry),
+            status: Arc::downgrade(&status),
+        };
+        handle.spawn(run_checker(running, Arc::clone(&status.stop)));
+        status
+    }
+
+    /// Checkers running now.
+    pub fn running(&self) -> usize {
+        self.registry.running.load(Ordering::Acquire)
+    }
+}
+
+/// A running checker's place in the registry, given up when its task ends (or is dropped
+/// with its runtime).
+struct Running {
+    registry: Arc<Registry>,
+    status: Weak<CheckStatus>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut statuses = lock(&self.registry.statuses);
+        // Only our own entry: a new subscriber may already have replaced it.
+        statuses.retain(|_, weak| !weak.ptr_eq(&self.status));
+        drop(statuses);
+        self.registry.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn run_checker(running: Running, stop: Arc<Notify>) {
+    let Some(key) = running.status.upgrade().map(|s| s.key.clone()) else {
+        return;
+    };
+    let probe = Probe::new(&key);
+    let CheckParams {
+        interval,
+        rise,
+        fall,
+        ..
+    } = key.params;
+    // The jitter of the one backoff, held at one base: each wait is `interval` ± a quarter.
+    let mut pace = Backoff::new(interval, interval);
+    let mut tally = Tally::START;
+    debug!(upstream = %key.addr, check = %key.spec, "checker started");
+    loop {
+        let result = tokio::select! {
+            result = probe.run(&key) => result,
+            () = stop.notified() => break,
+        };
+        let Some(status) = running.status.upgrade() else {
+            break;
+        };
+        status.record(&result);
+        let was = tally.state;
+        let changed = tally.record(result.is_ok(), rise, fall);
+        match (&result, changed) {
+            (Err(error), Some((_, failures))) => warn!(
+                upstream = %key.addr, check = %key.spec, %error, failures,
+                "check failing; it passes again after {} pass(es) in a row", rise.max(1)
+            ),
+            (Ok(()), Some(_)) if was == CheckState::Unknown => {
+                debug!(upstream = %key.addr, check = %key.spec, "check passing")
+            }
+            (Ok(()), Some((_, passes))) => info!(
+                upstream = %key.addr, check = %key.spec, passes, "check passing again"
+            ),
+            _ => {}
+        }
+        if let Err(error) = result {
+            *lock(&status.last_error) = Some(error);
+        }
+        if let Some((state, _)) = changed {
+            status.set_state(state);
+        }
+        drop(status);
+        tokio::select! {
+            () = tokio::time::sleep(pace.next_wait()) => {}
+            () = stop.notified() => break,
+        }
+    }
+    debug!(upstream = %key.addr, check = %key.spec, "checker stopped: no service uses it");
+    drop(running);
+}
+
+/// What one checker sends, built once.
+struct Probe {
+    /// The request bytes: HTTP request, line plus `\r\n`, or datagram.
+    request: Vec<u8>,
+    deadline: Duration,
+}
+
+impl Probe {
+    fn new(key: &CheckKey) -> Probe {
+        let request = match &key.spec {
+            CheckSpec::Tcp => Vec::new(),
+            CheckSpec::Http { path } => format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: embassy-check\r\nConnection: close\r\n\r\n",
+                key.addr
+            )
+            .into_bytes(),
+            CheckSpec::Send { send, .. } => [send.as_slice(), b"\r\n"].concat(),
+            CheckSpec::Udp { send, .. } => send.clone(),
+        };
+        Probe {
+            request,
+            deadline: key.params.timeout,
+        }
+    }
+
+    async fn run(&self, key: &CheckKey) -> Result<(), CheckError> {
+        let deadline = Instant::now() + self.deadline;
+        let timed_out = |doing| CheckError::Timeout {
+            after: self.deadline,
+            doing,
+        };
+        if let CheckSpec::Udp { expect, .. } = &key.spec {
+            return timeout_at(deadline, self.udp(&key.addr, expect))
+                .await
+                .unwrap_or_else(|_| Err(timed_out("waiting for a reply")));
+        }
+        let mut stream = timeout_at(deadline, connect(&key.addr))
+            .await
+            .unwrap_or_else(|_| Err(timed_out("connecting")))?;
+        let expect: &[u8] = match &key.spec {
+            CheckSpec::Tcp | CheckSpec::Udp { .. } => return Ok(()),
+            CheckSpec::Http { .. } => b"\r\n",
+            CheckSpec::Send { expect, .. } => expect,
+        };
+        let reply = timeout_at(deadline, exchange(&mut stream, &self.request, expect))
+            .await
+            .unwrap_or_else(|_| Err(timed_out("waiting for a reply")))?;
+        match &key.spec {
+            CheckSpec::Http { .. } => http_status(&reply),
+            CheckSpec::Send { .. } if !reply.found => Err(missing(expect)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn udp(&self, addr: &UpstreamAddr, expect: &[u8]) -> Result<(), CheckError> {
+        let target = match addr {
+            UpstreamAddr::Socket(addr) => *addr,
+            UpstreamAddr::Named(name) => tokio::net::lookup_host(name.as_str())
+                .await
+                .map_err(|error| CheckError::Resolve {
+                    name: name.clone(),
+                    error,
+                })?
+                .next()
+                .ok_or_else(|| CheckError::NoAddress(name.clone()))?,
+        };
+        let local: SocketAddr = if target.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let io = |doing| move |error| CheckError::Io { doing, error };
+        let socket = UdpSocket::bind(local).await.map_err(io("bind"))?;
+        // Connected: the kernel drops datagrams from anyone else and reports port unreachable.
+        socket.connect(target).await.map_err(io("connect"))?;
+        let refused = |error: io::Error, doing| match error.kind() {
+            ErrorKind::ConnectionRefused => CheckError::Unreachable,
+            _ => CheckError::Io { doing, error },
+        };
+        socket
+            .send(&self.request)
+            .await
+            .map_err(|e| refused(e, "send"))?;
+        let mut reply = vec![0u8; MAX_REPLY];
+        let n = socket
+            .recv(&mut reply)
+            .await
+            .map_err(|e| refused(e, "receive"))?;
+        let reply = Reply {
+            found: contains(&reply[..n], expect),
+            bytes: {
+                reply.truncate(n);
+                reply
+            },
+        };
+        if reply.found {
+            Ok(())
+        } else {
+            Err(missing(expect))
+        }
+    }
+}
+
+async fn connect(addr: &UpstreamAddr) -> Result<TcpStream, CheckError> {
+    let failed = |error: io::Error| match error.kind() {
+        ErrorKind::ConnectionRefused => CheckError::Refused,
+        _ => CheckError::Connect(error),
+    };
+    let name = match addr {
+        UpstreamAddr::Socket(addr) => return TcpStream::connect(*addr).await.map_err(failed),
+        UpstreamAddr::Named(name) => name,
+    };
+    // Resolved at each check, so a name that moves is followed; every address is tried, as
+    // the connection path would.
+    let addresses = tokio::net::lookup_host(name.as_str())
+        .await
+        .map_err(|error| CheckError::Resolve {
+            name: name.clone(),
+            error,
+        })?;
+    let mut last = None;
+    for address in addresses {
+        match TcpStream::connect(address).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.map_or_else(|| CheckError::NoAddress(name.clone()), failed))
+}
+
+/// What a TCP exchange read.
+struct Reply {
+    bytes: Vec<u8>,
+    /// The reply holds the wanted bytes.
+    found: bool,
+}
+
+/// Writes `request` (if any), then reads until the reply contains `until`, the peer closes,
+/// or [`MAX_REPLY`] bytes are in.
+async fn exchange(
+    stream: &mut TcpStream,
+    request: &[u8],
+    until: &[u8],
+) -> Result<Reply, CheckError> {
+    stream
+        .write_all(request)
+        .await
+        .map_err(|error| CheckError::Io {
+            doing: "send",
+            error,
+        })?;
+    let mut bytes = Vec::with_capacity(256);
+    loop {
+        if bytes.len() >= MAX_REPLY {
+            return Ok(Reply {
+                bytes,
+                found: false,
+            });
+        }
+        let start = bytes.len();
+        let room = (MAX_REPLY - start).min(1024);
+        bytes.resize(start + room, 0);
+        let read = stream.read(&mut bytes[start..]).await;
+        let n = match read {
+            Ok(n) => n,
+            // A reset after the reply began is the peer's way of closing; judge what came.
+            Err(_) if start > 0 => 0,
+            Err(error) => {
+                return Err(CheckError::Io {
+                    doing: "receive",
+                    error,
+                })
+            }
+        };
+        bytes.truncate(start + n);
+        if n == 0 {
+            if bytes.is_empty() {
+                return Err(CheckError::Closed);
+            }
+            return Ok(Reply {
+                found: false,
+                bytes,
+            });
+        }
+        // The wanted bytes may straddle reads: search from where they could begin.
+        let from = start.saturating_sub(until.len().saturating_sub(1));
+        if contains(&bytes[from..], until) {
+            return Ok(Reply { bytes, found: true });
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn missing(expect: &[u8]) -> CheckError {
+    CheckError::Missing(Escaped(expect).to_string())
+}
+
+/// 2xx or 3xx from the status line at the start of `reply`.
+fn http_status(reply: &Reply) -> Result<(), CheckError> {
+    let line = reply
+        .bytes
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let text = std::str::from_utf8(line).unwrap_or_default();
+    let not_http = || CheckError::NotHttp(Escaped(&line[..line.len().min(64)]).to_string());
+    let mut parts = text.splitn(3, ' ');
+    let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
+        return Err(not_http());
+    };
+    if !reply.found || !version.starts_with("HTTP/1.") || code.len() != 3 {
+        return Err(not_http());
+    }
+    let status: u16 = code.parse().map_err(|_| not_http())?;
+    match status {
+        200..=399 => Ok(()),
+        100..=599 => Err(CheckError::Status(status)),
+        _ => Err(not_http()),
+    }
+}
