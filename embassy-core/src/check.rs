@@ -868,3 +868,552 @@ fn http_status(reply: &Reply) -> Result<(), CheckError> {
         _ => Err(not_http()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU16;
+
+    use tokio::{io::AsyncBufReadExt, net::TcpListener, task::JoinHandle};
+
+    use super::*;
+
+    /// Parses `input`: the canonical form (which must parse back equal), or `error: ...`.
+    fn check(input: &str, expected: &str) {
+        let actual = match input.parse::<CheckSpec>() {
+            Ok(spec) => {
+                let canonical = spec.to_string();
+                let reparsed: CheckSpec = canonical.parse().expect("canonical form parses");
+                assert_eq!(reparsed, spec, "round trip of {input:?}");
+                canonical
+            }
+            Err(error) => format!("error: {error}"),
+        };
+        assert_eq!(actual, expected, "input {input:?}");
+    }
+
+    #[test]
+    fn specs_parse_strictly_and_print_canonically() {
+        check("tcp", "tcp");
+        check("http:/", "http:/");
+        check("http:/healthz", "http:/healthz");
+        check("http:/health?full=1&x=%20", "http:/health?full=1&x=%20");
+        check("send:PING,expect:PONG", "send:PING,expect:PONG");
+        check("udp:send:PING,expect:PONG", "udp:send:PING,expect:PONG");
+        // Escapes: the canonical form names a byte its shortest way.
+        check(
+            "send:a\\x0d\\x0A,expect:\\r\\n",
+            "send:a\\r\\n,expect:\\r\\n",
+        );
+        check(
+            "send:a\\x2cb\\x3b\\x20c,expect:\\\\",
+            "send:a\\x2cb\\x3b\\x20c,expect:\\\\",
+        );
+        check(
+            "send:\\t\\xff\\x00,expect:+OK",
+            "send:\\t\\xff\\x00,expect:+OK",
+        );
+        check("send:expect:,expect:x", "send:expect:,expect:x");
+
+        let kinds =
+            "expected tcp, http:<path>, send:<text>,expect:<text> or udp:send:<text>,expect:<text>";
+        check("", &format!("error: check is empty: {kinds}"));
+        check("TCP", &format!("error: unknown check \"TCP\": {kinds}"));
+        check("tcp:", &format!("error: unknown check \"tcp:\": {kinds}"));
+        check(
+            "https:/x",
+            &format!("error: unknown check \"https:/x\": {kinds}"),
+        );
+        check("udp", &format!("error: unknown check \"udp\": {kinds}"));
+        check(
+            "http:healthz",
+            "error: http check path \"healthz\" does not start with '/'",
+        );
+        check(
+            "http:",
+            "error: http check path \"\" does not start with '/'",
+        );
+        check(
+            "http:/a;b",
+            "error: http check path \"/a;b\" contains ';': a path is printable ASCII with no ';'",
+        );
+        check(
+            "http:/a b",
+            "error: http check path \"/a b\" contains ' ': a path is printable ASCII with no ';'",
+        );
+        check(
+            "send:PING",
+            "error: check \"send:PING\" is not of the form send:<text>,expect:<text>",
+        );
+        check(
+            "send:PING,expect",
+            "error: check \"send:PING,expect\" is not of the form send:<text>,expect:<text>",
+        );
+        check(
+            "udp:expect:PONG,send:PING",
+            "error: check \"udp:expect:PONG,send:PING\" is not of the form send:<text>,expect:<text>",
+        );
+        check(
+            "send:,expect:PONG",
+            "error: the send text of check \"send:,expect:PONG\" is empty",
+        );
+        check(
+            "udp:send:PING,expect:",
+            "error: the expect text of check \"udp:send:PING,expect:\" is empty",
+        );
+        check(
+            "send:a,b,expect:c",
+            "error: check text \"a,b\" contains ',': write it as \\x2c",
+        );
+        check(
+            "send:a,expect:b,c",
+            "error: check text \"b,c\" contains ',': write it as \\x2c",
+        );
+        check(
+            "send:a b,expect:c",
+            "error: check text \"a b\" contains ' ': write it as \\x20",
+        );
+        check(
+            "send:é,expect:c",
+            "error: check text \"é\" contains 'é': write it as \\xe9",
+        );
+        check(
+            "send:a\\q,expect:b",
+            "error: check text \"a\\\\q\" has an unknown escape \"\\\\q\": use \\r, \\n, \\t, \\\\ or \\xHH",
+        );
+        check(
+            "send:a\\x4,expect:b",
+            "error: check text \"a\\\\x4\" has an unknown escape \"\\\\x4\": use \\r, \\n, \\t, \\\\ or \\xHH",
+        );
+        check(
+            "send:a\\xzz,expect:b",
+            "error: check text \"a\\\\xzz\" has an unknown escape \"\\\\xzz\": use \\r, \\n, \\t, \\\\ or \\xHH",
+        );
+        check(
+            "send:a\\,expect:b",
+            "error: check text \"a\\\\\" has an unknown escape \"\\\\\": use \\r, \\n, \\t, \\\\ or \\xHH",
+        );
+    }
+
+    /// States after each result of `results` (`+` pass, `-` failure): `u`nknown, `P`, `F`.
+    fn tally(results: &str, rise: u32, fall: u32) -> String {
+        let mut tally = Tally::START;
+        results
+            .chars()
+            .map(|c| {
+                tally.record(c == '+', rise, fall);
+                match tally.state {
+                    CheckState::Unknown => 'u',
+                    CheckState::Passing => 'P',
+                    CheckState::Failing => 'F',
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_result_decides_then_rise_and_fall() {
+        assert_eq!(tally("+", 2, 3), "P");
+        assert_eq!(tally("-", 2, 3), "F");
+        assert_eq!(tally("+--+---", 2, 3), "PPPPPPF");
+        assert_eq!(tally("---++", 2, 3), "FFFFP");
+        assert_eq!(tally("-+-++", 2, 3), "FFFFP");
+        assert_eq!(tally("+-", 1, 1), "PF");
+        assert_eq!(tally("+-+", 0, 0), "PFP", "0 counts as 1");
+        assert_eq!(tally("+---+++", 3, 3), "PPPFFFP");
+    }
+
+    fn fast(rise: u32, fall: u32) -> CheckParams {
+        CheckParams {
+            interval: Duration::from_millis(20),
+            // Generous: a loopback check that fails on time would make a test flaky.
+            timeout: Duration::from_secs(5),
+            rise,
+            fall,
+        }
+    }
+
+    fn key(addr: SocketAddr, spec: &str, params: CheckParams) -> CheckKey {
+        CheckKey {
+            addr: UpstreamAddr::Socket(addr),
+            spec: spec.parse().expect("spec"),
+            params,
+        }
+    }
+
+    /// Waits (bounded) for `status` to reach `state`, woken by its change notifications.
+    async fn wait_for(status: &CheckStatus, changes: &Notify, state: CheckState) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while status.state() != state {
+            if timeout_at(deadline, changes.notified()).await.is_err() {
+                panic!(
+                    "{} is {} after 20s, not {state}; {} checks, {} failed, last error {:?}",
+                    status.key().addr,
+                    status.state(),
+                    status.checks(),
+                    status.failures(),
+                    status.last_error()
+                );
+            }
+        }
+    }
+
+    /// A TCP listener on `addr` that accepts and closes at once, until aborted.
+    async fn accept_and_close(addr: SocketAddr) -> (SocketAddr, JoinHandle<()>) {
+        let listener = TcpListener::bind(addr).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn tcp_check_follows_a_listener_closing_and_reopening() {
+        let (addr, server) = accept_and_close((std::net::Ipv4Addr::LOCALHOST, 0).into()).await;
+        let checks = Checks::default();
+        let changes = Arc::new(Notify::new());
+        let (rise, fall) = (2, 3);
+        let status = checks.subscribe(key(addr, "tcp", fast(rise, fall)), Arc::downgrade(&changes));
+        wait_for(&status, &changes, CheckState::Passing).await;
+        assert_eq!(status.failures(), 0);
+        assert_eq!(status.last_error(), None);
+
+        server.abort();
+        let _ = server.await;
+        wait_for(&status, &changes, CheckState::Failing).await;
+        assert!(
+            status.failures() >= u64::from(fall),
+            "{} failures",
+            status.failures()
+        );
+        assert_eq!(status.last_error().as_deref(), Some("connect refused"));
+        let passes_when_failed = status.checks() - status.failures();
+
+        let (_, server) = accept_and_close(addr).await;
+        wait_for(&status, &changes, CheckState::Passing).await;
+        let passes = status.checks() - status.failures() - passes_when_failed;
+        assert!(
+            passes >= u64::from(rise),
+            "passing again after {passes} passes"
+        );
+        assert!(status.since() <= SystemTime::now());
+        // The last failure stays readable after recovery.
+        assert_eq!(status.last_error().as_deref(), Some("connect refused"));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_named_address_is_resolved_at_each_check() {
+        let (addr, server) = accept_and_close((std::net::Ipv4Addr::LOCALHOST, 0).into()).await;
+        let checks = Checks::default();
+        let changes = Arc::new(Notify::new());
+        let key = CheckKey {
+            addr: UpstreamAddr::Named(format!("localhost:{}", addr.port())),
+            spec: CheckSpec::Tcp,
+            params: fast(1, 1),
+        };
+        let status = checks.subscribe(key, Arc::downgrade(&changes));
+        wait_for(&status, &changes, CheckState::Passing).await;
+        server.abort();
+        let _ = server.await;
+        wait_for(&status, &changes, CheckState::Failing).await;
+        assert_eq!(status.last_error().as_deref(), Some("connect refused"));
+    }
+
+    /// A tiny HTTP/1.1 responder answering every request with `status`; it keeps the last
+    /// request head it read.
+    struct HttpServer {
+        addr: SocketAddr,
+        status: Arc<AtomicU16>,
+        last_request: Arc<Mutex<String>>,
+        task: JoinHandle<()>,
+    }
+
+    impl HttpServer {
+        async fn start(status: u16) -> HttpServer {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let status = Arc::new(AtomicU16::new(status));
+            let last_request = Arc::new(Mutex::new(String::new()));
+            let (answer, seen) = (Arc::clone(&status), Arc::clone(&last_request));
+            let task = tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let (answer, seen) = (Arc::clone(&answer), Arc::clone(&seen));
+                    tokio::spawn(async move {
+                        let mut stream = tokio::io::BufReader::new(stream);
+                        let mut head = String::new();
+                        while !head.ends_with("\r\n\r\n") && head.len() < 8192 {
+                            match stream.read_line(&mut head).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) => {}
+                            }
+                        }
+                        *seen.lock().expect("request") = head;
+                        let code = answer.load(Ordering::Relaxed);
+                        let response = format!(
+                            "HTTP/1.1 {code} Whatever\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                        );
+                        let _ = stream.get_mut().write_all(response.as_bytes()).await;
+                    });
+                }
+            });
+            HttpServer {
+                addr,
+                status,
+                last_request,
+                task,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn http_check_follows_the_status_code() {
+        let server = HttpServer::start(200).await;
+        let checks = Checks::default();
+        let changes = Arc::new(Notify::new());
+        let status = checks.subscribe(
+            key(server.addr, "http:/healthz", fast(1, 2)),
+            Arc::downgrade(&changes),
+        );
+        wait_for(&status, &changes, CheckState::Passing).await;
+        let request = server.last_request.lock().expect("request").clone();
+        assert!(
+            request.starts_with("GET /healthz HTTP/1.1\r\n"),
+            "{request:?}"
+        );
+        assert!(
+            request.contains(&format!("\r\nHost: {}\r\n", server.addr)),
+            "{request:?}"
+        );
+        assert!(request.contains("\r\nConnection: close\r\n"), "{request:?}");
+
+        server.status.store(503, Ordering::Relaxed);
+        wait_for(&status, &changes, CheckState::Failing).await;
+        assert_eq!(status.last_error().as_deref(), Some("status 503"));
+
+        // 3xx passes, as in HAProxy: a redirect is an application answering.
+        server.status.store(302, Ordering::Relaxed);
+        wait_for(&status, &changes, CheckState::Passing).await;
+        server.status.store(404, Ordering::Relaxed);
+        wait_for(&status, &changes, CheckState::Failing).await;
+        assert_eq!(status.last_error().as_deref(), Some("status 404"));
+        server.task.abort();
+    }
+
+    /// A TCP server that reads one line per connection and answers it with `answer(line)`,
+    /// or never answers (`None`) while holding the connection open.
+    async fn line_server(answer: fn(&str) -> Option<&'static str>) -> (SocketAddr, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut stream = tokio::io::BufReader::new(stream);
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.is_err() {
+                        return;
+                    }
+                    match answer(&line) {
+                        Some(reply) => {
+                            let _ = stream.get_mut().write_all(reply.as_bytes()).await;
+                        }
+                        None => {
+                            // Hold the connection until the peer gives up.
+                            let _ = stream.read_line(&mut line).await;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn send_expect_sends_a_line_and_looks_for_the_text() {
+        // Answers only a whole line ending in \r\n, as Redis's inline protocol reads it.
+        let (addr, server) = line_server(|line| {
+            Some(if line == "PING\r\n" {
+                "+PONG\r\n"
+            } else {
+                "-ERR\r\n"
+            })
+        })
+        .await;
+        let checks = Checks::default();
+        let changes = Arc::new(Notify::new());
+        let passing = checks.subscribe(
+            key(addr, "send:PING,expect:PONG", fast(1, 1)),
+            Arc::downgrade(&changes),
+        );
+        wait_for(&passing, &changes, CheckState::Passing).await;
+
+        let other = Arc::new(Notify::new());
+        let failing = checks.subscribe(
+            key(addr, "send:PING,expect:PANG", fast(1, 1)),
+            Arc::downgrade(&other),
+        );
+        wait_for(&failing, &other, CheckState::Failing).await;
+        assert_eq!(
+            failing.last_error().as_deref(),
+            Some("reply did not contain \"PANG\"")
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_by_timeout() {
+        let (addr, server) = line_server(|_| None).await;
+        let checks = Checks::default();
+        let changes = Arc::new(Notify::new());
+        let params = CheckParams {
+            timeout: Duration::from_millis(200),
+            ..fast(1, 1)
+        };
+        let status = checks.subscribe(
+            key(addr, "send:PING,expect:PONG", params),
+            Arc::downgrade(&changes),
+        );
+        wait_for(&status, &changes, CheckState::Failing).await;
+        assert_eq!(
+            status.last_error().as_deref(),
+            Some("timed out after 200ms waiting for a reply")
+        );
+        // The same server passes a plain connect check: the timeout is the exchange's.
+        let connects = Arc::new(Notify::new());
+        let tcp = checks.subscribe(key(addr, "tcp", params), Arc::downgrade(&connects));
+        wait_for(&tcp, &connects, CheckState::Passing).await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn http_check_refuses_an_answer_that_is_not_http() {
+        let (addr, server) = line_server(|_| Some("hello\r\n")).await;
+        let checks = Checks::default();
+        let changes = Arc::new(Notify::new());
+        let status = checks.subscribe(key(addr, "http:/", fast(1, 1)), Arc::downgrade(&changes));
+        wait_for(&status, &changes, CheckState::Failing).await;
+        assert_eq!(
+            status.last_error().as_deref(),
+            Some("not an HTTP response: \"hello\"")
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn udp_check_wants_an_answer_containing_the_text() {
+        let echo = UdpSocket::bind("127.0.0.1:0").await.expect("bind echo");
+        let echo_addr = echo.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen_by_echo = Arc::clone(&seen);
+        let server = tokio::spawn(async move {
+            let mut buffer = [0u8; 1500];
+            while let Ok((n, from)) = echo.recv_from(&mut buffer).await {
+                *seen_by_echo.lock().expect("seen") = buffer[..n].to_vec();
+                let _ = echo.send_to(&buffer[..n], from).await;
+            }
+        });
+        // Bound but never read: datagrams are queued, nothing answers.
+        let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind silent");
+        let closed = UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+
+        let checks = Checks::default();
+        let params = CheckParams {
+            timeout: Duration::from_millis(200),
+            ..fast(1, 1)
+        };
+        let changes = Arc::new(Notify::new());
+        let spec = "udp:send:PING,expect:PING";
+        let answered = checks.subscribe(key(echo_addr, spec, params), Arc::downgrade(&changes));
+        wait_for(&answered, &changes, CheckState::Passing).await;
+        assert_eq!(
+            *seen.lock().expect("seen"),
+            b"PING",
+            "one datagram, no line end"
+        );
+
+        let changes = Arc::new(Notify::new());
+        let wrong = checks.subscribe(
+            key(echo_addr, "udp:send:PING,expect:PONG", params),
+            Arc::downgrade(&changes),
+        );
+        wait_for(&wrong, &changes, CheckState::Failing).await;
+        assert_eq!(
+            wrong.last_error().as_deref(),
+            Some("reply did not contain \"PONG\"")
+        );
+
+        let changes = Arc::new(Notify::new());
+        let unanswered = checks.subscribe(
+            key(silent.local_addr().expect("addr"), spec, params),
+            Arc::downgrade(&changes),
+        );
+        wait_for(&unanswered, &changes, CheckState::Failing).await;
+        assert_eq!(
+            unanswered.last_error().as_deref(),
+            Some("timed out after 200ms waiting for a reply")
+        );
+
+        let changes = Arc::new(Notify::new());
+        let refused = checks.subscribe(key(closed, spec, params), Arc::downgrade(&changes));
+        wait_for(&refused, &changes, CheckState::Failing).await;
+        assert_eq!(
+            refused.last_error().as_deref(),
+            Some("port unreachable (nothing listens on it)")
+        );
+        server.abort();
+    }
+
+    /// Polls (bounded) until `checks` runs `count` checkers.
+    async fn wait_running(checks: &Checks, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while checks.running() != count {
+            assert!(
+                Instant::now() < deadline,
+                "{} checkers run after 20s, not {count}",
+                checks.running()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn one_checker_per_key_stopped_with_its_last_status() {
+        let (addr, server) = accept_and_close((std::net::Ipv4Addr::LOCALHOST, 0).into()).await;
+        let checks = Checks::default();
+        let (first, second) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let a = checks.subscribe(key(addr, "tcp", fast(1, 1)), Arc::downgrade(&first));
+        let b = checks.subscribe(key(addr, "tcp", fast(1, 1)), Arc::downgrade(&second));
+        assert!(Arc::ptr_eq(&a, &b), "one status for one key");
+        assert_eq!(checks.running(), 1);
+        // Both subscribers hear of the change.
+        wait_for(&a, &first, CheckState::Passing).await;
+        tokio::time::timeout(Duration::from_secs(20), second.notified())
+            .await
+            .expect("the second subscriber is notified too");
+
+        // Another check or other parameters of the same endpoint are another checker.
+        let other = checks.subscribe(key(addr, "tcp", fast(2, 1)), Arc::downgrade(&first));
+        assert!(!Arc::ptr_eq(&a, &other));
+        assert_eq!(checks.running(), 2);
+        drop(other);
+        wait_running(&checks, 1).await;
+
+        drop(a);
+        assert_eq!(checks.running(), 1, "b still holds it");
+        drop(b);
+        wait_running(&checks, 0).await;
+
+        // A later subscriber starts a fresh checker.
+        let again = checks.subscribe(key(addr, "tcp", fast(1, 1)), Arc::downgrade(&first));
+        assert_eq!(checks.running(), 1);
+        assert_eq!(again.state(), CheckState::Unknown);
+        wait_for(&again, &first, CheckState::Passing).await;
+        server.abort();
+    }
+}
