@@ -341,10 +341,10 @@ pub enum CheckError {
     Closed,
     #[error("status {0}")]
     Status(u16),
-    #[error("not an HTTP response: {0:?}")]
+    #[error("not an HTTP response: \"{0}\"")]
     NotHttp(String),
-    #[error("reply did not contain \"{0}\"")]
-    Missing(String),
+    #[error("reply did not contain \"{expect}\": got \"{got}\"")]
+    Missing { expect: String, got: String },
 }
 
 /// An endpoint's shared check status: written by its checker, read by the host and the
@@ -688,12 +688,22 @@ impl Probe {
             CheckSpec::Http { .. } => b"\r\n",
             CheckSpec::Send { expect, .. } => expect,
         };
-        let reply = timeout_at(deadline, exchange(&mut stream, &self.request, expect))
-            .await
-            .unwrap_or_else(|_| Err(timed_out("waiting for a reply")))?;
+        // Owned here, so what came before a timeout can still be judged.
+        let mut reply = Vec::new();
+        let found = match timeout_at(
+            deadline,
+            exchange(&mut stream, &self.request, expect, &mut reply),
+        )
+        .await
+        {
+            Ok(found) => found?,
+            Err(_) if reply.is_empty() => return Err(timed_out("waiting for a reply")),
+            // An answer that stopped short of the wanted bytes: a wrong answer, not silence.
+            Err(_) => false,
+        };
         match &key.spec {
-            CheckSpec::Http { .. } => http_status(&reply),
-            CheckSpec::Send { .. } if !reply.found => Err(missing(expect)),
+            CheckSpec::Http { .. } => http_status(&reply, found),
+            CheckSpec::Send { .. } if !found => Err(missing(expect, &reply)),
             _ => Ok(()),
         }
     }
@@ -732,17 +742,10 @@ impl Probe {
             .recv(&mut reply)
             .await
             .map_err(|e| refused(e, "receive"))?;
-        let reply = Reply {
-            found: contains(&reply[..n], expect),
-            bytes: {
-                reply.truncate(n);
-                reply
-            },
-        };
-        if reply.found {
+        if contains(&reply[..n], expect) {
             Ok(())
         } else {
-            Err(missing(expect))
+            Err(missing(expect, &reply[..n]))
         }
     }
 }
@@ -774,20 +777,15 @@ async fn connect(addr: &UpstreamAddr) -> Result<TcpStream, CheckError> {
     Err(last.map_or_else(|| CheckError::NoAddress(name.clone()), failed))
 }
 
-/// What a TCP exchange read.
-struct Reply {
-    bytes: Vec<u8>,
-    /// The reply holds the wanted bytes.
-    found: bool,
-}
-
-/// Writes `request` (if any), then reads until the reply contains `until`, the peer closes,
-/// or [`MAX_REPLY`] bytes are in.
+/// Writes `request` (if any), then reads into `reply` until it contains `until` (true), the
+/// peer closes or [`MAX_REPLY`] bytes are in (false). Cancelled at any await, `reply` holds
+/// exactly what was read.
 async fn exchange(
     stream: &mut TcpStream,
     request: &[u8],
     until: &[u8],
-) -> Result<Reply, CheckError> {
+    reply: &mut Vec<u8>,
+) -> Result<bool, CheckError> {
     stream
         .write_all(request)
         .await
@@ -795,19 +793,10 @@ async fn exchange(
             doing: "send",
             error,
         })?;
-    let mut bytes = Vec::with_capacity(256);
-    loop {
-        if bytes.len() >= MAX_REPLY {
-            return Ok(Reply {
-                bytes,
-                found: false,
-            });
-        }
-        let start = bytes.len();
-        let room = (MAX_REPLY - start).min(1024);
-        bytes.resize(start + room, 0);
-        let read = stream.read(&mut bytes[start..]).await;
-        let n = match read {
+    while reply.len() < MAX_REPLY {
+        let start = reply.len();
+        reply.reserve((MAX_REPLY - start).min(1024));
+        let n = match stream.read_buf(reply).await {
             Ok(n) => n,
             // A reset after the reply began is the peer's way of closing; judge what came.
             Err(_) if start > 0 => 0,
@@ -818,47 +807,65 @@ async fn exchange(
                 })
             }
         };
-        bytes.truncate(start + n);
         if n == 0 {
-            if bytes.is_empty() {
-                return Err(CheckError::Closed);
-            }
-            return Ok(Reply {
-                found: false,
-                bytes,
-            });
+            return if reply.is_empty() {
+                Err(CheckError::Closed)
+            } else {
+                Ok(false)
+            };
         }
         // The wanted bytes may straddle reads: search from where they could begin.
         let from = start.saturating_sub(until.len().saturating_sub(1));
-        if contains(&bytes[from..], until) {
-            return Ok(Reply { bytes, found: true });
+        if contains(&reply[from..], until) {
+            return Ok(true);
         }
     }
+    Ok(false)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn missing(expect: &[u8]) -> CheckError {
-    CheckError::Missing(Escaped(expect).to_string())
+/// The start of a reply, for an error: enough to recognise the answer, no more.
+const QUOTED_REPLY: usize = 64;
+
+/// The start of `reply` as an error shows it: printable ASCII and spaces as they are,
+/// `"` and `\` escaped, other bytes as in the spec grammar.
+fn quoted(reply: &[u8]) -> String {
+    let shown = &reply[..reply.len().min(QUOTED_REPLY)];
+    let mut text = String::with_capacity(shown.len() + 3);
+    for &byte in shown {
+        match byte {
+            b'"' => text.push_str("\\\""),
+            b' ' | b',' | b';' => text.push(byte as char),
+            _ => text.push_str(&Escaped(&[byte]).to_string()),
+        }
+    }
+    if reply.len() > shown.len() {
+        text.push_str("...");
+    }
+    text
 }
 
-/// 2xx or 3xx from the status line at the start of `reply`.
-fn http_status(reply: &Reply) -> Result<(), CheckError> {
-    let line = reply
-        .bytes
-        .split(|&b| b == b'\n')
-        .next()
-        .unwrap_or_default();
+fn missing(expect: &[u8], reply: &[u8]) -> CheckError {
+    CheckError::Missing {
+        expect: Escaped(expect).to_string(),
+        got: quoted(reply),
+    }
+}
+
+/// 2xx or 3xx from the status line at the start of `reply` (`complete`: its line end came).
+fn http_status(reply: &[u8], complete: bool) -> Result<(), CheckError> {
+    let line = reply.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let text = std::str::from_utf8(line).unwrap_or_default();
-    let not_http = || CheckError::NotHttp(Escaped(&line[..line.len().min(64)]).to_string());
+    let not_http = || CheckError::NotHttp(quoted(line));
+    let text = std::str::from_utf8(line).map_err(|_| not_http())?;
     let mut parts = text.splitn(3, ' ');
     let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
         return Err(not_http());
     };
-    if !reply.found || !version.starts_with("HTTP/1.") || code.len() != 3 {
+    if !complete || !version.starts_with("HTTP/1.") || code.len() != 3 {
         return Err(not_http());
     }
     let status: u16 = code.parse().map_err(|_| not_http())?;
@@ -1020,6 +1027,57 @@ mod tests {
         assert_eq!(tally("+-", 1, 1), "PF");
         assert_eq!(tally("+-+", 0, 0), "PFP", "0 counts as 1");
         assert_eq!(tally("+---+++", 3, 3), "PPPFFFP");
+    }
+
+    /// `http_status` of `reply` (`complete`: its line end came): `pass` or the error.
+    fn status_line(reply: &str, complete: bool, expected: &str) {
+        let actual = match http_status(reply.as_bytes(), complete) {
+            Ok(()) => "pass".to_string(),
+            Err(error) => error.to_string(),
+        };
+        assert_eq!(actual, expected, "reply {reply:?}");
+    }
+
+    #[test]
+    fn http_status_lines_pass_on_2xx_and_3xx() {
+        status_line("HTTP/1.1 200 OK\r\nServer: x\r\n", true, "pass");
+        status_line("HTTP/1.0 204 No Content\r\n", true, "pass");
+        status_line("HTTP/1.1 399\r\n", true, "pass");
+        status_line("HTTP/1.1 199 Hm\r\n", true, "status 199");
+        status_line("HTTP/1.1 400 Bad\r\n", true, "status 400");
+        status_line("HTTP/1.1 503 Busy\r\n", true, "status 503");
+        status_line(
+            "HTTP/1.1 200 OK",
+            false,
+            "not an HTTP response: \"HTTP/1.1 200 OK\"",
+        );
+        status_line(
+            "HTTP/2 200\r\n",
+            true,
+            "not an HTTP response: \"HTTP/2 200\"",
+        );
+        status_line(
+            "HTTP/1.1 2000\r\n",
+            true,
+            "not an HTTP response: \"HTTP/1.1 2000\"",
+        );
+        status_line(
+            "HTTP/1.1 700 x\r\n",
+            true,
+            "not an HTTP response: \"HTTP/1.1 700 x\"",
+        );
+        status_line("HTTP/1.1\r\n", true, "not an HTTP response: \"HTTP/1.1\"");
+        status_line(
+            "SSH-2.0-\"x\"\t\x01\r\n",
+            true,
+            "not an HTTP response: \"SSH-2.0-\\\"x\\\"\\t\\x01\"",
+        );
+        let long = format!("{}\r\n", "a".repeat(100));
+        status_line(
+            &long,
+            true,
+            &format!("not an HTTP response: \"{}...\"", "a".repeat(QUOTED_REPLY)),
+        );
     }
 
     fn fast(rise: u32, fall: u32) -> CheckParams {
@@ -1202,8 +1260,8 @@ mod tests {
         server.task.abort();
     }
 
-    /// A TCP server that reads one line per connection and answers it with `answer(line)`,
-    /// or never answers (`None`) while holding the connection open.
+    /// A TCP server that reads one line per connection and answers it with `answer(line)`
+    /// (`None`: never answers), then holds the connection open until the peer closes.
     async fn line_server(answer: fn(&str) -> Option<&'static str>) -> (SocketAddr, JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -1215,15 +1273,11 @@ mod tests {
                     if stream.read_line(&mut line).await.is_err() {
                         return;
                     }
-                    match answer(&line) {
-                        Some(reply) => {
-                            let _ = stream.get_mut().write_all(reply.as_bytes()).await;
-                        }
-                        None => {
-                            // Hold the connection until the peer gives up.
-                            let _ = stream.read_line(&mut line).await;
-                        }
+                    if let Some(reply) = answer(&line) {
+                        let _ = stream.get_mut().write_all(reply.as_bytes()).await;
                     }
+                    // Hold the connection until the peer gives up, as Redis does.
+                    let _ = stream.read_line(&mut line).await;
                 });
             }
         });
@@ -1249,15 +1303,20 @@ mod tests {
         );
         wait_for(&passing, &changes, CheckState::Passing).await;
 
+        // A wrong answer on a connection left open is judged at the deadline, as wrong.
         let other = Arc::new(Notify::new());
+        let params = CheckParams {
+            timeout: Duration::from_millis(200),
+            ..fast(1, 1)
+        };
         let failing = checks.subscribe(
-            key(addr, "send:PING,expect:PANG", fast(1, 1)),
+            key(addr, "send:PING,expect:PANG", params),
             Arc::downgrade(&other),
         );
         wait_for(&failing, &other, CheckState::Failing).await;
         assert_eq!(
             failing.last_error().as_deref(),
-            Some("reply did not contain \"PANG\"")
+            Some("reply did not contain \"PANG\": got \"+PONG\\r\\n\"")
         );
         server.abort();
     }
@@ -1345,7 +1404,7 @@ mod tests {
         wait_for(&wrong, &changes, CheckState::Failing).await;
         assert_eq!(
             wrong.last_error().as_deref(),
-            Some("reply did not contain \"PONG\"")
+            Some("reply did not contain \"PONG\": got \"PING\"")
         );
 
         let changes = Arc::new(Notify::new());
