@@ -37,7 +37,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use embassy_plugin_api::support::Backoff;
+use embassy_plugin_api::{support::Backoff, Protocol};
 use socket2::SockRef;
 use thiserror::Error;
 use tokio::{
@@ -232,6 +232,16 @@ impl fmt::Display for Escaped<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl CheckSpec {
+    /// The transport the check speaks (a DNS server may be checked over TCP, say).
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            CheckSpec::Udp { .. } => Protocol::Udp,
+            _ => Protocol::Tcp,
+        }
     }
 }
 
@@ -556,11 +566,12 @@ impl Checks {
             None => Handle::try_current()
                 .unwrap_or_else(|_| panic!("Checks::subscribe needs a tokio runtime or a handle")),
         };
-        statuses.insert(key, Arc::downgrade(&status));
+        statuses.insert(key.clone(), Arc::downgrade(&status));
         drop(statuses);
         self.registry.running.fetch_add(1, Ordering::AcqRel);
         let running = Running {
             registry: Arc::clone(&self.registry),
+            key,
             status: Arc::downgrade(&status),
         };
         handle.spawn(run_checker(running, Arc::clone(&status.stop)));
@@ -577,6 +588,7 @@ impl Checks {
 /// with its runtime).
 struct Running {
     registry: Arc<Registry>,
+    key: CheckKey,
     status: Weak<CheckStatus>,
 }
 
@@ -584,17 +596,20 @@ impl Drop for Running {
     fn drop(&mut self) {
         let mut statuses = lock(&self.registry.statuses);
         // Only our own entry: a new subscriber may already have replaced it.
-        statuses.retain(|_, weak| !weak.ptr_eq(&self.status));
+        if statuses
+            .get(&self.key)
+            .is_some_and(|weak| weak.ptr_eq(&self.status))
+        {
+            statuses.remove(&self.key);
+        }
         drop(statuses);
         self.registry.running.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 async fn run_checker(running: Running, stop: Arc<Notify>) {
-    let Some(key) = running.status.upgrade().map(|s| s.key.clone()) else {
-        return;
-    };
-    let probe = Probe::new(&key);
+    let key = &running.key;
+    let probe = Probe::new(key);
     let CheckParams {
         interval,
         rise,
@@ -607,7 +622,7 @@ async fn run_checker(running: Running, stop: Arc<Notify>) {
     debug!(upstream = %key.addr, check = %key.spec, "checker started");
     loop {
         let result = tokio::select! {
-            result = probe.run(&key) => result,
+            result = probe.run(key) => result,
             () = stop.notified() => break,
         };
         let Some(status) = running.status.upgrade() else {
