@@ -110,8 +110,13 @@ pub enum CheckSpecError {
         "check text {text:?} has an unknown escape {escape:?}: use \\r, \\n, \\t, \\\\ or \\xHH"
     )]
     UnknownEscape { text: String, escape: String },
-    #[error("check text {text:?} contains {found:?}: write it as \\x{:02x}", *found as u32)]
-    Unescaped { text: String, found: char },
+    #[error("check text {text:?} contains {found:?}: write it as {escape}")]
+    Unescaped {
+        text: String,
+        found: char,
+        /// Its UTF-8 bytes in `\xHH` escapes.
+        escape: String,
+    },
 }
 
 impl FromStr for CheckSpec {
@@ -176,9 +181,11 @@ fn unescape(text: &str) -> Result<Vec<u8>, CheckSpecError> {
     while let Some(c) = chars.next() {
         if c != '\\' {
             if !c.is_ascii_graphic() || matches!(c, ',' | ';') {
+                let mut utf8 = [0u8; 4];
                 return Err(CheckSpecError::Unescaped {
                     text: text.to_string(),
                     found: c,
+                    escape: Escaped(c.encode_utf8(&mut utf8).as_bytes()).to_string(),
                 });
             }
             bytes.push(c as u8);
@@ -1000,8 +1007,12 @@ mod tests {
             "error: check text \"a b\" contains ' ': write it as \\x20",
         );
         check(
+            "send:a\tb,expect:c",
+            "error: check text \"a\\tb\" contains '\\t': write it as \\t",
+        );
+        check(
             "send:é,expect:c",
-            "error: check text \"é\" contains 'é': write it as \\xe9",
+            "error: check text \"é\" contains 'é': write it as \\xc3\\xa9",
         );
         check(
             "send:a\\q,expect:b",
