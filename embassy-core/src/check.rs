@@ -1507,3 +1507,52 @@ mod tests {
         server.abort();
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn text() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 1..16)
+    }
+
+    /// Every spec the parser accepts, as a value.
+    fn spec() -> impl Strategy<Value = CheckSpec> {
+        prop_oneof![
+            Just(CheckSpec::Tcp),
+            "/[!-:<-~]{0,20}".prop_map(|path| CheckSpec::Http { path }),
+            (text(), text()).prop_map(|(send, expect)| CheckSpec::Send { send, expect }),
+            (text(), text()).prop_map(|(send, expect)| CheckSpec::Udp { send, expect }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The canonical form parses back equal and fits in a descriptor value.
+        #[test]
+        fn specs_round_trip_within_a_descriptor_value(spec in spec()) {
+            let text = spec.to_string();
+            prop_assert!(!text.contains(|c: char| c.is_whitespace() || c == ';'), "{}", text);
+            prop_assert_eq!(text.parse::<CheckSpec>(), Ok(spec), "{}", text);
+        }
+
+        #[test]
+        fn any_text_is_a_spec_or_an_error(input in any::<String>()) {
+            if let Ok(spec) = input.parse::<CheckSpec>() {
+                prop_assert_eq!(spec.to_string().parse::<CheckSpec>(), Ok(spec));
+            }
+        }
+
+        #[test]
+        fn text_near_the_grammar_is_a_spec_or_an_error(
+            input in "(tcp|http:|send:|udp:send:)[a-z/\\\\,:x0-9]{0,12}(,expect:)?[a-z\\\\x0-9,]{0,8}",
+        ) {
+            if let Ok(spec) = input.parse::<CheckSpec>() {
+                prop_assert_eq!(spec.to_string().parse::<CheckSpec>(), Ok(spec));
+            }
+        }
+    }
+}
