@@ -7,8 +7,10 @@
 pub mod consul_sim;
 
 pub mod prometheus;
+pub mod redis;
 pub mod udp;
 
+pub use redis::Redis;
 pub use udp::{closed_udp_addr, Identity, UdpClient, UdpUpstream};
 
 use std::{
