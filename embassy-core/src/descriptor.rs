@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use embassy_plugin_api::Protocol;
 
-use crate::health::OnRemove;
+use crate::{check::CheckSpec, health::OnRemove};
 use thiserror::Error;
 
 /// One service request, as a container or the command line states it.
@@ -86,6 +86,26 @@ pub const KNOWN_OPTIONS: &[(&str, &str)] = &[
         "remove_delay",
         "an endpoint discovery stops listing stays in rotation this long while healthy; 0: none (default: --remove-delay)",
     ),
+    (
+        "check",
+        "active check: tcp, http:/PATH, send:TEXT,expect:TEXT or udp:send:TEXT,expect:TEXT (escapes \\r \\n \\t \\\\ \\xHH) (default: none)",
+    ),
+    (
+        "check_interval",
+        "between two checks of an endpoint, jittered (default: --check-interval)",
+    ),
+    (
+        "check_timeout",
+        "deadline of one check, connect and answer (default: --check-timeout)",
+    ),
+    (
+        "check_rise",
+        "passing checks in a row that bring a failing endpoint back (default: --check-rise)",
+    ),
+    (
+        "check_fall",
+        "failing checks in a row that take a passing endpoint out (default: --check-fall)",
+    ),
     ("udp_idle", "seconds a UDP session may stay idle"),
     ("udp_max_sessions", "most UDP sessions kept at once"),
 ];
@@ -148,6 +168,11 @@ pub enum DescriptorError {
         key: String,
         value: String,
         reason: &'static str,
+    },
+    #[error("option check={value:?} is invalid: {error}")]
+    InvalidCheck {
+        value: String,
+        error: crate::check::CheckSpecError,
     },
     #[error("option {key:?} applies to {applies} services only, and this one is {protocol}")]
     OptionOfOtherProtocol {
@@ -429,12 +454,13 @@ fn parse_option(option: &str) -> Result<(String, String), DescriptorError> {
             ))
         }
         "connect_timeout" | "idle_timeout" | "half_close_timeout" | "queue_timeout"
-        | "eject_time" | "eject_max_time" | "drain_timeout"
+        | "eject_time" | "eject_max_time" | "drain_timeout" | "check_interval"
+        | "check_timeout"
             if parse_duration(value).is_none() =>
         {
             return Err(invalid("expected a duration such as 500ms or 3s"))
         }
-        "udp_idle" | "udp_max_sessions" | "max_connections" if !matches!(plain_number(value), Some(n) if n > 0) => {
+        "udp_idle" | "udp_max_sessions" | "max_connections" | "check_rise" | "check_fall" if !matches!(plain_number(value), Some(n) if n > 0) => {
             return Err(invalid("expected a whole number greater than 0"))
         }
         "remove_delay" if value != "0" && parse_duration(value).is_none() => {
@@ -447,6 +473,14 @@ fn parse_option(option: &str) -> Result<(String, String), DescriptorError> {
         }
         "max_ejected" | "panic_threshold" if parse_percent(value).is_none() => {
             return Err(invalid("expected a share from 0% to 100%"))
+        }
+        "check" => {
+            if let Err(error) = value.parse::<CheckSpec>() {
+                return Err(DescriptorError::InvalidCheck {
+                    value: value.to_string(),
+                    error,
+                });
+            }
         }
         "on_remove" if OnRemove::parse(value).is_none() => {
             return Err(invalid("expected keep, drain or close"))
@@ -695,7 +729,7 @@ mod tests {
         );
         check(
             "web;80/tcp;colour=blue",
-            "error: unknown option \"colour\" (known: balancer, connect_timeout, idle_timeout, half_close_timeout, queue_timeout, max_connections, eject_after, eject_time, eject_max_time, max_ejected, panic_threshold, on_remove, drain_timeout, remove_delay, udp_idle, udp_max_sessions)",
+            "error: unknown option \"colour\" (known: balancer, connect_timeout, idle_timeout, half_close_timeout, queue_timeout, max_connections, eject_after, eject_time, eject_max_time, max_ejected, panic_threshold, on_remove, drain_timeout, remove_delay, check, check_interval, check_timeout, check_rise, check_fall, udp_idle, udp_max_sessions)",
         );
         check(
             "web;80/tcp;eject_after=0;eject_time=2s;eject_max_time=1m;max_ejected=30%;panic_threshold=0",
@@ -706,6 +740,18 @@ mod tests {
             "web;80/tcp;drain_timeout=10s;on_remove=drain;remove_delay=5s",
         );
         check("web;80/tcp;remove_delay=0", "web;80/tcp;remove_delay=0");
+        check(
+            "redis;6379/tcp;check=send:PING,expect:PONG;check_interval=1s;check_timeout=500ms;check_rise=1;check_fall=2",
+            "redis;6379/tcp;check=send:PING,expect:PONG;check_fall=2;check_interval=1s;check_rise=1;check_timeout=500ms",
+        );
+        check(
+            "dns;53/udp;check=udp:send:x,expect:y",
+            "dns;53/udp;check=udp:send:x,expect:y",
+        );
+        check(
+            "web;80/tcp;check_rise=0",
+            "error: option check_rise=\"0\" is invalid: expected a whole number greater than 0",
+        );
         check(
             "web;80/tcp;remove_delay=0s",
             "error: option remove_delay=\"0s\" is invalid: expected a duration such as 500ms or 3s, or 0",

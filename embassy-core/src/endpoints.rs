@@ -24,6 +24,7 @@ use embassy_plugin_api::{Endpoint, EndpointView, Excluded};
 
 pub use crate::health::Health;
 use crate::{
+    check::{CheckKey, CheckState, CheckStatus, Checks},
     copy::Cut,
     counters::EndpointCounters,
     health::{At, EndpointState, HealthPolicy, OnRemove},
@@ -150,6 +151,8 @@ impl SetChange {
 /// What a rebuild needs from its service.
 pub struct Context<'a> {
     pub policy: &'a HealthPolicy,
+    /// Where endpoints' active checks are subscribed (shared by the process's services).
+    pub checks: &'a Checks,
     /// The service's cut signal: each endpoint's is its child.
     pub cut: &'a Cut,
     /// Names the service in log lines (rebuilds also run outside its span).
@@ -192,6 +195,10 @@ struct Carried {
     health: Arc<Health>,
     counters: Arc<EndpointCounters>,
     cut: Arc<Cut>,
+    /// Its active check, if the service declares one.
+    check: Option<Arc<CheckStatus>>,
+    /// The check's verdict as of the last rebuild.
+    check_failing: bool,
     /// In the last set from discovery.
     listed: bool,
     ejected: Option<Ejection>,
@@ -251,6 +258,7 @@ impl ServiceEndpoints {
     pub fn replace(&self, endpoints: &[Endpoint]) -> SetChange {
         let context = Context {
             policy: &HealthPolicy::default(),
+            checks: &Checks::default(),
             cut: &Cut::default(),
             service: &"-",
         };
@@ -339,7 +347,7 @@ impl ServiceEndpoints {
                     inner.carried.insert(
                         address.to_string(),
                         Carried {
-                            addr,
+                            addr: addr.clone(),
                             weight,
                             active: Arc::new(AtomicU64::new(0)),
                             health: Arc::new(Health::new(
@@ -348,6 +356,17 @@ impl ServiceEndpoints {
                             )),
                             counters: Arc::default(),
                             cut: context.cut.child(),
+                            check: policy.check.as_ref().map(|spec| {
+                                context.checks.subscribe(
+                                    CheckKey {
+                                        addr: addr.clone(),
+                                        spec: spec.clone(),
+                                        params: policy.check_params,
+                                    },
+                                    Arc::downgrade(&self.wake),
+                                )
+                            }),
+                            check_failing: false,
                             listed: true,
                             ejected: None,
                             missing_since: None,
@@ -429,6 +448,18 @@ impl ServiceEndpoints {
                 }
             }
         }
+        // Checks: a verdict that changed since the last rebuild (which woke the task).
+        for carried in inner.carried.values_mut() {
+            let failing = carried
+                .check
+                .as_ref()
+                .is_some_and(|check| check.state() == CheckState::Failing);
+            if failing != carried.check_failing {
+                carried.check_failing = failing;
+                dirty = true;
+            }
+        }
+
         let in_service = |c: &Carried| c.listed || c.missing_since.is_some();
         let total = inner.carried.values().filter(|c| in_service(c)).count();
         let mut ejected = inner
@@ -495,6 +526,16 @@ impl ServiceEndpoints {
                         until: e.until.wall,
                         failures: e.failures,
                         ejections: e.ejections,
+                    },
+                    false,
+                ),
+                (None, _) if carried.check_failing => (
+                    EndpointState::CheckFailing {
+                        since: carried
+                            .check
+                            .as_ref()
+                            .map_or(now.wall, |check| check.since()),
+                        error: carried.check.as_ref().and_then(|check| check.last_error()),
                     },
                     false,
                 ),
@@ -711,6 +752,7 @@ mod tests {
         let cut = Cut::default();
         let context = Context {
             policy: &policy,
+            checks: &Checks::default(),
             cut: &cut,
             service: &"web",
         };
@@ -770,6 +812,7 @@ mod tests {
         let cut = Cut::default();
         let context = Context {
             policy: &policy,
+            checks: &Checks::default(),
             cut: &cut,
             service: &"web",
         };
@@ -807,6 +850,7 @@ mod tests {
         let cut = Cut::default();
         let context = Context {
             policy: &policy,
+            checks: &Checks::default(),
             cut: &cut,
             service: &"web",
         };
@@ -857,6 +901,7 @@ mod tests {
         let cut = Cut::default();
         let context = Context {
             policy: &policy,
+            checks: &Checks::default(),
             cut: &cut,
             service: &"web",
         };

@@ -19,7 +19,10 @@ use std::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::endpoints::UpstreamAddr;
+use crate::{
+    check::{CheckParams, CheckSpec},
+    endpoints::UpstreamAddr,
+};
 
 /// Consecutive connect failures that eject an endpoint. Connect failures (refused, timed out,
 /// reset before any byte) are unambiguous, unlike Envoy's 5xx count, so fewer are needed than
@@ -87,6 +90,9 @@ pub struct HealthPolicy {
     pub drain_timeout: Duration,
     /// An endpoint discovery stops listing stays (while healthy) this long; zero: removed at once.
     pub remove_delay: Duration,
+    /// The active check the consumer declared, if any.
+    pub check: Option<CheckSpec>,
+    pub check_params: CheckParams,
 }
 
 impl Default for HealthPolicy {
@@ -100,6 +106,8 @@ impl Default for HealthPolicy {
             on_remove: OnRemove::Keep,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             remove_delay: Duration::ZERO,
+            check: None,
+            check_params: CheckParams::default(),
         }
     }
 }

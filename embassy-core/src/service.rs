@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     balancer::Picker,
+    check::{CheckParams, CheckSpec, Checks},
     copy::{CopyMode, Cut, Timeouts},
     counters::ServiceCounters,
     descriptor::{parse_duration, parse_percent, plain_number, ServiceDescriptor},
@@ -92,6 +93,9 @@ pub struct Service {
     pub counters: ServiceCounters,
     /// What keeps endpoints in rotation and what happens when discovery removes one.
     pub health: HealthPolicy,
+    /// Where its endpoints' checks run: the host shares one registry among its services, so
+    /// an endpoint two services check alike is checked once.
+    pub checks: Arc<Checks>,
 }
 
 impl Service {
@@ -151,6 +155,7 @@ impl Service {
             cut: Arc::default(),
             counters: ServiceCounters::default(),
             health,
+            checks: Arc::default(),
         }
     }
 
@@ -195,6 +200,7 @@ impl Service {
     fn context(&self) -> Context<'_> {
         Context {
             policy: &self.health,
+            checks: &self.checks,
             cut: &self.cut,
             service: &self.descriptor,
         }
@@ -277,6 +283,16 @@ fn health_policy(descriptor: &ServiceDescriptor, defaults: &HealthPolicy) -> Hea
                 }
             })
             .unwrap_or(defaults.remove_delay),
+        check: descriptor
+            .option("check")
+            .and_then(|spec| spec.parse::<CheckSpec>().ok())
+            .or_else(|| defaults.check.clone()),
+        check_params: CheckParams {
+            interval: duration("check_interval", defaults.check_params.interval),
+            timeout: duration("check_timeout", defaults.check_params.timeout),
+            rise: count("check_rise", defaults.check_params.rise),
+            fall: count("check_fall", defaults.check_params.fall),
+        },
     }
 }
 

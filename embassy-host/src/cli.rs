@@ -8,6 +8,7 @@ use std::{
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use embassy_core::{
+    check,
     copy::CopyMode,
     descriptor::{parse_duration, parse_percent},
     health::{self, OnRemove},
@@ -214,6 +215,23 @@ pub struct RunArgs {
     #[arg(long, default_value = "0", value_name = "DURATION", value_parser = parse_delay_arg, help_heading = "Endpoint health")]
     pub remove_delay: Duration,
 
+    /// Between two active checks of an endpoint (a descriptor's `check=` turns them on),
+    /// jittered a quarter either way; HAProxy's `inter` default.
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = parse_duration_arg, help_heading = "Endpoint health")]
+    pub check_interval: Duration,
+
+    /// Deadline of one check, connect and answer together.
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration_arg, help_heading = "Endpoint health")]
+    pub check_timeout: Duration,
+
+    /// Passing checks in a row that bring a failing endpoint back (HAProxy's rise).
+    #[arg(long, default_value_t = check::DEFAULT_CHECK_RISE, value_name = "N", value_parser = parse_positive_u32, help_heading = "Endpoint health")]
+    pub check_rise: u32,
+
+    /// Failing checks in a row that take a passing endpoint out (HAProxy's fall).
+    #[arg(long, default_value_t = check::DEFAULT_CHECK_FALL, value_name = "N", value_parser = parse_positive_u32, help_heading = "Endpoint health")]
+    pub check_fall: u32,
+
     /// How bytes are moved: `splice` (zero-copy through a pipe, Linux) or `userspace`
     /// (read/write through a buffer).
     #[arg(long = "copy", default_value = default_copy(), value_name = "MODE", value_parser = parse_copy_mode)]
@@ -300,6 +318,13 @@ fn parse_percent_arg(text: &str) -> Result<u32, String> {
 
 fn parse_on_remove(text: &str) -> Result<OnRemove, String> {
     OnRemove::parse(text).ok_or_else(|| format!("{text:?} is not keep, drain or close"))
+}
+
+fn parse_positive_u32(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{text:?} is not a whole number greater than 0")),
+    }
 }
 
 fn parse_count(text: &str) -> Result<usize, String> {

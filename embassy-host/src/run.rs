@@ -4,6 +4,7 @@ use std::{process::ExitCode, sync::Arc};
 
 use anyhow::{bail, Context};
 use embassy_core::{
+    check::CheckParams,
     health::HealthPolicy,
     service::{default_max_connections, ConnectionDefaults, RESERVED_DESCRIPTORS},
     ServiceDescriptor,
@@ -134,6 +135,13 @@ pub async fn run(
                     on_remove: args.on_remove,
                     drain_timeout: args.drain_timeout,
                     remove_delay: args.remove_delay,
+                    check: None,
+                    check_params: CheckParams {
+                        interval: args.check_interval,
+                        timeout: args.check_timeout,
+                        rise: args.check_rise,
+                        fall: args.check_fall,
+                    },
                 },
             },
         },

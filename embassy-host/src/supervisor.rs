@@ -15,6 +15,7 @@ use std::{
 };
 
 use embassy_core::{
+    check::Checks,
     copy::{CopyMode, Cut},
     service::ConnectionDefaults,
     Listener, ListenerError, Service, ServiceDescriptor,
@@ -117,6 +118,9 @@ pub struct Supervisor {
     connections: TaskTracker,
     /// Resets the connections still open when the grace period is over.
     cut: Arc<Cut>,
+    /// Every service's active checks: one checker per endpoint and check, however many
+    /// services declare it.
+    checks: Arc<Checks>,
     /// What readers see, republished on every change.
     state: Arc<HostState>,
 }
@@ -142,6 +146,8 @@ impl Supervisor {
             listeners: TaskTracker::new(),
             connections: TaskTracker::new(),
             cut: Arc::default(),
+            // Rebuilds also run on discovery plugins' threads: checkers start on this runtime.
+            checks: Arc::new(Checks::new(tokio::runtime::Handle::try_current().ok())),
             state: Arc::default(),
         }
     }
@@ -215,6 +221,7 @@ impl Supervisor {
             Service::with_defaults(descriptor.clone(), balancer, &self.defaults.connections);
         service.copy_mode = self.defaults.copy_mode;
         service.cut = Arc::clone(&self.cut);
+        service.checks = Arc::clone(&self.checks);
         let service = Arc::new(service);
         let discovery = Arc::new(DiscoveryStatus::default());
         let sink = ServiceSink::new(Arc::clone(&service), Arc::clone(&discovery));

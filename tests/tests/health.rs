@@ -394,7 +394,10 @@ const FAST_CHECKS: &str = ";check_interval=200ms;check_timeout=500ms;check_rise=
 #[test]
 fn an_http_check_takes_out_an_endpoint_answering_503_and_brings_it_back_on_200() {
     let (x, y) = (HttpServer::start("x"), HttpServer::start("y"));
-    let s = start(&[x.addr, y.addr], &format!(";check=http:/healthz{FAST_CHECKS}"));
+    let s = start(
+        &[x.addr, y.addr],
+        &format!(";check=http:/healthz{FAST_CHECKS}"),
+    );
     s.wait_endpoint(y.addr, |e| e["state"] == "serving");
     assert_eq!(s.http_load(10).len(), 2, "both serve");
 
@@ -402,7 +405,9 @@ fn an_http_check_takes_out_an_endpoint_answering_503_and_brings_it_back_on_200()
     let failing = s.wait_endpoint(y.addr, |e| e["state"] == "check_failing");
     assert_eq!(failing["in_rotation"], false);
     assert!(
-        failing["reason"].as_str().is_some_and(|r| r.contains("503")),
+        failing["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("503")),
         "the last check's error: {failing}"
     );
     let counts = s.http_load(20);
@@ -411,9 +416,7 @@ fn an_http_check_takes_out_an_endpoint_answering_503_and_brings_it_back_on_200()
     y.set_health(200);
     s.wait_endpoint(y.addr, |e| e["state"] == "serving");
     assert!(
-        eventually(Duration::from_secs(5), || s
-            .http_load(4)
-            .contains_key("y")),
+        eventually(Duration::from_secs(5), || s.http_load(4).contains_key("y")),
         "y serves again"
     );
 }
@@ -430,13 +433,19 @@ fn an_upstream_that_accepts_but_never_answers_is_taken_out_by_its_check() {
     );
     let out = s.wait_endpoint(hung_addr, |e| e["state"] == "check_failing");
     assert!(
-        out["reason"].as_str().is_some_and(|r| r.contains("timed out")),
+        out["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("timed out")),
         "{out}"
     );
     s.wait_endpoint(a.addr, |e| e["state"] == "serving");
     s.wait_endpoint(b.addr, |e| e["state"] == "serving");
     let counts = s.load(30);
-    assert_eq!(counts.values().sum::<usize>(), 30, "every connection answered");
+    assert_eq!(
+        counts.values().sum::<usize>(),
+        30,
+        "every connection answered"
+    );
     drop(hung);
 }
 
@@ -499,4 +508,31 @@ fn a_udp_check_tells_an_echo_from_a_silent_socket() {
         assert_eq!(client.whoami().expect("answer").upstream, "echo");
     }
     drop(silent);
+}
+
+#[test]
+fn a_send_expect_check_follows_a_real_redis_behind_embassy() {
+    let (r1, mut r2) = (Redis::start(), Redis::start());
+    let s = start(
+        &[r1.addr(), r2.addr()],
+        &format!(";check=send:PING,expect:PONG{FAST_CHECKS}"),
+    );
+    s.wait_endpoint(r2.addr(), |e| e["state"] == "serving");
+    r2.kill();
+    let failing = s.wait_endpoint(r2.addr(), |e| e["state"] == "check_failing");
+    assert_eq!(failing["in_rotation"], false, "{failing}");
+    // A real client through Embassy: every command reaches the Redis that is up.
+    for i in 0..10 {
+        let output = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &s.port.to_string(), "PING"])
+            .output()
+            .expect("redis-cli (apt-get install redis-tools)");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            "PONG",
+            "command {i}: {output:?}"
+        );
+    }
+    r2.restart();
+    s.wait_endpoint(r2.addr(), |e| e["state"] == "serving");
 }
