@@ -80,6 +80,8 @@ pub struct Upstream {
     pub cut: Arc<Cut>,
     /// Why it is in or out of rotation, as of this snapshot.
     pub state: EndpointState,
+    /// Its active check, if the service declares one (shared with other services).
+    pub check: Option<Arc<CheckStatus>>,
 }
 
 /// An immutable snapshot of a service's endpoints, with the views balancers pick over.
@@ -639,6 +641,7 @@ impl Carried {
             counters: Arc::clone(&self.counters),
             cut: Arc::clone(&self.cut),
             state,
+            check: self.check.clone(),
         }
     }
 }

@@ -242,6 +242,30 @@ impl Collector for Scrape {
         )?;
         family(
             e,
+            "embassy_endpoint_checks",
+            "Active checks of the endpoint run, and how many failed (a checker shared by services counts once for each).",
+            services.iter().flat_map(|s| {
+                all(&s.set).zip(s.endpoints()).filter_map(|(u, (labels, _))| {
+                    u.check.as_ref().map(|check| (labels, Value::Counter(check.checks())))
+                })
+            }),
+        )?;
+        family(
+            e,
+            "embassy_endpoint_check_failures",
+            "Active checks of the endpoint that failed (connect, timeout, wrong answer).",
+            services.iter().flat_map(|s| {
+                all(&s.set)
+                    .zip(s.endpoints())
+                    .filter_map(|(u, (labels, _))| {
+                        u.check
+                            .as_ref()
+                            .map(|check| (labels, Value::Counter(check.failures())))
+                    })
+            }),
+        )?;
+        family(
+            e,
             "embassy_endpoints_panic",
             "1 while too few of the service's endpoints are fit and all of them are in rotation (the panic threshold).",
             services.iter().map(|s| {

@@ -250,6 +250,9 @@ pub struct EndpointView {
     pub consecutive_failures: u64,
     /// Ejections in a row without a successful connect since.
     pub ejections: u32,
+    /// Its active check, if the service declares one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckView>,
     /// Connections established (UDP: sessions opened) since it joined the set.
     pub connections: u64,
     /// Failed connect attempts since it joined the set.
@@ -257,6 +260,20 @@ pub struct EndpointView {
     /// Bytes client → endpoint and back, counted as they move.
     pub sent_bytes: u64,
     pub received_bytes: u64,
+}
+
+/// An endpoint's active check, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckView {
+    /// The check as declared, canonical (`http:/healthz`).
+    pub spec: String,
+    /// `unknown` (none finished yet), `passing` or `failing`.
+    pub state: &'static str,
+    /// Unix seconds since which `state` holds.
+    pub since: f64,
+    pub checks: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
 }
 
 impl EndpointView {
@@ -314,6 +331,14 @@ impl EndpointView {
             active: upstream.active.load(std::sync::atomic::Ordering::Relaxed),
             consecutive_failures: failing,
             ejections: upstream.health.ejections(),
+            check: upstream.check.as_ref().map(|check| CheckView {
+                spec: check.key().spec.to_string(),
+                state: check.state().as_str(),
+                since: unix_seconds(check.since()),
+                checks: check.checks(),
+                failures: check.failures(),
+                last_error: check.last_error(),
+            }),
             connections: counters::read(&c.connections),
             connect_failures: ConnectFailure::ALL
                 .iter()

@@ -410,6 +410,31 @@ fn an_http_check_takes_out_an_endpoint_answering_503_and_brings_it_back_on_200()
             .is_some_and(|r| r.contains("503")),
         "the last check's error: {failing}"
     );
+    assert_eq!(failing["check"]["state"], "failing", "{failing}");
+    assert_eq!(failing["check"]["spec"], "http:/healthz");
+    let metrics = s.proxy.embassy.metrics().expect("metrics");
+    let failures = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("embassy_endpoint_check_failures_total{")
+                && l.contains(&format!("endpoint=\"{}\"", y.addr))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<f64>().ok());
+    assert!(
+        failures.is_some_and(|n| n >= 2.0),
+        "check_fall=2 failures counted: {failures:?}"
+    );
+    let states = metrics
+        .lines()
+        .find(|l| l.starts_with("embassy_endpoints{") && l.contains("state=\"check_failing\""))
+        .unwrap_or_default()
+        .to_string();
+    let failing_gauge = states
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse::<f64>().ok());
+    assert_eq!(failing_gauge, Some(1.0), "{states}");
     let counts = s.http_load(20);
     assert_eq!(counts.get("y"), None, "{counts:?}");
 
