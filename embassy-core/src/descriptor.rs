@@ -749,6 +749,10 @@ mod tests {
             "dns;53/udp;check=udp:send:x,expect:y",
         );
         check(
+            "web;80/tcp;check=http:healthz",
+            "error: option check=\"http:healthz\" is invalid: http check path \"healthz\" does not start with '/'",
+        );
+        check(
             "web;80/tcp;check_rise=0",
             "error: option check_rise=\"0\" is invalid: expected a whole number greater than 0",
         );
