@@ -659,12 +659,29 @@ async fn run_checker(running: Running, stop: Arc<Notify>) {
         }
         drop(status);
         tokio::select! {
-            () = tokio::time::sleep(pace.next_wait()) => {}
+            () = tokio::time::sleep_until(in_slot(Instant::now() + pace.next_wait(), interval)) => {}
             () = stop.notified() => break,
         }
     }
     debug!(upstream = %key.addr, check = %key.spec, "checker stopped: no service uses it");
     drop(running);
+}
+
+/// The longest slot checks are gathered in (for intervals of a second and more).
+const WAKE_SLOT: Duration = Duration::from_millis(25);
+
+/// `at`, moved up to the end of its slot of the process's common grid (a hundredth of
+/// `interval`, at most [`WAKE_SLOT`]): checkers due within one slot wake together, so the
+/// runtime turns once for a handful of checks rather than once each. The jitter still spreads
+/// them over the interval; a slot is too short to matter to a check's verdict.
+fn in_slot(at: Instant, interval: Duration) -> Instant {
+    static GRID: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let grid = *GRID.get_or_init(Instant::now);
+    let slot = (interval / 40).min(WAKE_SLOT).as_nanos().max(1);
+    let since = at.saturating_duration_since(grid).as_nanos();
+    let slots = since.div_ceil(slot);
+    // A u64 of nanoseconds lasts 584 years of uptime; saturate rather than wrap past it.
+    grid + Duration::from_nanos(u64::try_from(slots * slot).unwrap_or(u64::MAX))
 }
 
 /// What one checker sends, built once.
@@ -1109,6 +1126,23 @@ mod tests {
             true,
             &format!("not an HTTP response: \"{}...\"", "a".repeat(QUOTED_REPLY)),
         );
+    }
+
+    #[test]
+    fn wakes_gather_in_slots_of_a_fortieth_of_the_interval() {
+        let second = Duration::from_secs(1);
+        let now = Instant::now();
+        for offset_ms in [0, 1, 7, 24, 25, 26, 999] {
+            let at = now + Duration::from_millis(offset_ms);
+            let woken = in_slot(at, second);
+            assert!(woken >= at && woken - at < WAKE_SLOT, "{offset_ms} ms: {:?}", woken - at);
+            assert_eq!(in_slot(woken, second), woken, "a slot's end is its own slot");
+            assert_eq!(in_slot(woken - Duration::from_millis(1), second), woken);
+        }
+        // Short intervals get short slots: a 20 ms test interval moves by half a millisecond.
+        let at = now + Duration::from_millis(3);
+        let woken = in_slot(at, Duration::from_millis(20));
+        assert!(woken >= at && woken - at < Duration::from_micros(500));
     }
 
     fn fast(rise: u32, fall: u32) -> CheckParams {
