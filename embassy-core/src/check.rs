@@ -12,6 +12,16 @@
 //! bind listeners inside containers. A check thus sees the endpoint exactly as a forwarded
 //! connection would (routes, firewall, name resolution), which is what its verdict is for.
 //!
+//! The first check runs at once, so a new endpoint has a state within one timeout. Then each
+//! checker waits the interval moved by up to a quarter either way (the jitter of the one
+//! backoff), so a thousand checkers started together drift apart, rounded up to a slot of a
+//! fortieth of the interval (25 ms at most) on one grid for the process, so one runtime turn
+//! serves the handful of checks due in it (this halved the CPU of 1,000 endpoints under
+//! 1-second checks; BENCHMARKS.md). `timeout` bounds connect and exchange together. A named
+//! address is resolved at every check (TCP tries each address, UDP takes the first). Check
+//! connections close with a reset, as HAProxy's do, so none lingers in TIME_WAIT. A reply
+//! that began but lacks the expected text at the deadline is a wrong answer, not silence.
+//!
 //! Nothing here is on the connection path: the path reads the state the host derives from a
 //! status, never the status itself. A checker logs one line per state change, never per check.
 //!
