@@ -1145,8 +1145,16 @@ mod tests {
         for offset_ms in [0, 1, 7, 24, 25, 26, 999] {
             let at = now + Duration::from_millis(offset_ms);
             let woken = in_slot(at, second);
-            assert!(woken >= at && woken - at < WAKE_SLOT, "{offset_ms} ms: {:?}", woken - at);
-            assert_eq!(in_slot(woken, second), woken, "a slot's end is its own slot");
+            assert!(
+                woken >= at && woken - at < WAKE_SLOT,
+                "{offset_ms} ms: {:?}",
+                woken - at
+            );
+            assert_eq!(
+                in_slot(woken, second),
+                woken,
+                "a slot's end is its own slot"
+            );
             assert_eq!(in_slot(woken - Duration::from_millis(1), second), woken);
         }
         // Short intervals get short slots: a 20 ms test interval moves by half a millisecond.
@@ -1234,6 +1242,74 @@ mod tests {
         assert!(status.since() <= SystemTime::now());
         // The last failure stays readable after recovery.
         assert_eq!(status.last_error().as_deref(), Some("connect refused"));
+        server.abort();
+    }
+
+    /// Log lines (`LEVEL message`) written while a guard of [`capture`] lives on this thread.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Lines {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            let line = format!("{} {}", event.metadata().level(), message.0);
+            self.0.lock().expect("lines").push(line);
+        }
+    }
+
+    fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
+        use tracing_subscriber::layer::SubscriberExt;
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::registry().with(lines.clone());
+        (lines, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// A current-thread test: the checker runs on this thread, under the captured subscriber.
+    #[tokio::test]
+    async fn one_log_line_per_state_change_not_per_check() {
+        let (lines, _guard) = capture();
+        let (addr, server) = accept_and_close((std::net::Ipv4Addr::LOCALHOST, 0).into()).await;
+        let checks = Checks::default();
+        let changes = Arc::new(Notify::new());
+        let status = checks.subscribe(key(addr, "tcp", fast(2, 2)), Arc::downgrade(&changes));
+        wait_for(&status, &changes, CheckState::Passing).await;
+        server.abort();
+        let _ = server.await;
+        wait_for(&status, &changes, CheckState::Failing).await;
+        // Keep failing a while: more failed checks, no more lines.
+        let failures = status.failures();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while status.failures() < failures + 5 {
+            assert!(Instant::now() < deadline, "no further checks");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, server) = accept_and_close(addr).await;
+        wait_for(&status, &changes, CheckState::Passing).await;
+
+        let lines = lines.0.lock().expect("lines").clone();
+        let warnings: Vec<&String> = lines.iter().filter(|l| l.starts_with("WARN")).collect();
+        let infos: Vec<&String> = lines.iter().filter(|l| l.starts_with("INFO")).collect();
+        assert_eq!(
+            warnings,
+            ["WARN check failing; it passes again after 2 pass(es) in a row"],
+            "{} checks, {} failed; all lines: {lines:?}",
+            status.checks(),
+            status.failures()
+        );
+        assert_eq!(infos, ["INFO check passing again"], "{lines:?}");
         server.abort();
     }
 
