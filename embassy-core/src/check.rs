@@ -1245,9 +1245,9 @@ mod tests {
         server.abort();
     }
 
-    /// Log lines (`LEVEL message`) written while a guard of [`capture`] lives on this thread.
+    /// Every log line (`LEVEL message`) of the test process, with the thread that wrote it.
     #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<String>>>);
+    struct Lines(Arc<Mutex<Vec<(std::thread::ThreadId, String)>>>);
 
     impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Lines {
         fn on_event(
@@ -1266,21 +1266,43 @@ mod tests {
             let mut message = Message(String::new());
             event.record(&mut message);
             let line = format!("{} {}", event.metadata().level(), message.0);
-            self.0.lock().expect("lines").push(line);
+            let thread = std::thread::current().id();
+            self.0.lock().expect("lines").push((thread, line));
         }
     }
 
-    fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
-        use tracing_subscriber::layer::SubscriberExt;
-        let lines = Lines::default();
-        let subscriber = tracing_subscriber::registry().with(lines.clone());
-        (lines, tracing::subscriber::set_default(subscriber))
+    /// The process's one subscriber, installed by the first caller. Global rather than
+    /// per-thread: tracing caches whether a call site is wanted, and a site first reached on a
+    /// thread with no subscriber (another test) would stay silent for a scoped one.
+    fn captured() -> &'static Lines {
+        static LINES: std::sync::OnceLock<Lines> = std::sync::OnceLock::new();
+        LINES.get_or_init(|| {
+            use tracing_subscriber::layer::SubscriberExt;
+            let lines = Lines::default();
+            tracing::subscriber::set_global_default(
+                tracing_subscriber::registry().with(lines.clone()),
+            )
+            .expect("no other subscriber in this test process");
+            tracing::callsite::rebuild_interest_cache();
+            lines
+        })
     }
 
-    /// A current-thread test: the checker runs on this thread, under the captured subscriber.
+    /// Lines this thread logged.
+    fn lines_of_this_thread() -> Vec<String> {
+        let thread = std::thread::current().id();
+        let lines = captured().0.lock().expect("lines");
+        lines
+            .iter()
+            .filter(|(t, _)| *t == thread)
+            .map(|(_, line)| line.clone())
+            .collect()
+    }
+
+    /// A current-thread test: the checker runs on this thread, so its lines are this thread's.
     #[tokio::test]
     async fn one_log_line_per_state_change_not_per_check() {
-        let (lines, _guard) = capture();
+        captured();
         let (addr, server) = accept_and_close((std::net::Ipv4Addr::LOCALHOST, 0).into()).await;
         let checks = Checks::default();
         let changes = Arc::new(Notify::new());
@@ -1299,7 +1321,7 @@ mod tests {
         let (_, server) = accept_and_close(addr).await;
         wait_for(&status, &changes, CheckState::Passing).await;
 
-        let lines = lines.0.lock().expect("lines").clone();
+        let lines = lines_of_this_thread();
         let warnings: Vec<&String> = lines.iter().filter(|l| l.starts_with("WARN")).collect();
         let infos: Vec<&String> = lines.iter().filter(|l| l.starts_with("INFO")).collect();
         assert_eq!(
