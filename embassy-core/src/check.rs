@@ -595,7 +595,8 @@ impl Checks {
         status
     }
 
-    /// Checkers running now.
+    /// Checker tasks running now (for metrics and tests), counting one that is winding down
+    /// because its last status just went, perhaps beside a successor for the same key.
     pub fn running(&self) -> usize {
         self.registry.running.load(Ordering::Acquire)
     }
@@ -1646,6 +1647,51 @@ mod tests {
         assert_eq!(checks.running(), 1);
         assert_eq!(again.state(), CheckState::Unknown);
         wait_for(&again, &first, CheckState::Passing).await;
+        server.abort();
+    }
+
+    #[test]
+    fn statuses_and_registry_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Checks>();
+        send_sync::<CheckStatus>();
+        send_sync::<CheckSpecError>();
+    }
+
+    /// Subscribers coming and going on several threads at once: a key has one live status,
+    /// and every checker stops and leaves no entry behind. (A checker whose last status just
+    /// went may still be winding down beside its successor, so `running` is only asserted
+    /// at the end.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn subscribers_coming_and_going_leave_nothing_behind() {
+        let (addr, server) = accept_and_close((std::net::Ipv4Addr::LOCALHOST, 0).into()).await;
+        let checks = Arc::new(Checks::default());
+        let changes = Arc::new(Notify::new());
+        let mut tasks = Vec::new();
+        for worker in 0..4u32 {
+            let (checks, changes) = (Arc::clone(&checks), Arc::clone(&changes));
+            tasks.push(tokio::spawn(async move {
+                for round in 0..50u32 {
+                    // Two keys, shared by all workers.
+                    let params = fast(1 + (worker + round) % 2, 1);
+                    let status =
+                        checks.subscribe(key(addr, "tcp", params), Arc::downgrade(&changes));
+                    let again = checks.subscribe(key(addr, "tcp", params), Weak::new());
+                    assert!(Arc::ptr_eq(&status, &again), "one live status per key");
+                    drop(again);
+                    if round % 7 == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    drop(status);
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("worker");
+        }
+        wait_running(&checks, 0).await;
+        assert!(lock(&checks.registry.statuses).is_empty());
         server.abort();
     }
 }
