@@ -740,7 +740,8 @@ impl Probe {
         let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
         let expect: &[u8] = match &key.spec {
             CheckSpec::Tcp | CheckSpec::Udp { .. } => return Ok(()),
-            CheckSpec::Http { .. } => b"\r\n",
+            // The status line's end: LF, so a server ending lines with a bare LF is read too.
+            CheckSpec::Http { .. } => b"\n",
             CheckSpec::Send { expect, .. } => expect,
         };
         // Owned here, so what came before a timeout can still be judged.
@@ -1102,6 +1103,7 @@ mod tests {
         status_line("HTTP/1.1 200 OK\r\nServer: x\r\n", true, "pass");
         status_line("HTTP/1.0 204 No Content\r\n", true, "pass");
         status_line("HTTP/1.1 399\r\n", true, "pass");
+        status_line("HTTP/1.1 200 OK\nServer: bare LF\n", true, "pass");
         status_line("HTTP/1.1 199 Hm\r\n", true, "status 199");
         status_line("HTTP/1.1 400 Bad\r\n", true, "status 400");
         status_line("HTTP/1.1 503 Busy\r\n", true, "status 503");
