@@ -80,6 +80,10 @@ pub const DEFAULT_CHECK_RISE: u32 = 2;
 /// (a full backlog, a lost SYN) does not eject a healthy endpoint.
 pub const DEFAULT_CHECK_FALL: u32 = 3;
 
+/// The shortest interval a checker keeps: faster probing loads the endpoint without telling
+/// anything sooner that matters, and an interval of zero would spin.
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Most bytes of a reply a check reads looking for its status line or expected text: a
 /// health answer is short, and a bound keeps a chatty endpoint from costing memory.
 pub const MAX_REPLY: usize = 4096;
@@ -280,7 +284,8 @@ impl fmt::Display for CheckSpec {
 /// How often and how strictly an endpoint is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CheckParams {
-    /// Between checks (jittered a quarter either way); the next starts after one ends.
+    /// Between checks (jittered a quarter either way); the next starts after one ends. Under
+    /// [`MIN_CHECK_INTERVAL`] counts as that.
     pub interval: Duration,
     /// Deadline of one check, connect and exchange together.
     pub timeout: Duration,
@@ -628,12 +633,8 @@ impl Drop for Running {
 async fn run_checker(running: Running, stop: Arc<Notify>) {
     let key = &running.key;
     let probe = Probe::new(key);
-    let CheckParams {
-        interval,
-        rise,
-        fall,
-        ..
-    } = key.params;
+    let CheckParams { rise, fall, .. } = key.params;
+    let interval = key.params.interval.max(MIN_CHECK_INTERVAL);
     // The jitter of the one backoff, held at one base: each wait is `interval` ± a quarter.
     let mut pace = Backoff::new(interval, interval);
     let mut tally = Tally::START;
