@@ -2,8 +2,8 @@
 //! target: under 2% of one core).
 //!
 //! 1,000 listeners on 127.0.0.1 that never accept (the kernel completes each handshake from
-//! its backlog, so no userspace server shares the figure), one `Checks` on a runtime of the
-//! machine's cores, as the host runs it. The process's CPU time (getrusage, user and system)
+//! its backlog, so no userspace server shares the figure), one `Checks` on the host's runtime
+//! (one worker per core unless EMBASSY_BENCH_THREADS says otherwise). The process's CPU time (getrusage, user and system)
 //! is taken over an idle baseline with the listeners bound, then over the checkers' run; the
 //! figure is the difference per second, as a share of one core. It includes the kernel's
 //! loopback work on the checker's side (connect, reset), which a remote endpoint would cost
@@ -77,10 +77,12 @@ fn main() {
             return;
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // The host's own runtime: `--threads` (here EMBASSY_BENCH_THREADS), 0 for one per core.
+    let threads = std::env::var("EMBASSY_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    let runtime = embassy_host::run::runtime(threads).expect("runtime");
     let listeners: Vec<TcpListener> = (0..ENDPOINTS)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind listener"))
         .collect();
@@ -92,7 +94,9 @@ fn main() {
         fall: 3,
     };
 
-    let (idle_user, idle_system) = cpu_share(|| thread::sleep(BASELINE));
+    // Slept in `block_on`, so a single-threaded runtime is driven too.
+    let (idle_user, idle_system) =
+        cpu_share(|| runtime.block_on(async { tokio::time::sleep(BASELINE).await }));
     let addrs: Vec<SocketAddr> = listeners
         .iter()
         .map(|l| l.local_addr().expect("addr"))
@@ -112,7 +116,7 @@ fn main() {
                 checks.subscribe(key, Arc::downgrade(&changes))
             })
             .collect();
-        thread::sleep(RUN);
+        runtime.block_on(async { tokio::time::sleep(RUN).await });
     });
     let total: u64 = statuses.iter().map(|s| s.checks()).sum();
     let failures: u64 = statuses.iter().map(|s| s.failures()).sum();
@@ -130,7 +134,7 @@ fn main() {
     );
     println!(
         "checks: {ENDPOINTS} endpoints, tcp every {INTERVAL:?} for {RUN:?}, {} runtime threads",
-        runtime.metrics().num_workers()
+        runtime.metrics().num_workers().max(1)
     );
     println!(
         "checks: {total} checks ({:.0}/s), {failures} failed, {passing}/{ENDPOINTS} passing, {running} checkers",

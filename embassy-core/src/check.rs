@@ -12,6 +12,16 @@
 //! bind listeners inside containers. A check thus sees the endpoint exactly as a forwarded
 //! connection would (routes, firewall, name resolution), which is what its verdict is for.
 //!
+//! The first check runs at once, so a new endpoint has a state within one timeout. Then each
+//! checker waits the interval moved by up to a quarter either way (the jitter of the one
+//! backoff), so a thousand checkers started together drift apart, rounded up to a slot of a
+//! fortieth of the interval (25 ms at most) on one grid for the process, so one runtime turn
+//! serves the handful of checks due in it (this halved the CPU of 1,000 endpoints under
+//! 1-second checks; BENCHMARKS.md). `timeout` bounds connect and exchange together. A named
+//! address is resolved at every check (TCP tries each address, UDP takes the first). Check
+//! connections close with a reset, as HAProxy's do, so none lingers in TIME_WAIT. A reply
+//! that began but lacks the expected text at the deadline is a wrong answer, not silence.
+//!
 //! Nothing here is on the connection path: the path reads the state the host derives from a
 //! status, never the status itself. A checker logs one line per state change, never per check.
 //!
@@ -69,6 +79,10 @@ pub const DEFAULT_CHECK_RISE: u32 = 2;
 /// Failures in a row that take a passing endpoint out: HAProxy's default, so one dropped probe
 /// (a full backlog, a lost SYN) does not eject a healthy endpoint.
 pub const DEFAULT_CHECK_FALL: u32 = 3;
+
+/// The shortest interval a checker keeps: faster probing loads the endpoint without telling
+/// anything sooner that matters, and an interval of zero would spin.
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Most bytes of a reply a check reads looking for its status line or expected text: a
 /// health answer is short, and a bound keeps a chatty endpoint from costing memory.
@@ -270,7 +284,8 @@ impl fmt::Display for CheckSpec {
 /// How often and how strictly an endpoint is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CheckParams {
-    /// Between checks (jittered a quarter either way); the next starts after one ends.
+    /// Between checks (jittered a quarter either way); the next starts after one ends. Under
+    /// [`MIN_CHECK_INTERVAL`] counts as that.
     pub interval: Duration,
     /// Deadline of one check, connect and exchange together.
     pub timeout: Duration,
@@ -585,7 +600,8 @@ impl Checks {
         status
     }
 
-    /// Checkers running now.
+    /// Checker tasks running now (for metrics and tests), counting one that is winding down
+    /// because its last status just went, perhaps beside a successor for the same key.
     pub fn running(&self) -> usize {
         self.registry.running.load(Ordering::Acquire)
     }
@@ -617,12 +633,8 @@ impl Drop for Running {
 async fn run_checker(running: Running, stop: Arc<Notify>) {
     let key = &running.key;
     let probe = Probe::new(key);
-    let CheckParams {
-        interval,
-        rise,
-        fall,
-        ..
-    } = key.params;
+    let CheckParams { rise, fall, .. } = key.params;
+    let interval = key.params.interval.max(MIN_CHECK_INTERVAL);
     // The jitter of the one backoff, held at one base: each wait is `interval` ± a quarter.
     let mut pace = Backoff::new(interval, interval);
     let mut tally = Tally::START;
@@ -659,12 +671,29 @@ async fn run_checker(running: Running, stop: Arc<Notify>) {
         }
         drop(status);
         tokio::select! {
-            () = tokio::time::sleep(pace.next_wait()) => {}
+            () = tokio::time::sleep_until(in_slot(Instant::now() + pace.next_wait(), interval)) => {}
             () = stop.notified() => break,
         }
     }
     debug!(upstream = %key.addr, check = %key.spec, "checker stopped: no service uses it");
     drop(running);
+}
+
+/// The longest slot checks are gathered in (for intervals of a second and more).
+const WAKE_SLOT: Duration = Duration::from_millis(25);
+
+/// `at`, moved up to the end of its slot of the process's common grid (a hundredth of
+/// `interval`, at most [`WAKE_SLOT`]): checkers due within one slot wake together, so the
+/// runtime turns once for a handful of checks rather than once each. The jitter still spreads
+/// them over the interval; a slot is too short to matter to a check's verdict.
+fn in_slot(at: Instant, interval: Duration) -> Instant {
+    static GRID: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let grid = *GRID.get_or_init(Instant::now);
+    let slot = (interval / 40).min(WAKE_SLOT).as_nanos().max(1);
+    let since = at.saturating_duration_since(grid).as_nanos();
+    let slots = since.div_ceil(slot);
+    // A u64 of nanoseconds lasts 584 years of uptime; saturate rather than wrap past it.
+    grid + Duration::from_nanos(u64::try_from(slots * slot).unwrap_or(u64::MAX))
 }
 
 /// What one checker sends, built once.
@@ -712,7 +741,8 @@ impl Probe {
         let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
         let expect: &[u8] = match &key.spec {
             CheckSpec::Tcp | CheckSpec::Udp { .. } => return Ok(()),
-            CheckSpec::Http { .. } => b"\r\n",
+            // The status line's end: LF, so a server ending lines with a bare LF is read too.
+            CheckSpec::Http { .. } => b"\n",
             CheckSpec::Send { expect, .. } => expect,
         };
         // Owned here, so what came before a timeout can still be judged.
@@ -1074,6 +1104,7 @@ mod tests {
         status_line("HTTP/1.1 200 OK\r\nServer: x\r\n", true, "pass");
         status_line("HTTP/1.0 204 No Content\r\n", true, "pass");
         status_line("HTTP/1.1 399\r\n", true, "pass");
+        status_line("HTTP/1.1 200 OK\nServer: bare LF\n", true, "pass");
         status_line("HTTP/1.1 199 Hm\r\n", true, "status 199");
         status_line("HTTP/1.1 400 Bad\r\n", true, "status 400");
         status_line("HTTP/1.1 503 Busy\r\n", true, "status 503");
@@ -1109,6 +1140,31 @@ mod tests {
             true,
             &format!("not an HTTP response: \"{}...\"", "a".repeat(QUOTED_REPLY)),
         );
+    }
+
+    #[test]
+    fn wakes_gather_in_slots_of_a_fortieth_of_the_interval() {
+        let second = Duration::from_secs(1);
+        let now = Instant::now();
+        for offset_ms in [0, 1, 7, 24, 25, 26, 999] {
+            let at = now + Duration::from_millis(offset_ms);
+            let woken = in_slot(at, second);
+            assert!(
+                woken >= at && woken - at < WAKE_SLOT,
+                "{offset_ms} ms: {:?}",
+                woken - at
+            );
+            assert_eq!(
+                in_slot(woken, second),
+                woken,
+                "a slot's end is its own slot"
+            );
+            assert_eq!(in_slot(woken - Duration::from_millis(1), second), woken);
+        }
+        // Short intervals get short slots: a 20 ms test interval moves by half a millisecond.
+        let at = now + Duration::from_millis(3);
+        let woken = in_slot(at, Duration::from_millis(20));
+        assert!(woken >= at && woken - at < Duration::from_micros(500));
     }
 
     fn fast(rise: u32, fall: u32) -> CheckParams {
@@ -1190,6 +1246,96 @@ mod tests {
         assert!(status.since() <= SystemTime::now());
         // The last failure stays readable after recovery.
         assert_eq!(status.last_error().as_deref(), Some("connect refused"));
+        server.abort();
+    }
+
+    /// Every log line (`LEVEL message`) of the test process, with the thread that wrote it.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<(std::thread::ThreadId, String)>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Lines {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            let line = format!("{} {}", event.metadata().level(), message.0);
+            let thread = std::thread::current().id();
+            self.0.lock().expect("lines").push((thread, line));
+        }
+    }
+
+    /// The process's one subscriber, installed by the first caller. Global rather than
+    /// per-thread: tracing caches whether a call site is wanted, and a site first reached on a
+    /// thread with no subscriber (another test) would stay silent for a scoped one.
+    fn captured() -> &'static Lines {
+        static LINES: std::sync::OnceLock<Lines> = std::sync::OnceLock::new();
+        LINES.get_or_init(|| {
+            use tracing_subscriber::layer::SubscriberExt;
+            let lines = Lines::default();
+            tracing::subscriber::set_global_default(
+                tracing_subscriber::registry().with(lines.clone()),
+            )
+            .expect("no other subscriber in this test process");
+            tracing::callsite::rebuild_interest_cache();
+            lines
+        })
+    }
+
+    /// Lines this thread logged.
+    fn lines_of_this_thread() -> Vec<String> {
+        let thread = std::thread::current().id();
+        let lines = captured().0.lock().expect("lines");
+        lines
+            .iter()
+            .filter(|(t, _)| *t == thread)
+            .map(|(_, line)| line.clone())
+            .collect()
+    }
+
+    /// A current-thread test: the checker runs on this thread, so its lines are this thread's.
+    #[tokio::test]
+    async fn one_log_line_per_state_change_not_per_check() {
+        captured();
+        let (addr, server) = accept_and_close((std::net::Ipv4Addr::LOCALHOST, 0).into()).await;
+        let checks = Checks::default();
+        let changes = Arc::new(Notify::new());
+        let status = checks.subscribe(key(addr, "tcp", fast(2, 2)), Arc::downgrade(&changes));
+        wait_for(&status, &changes, CheckState::Passing).await;
+        server.abort();
+        let _ = server.await;
+        wait_for(&status, &changes, CheckState::Failing).await;
+        // Keep failing a while: more failed checks, no more lines.
+        let failures = status.failures();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while status.failures() < failures + 5 {
+            assert!(Instant::now() < deadline, "no further checks");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, server) = accept_and_close(addr).await;
+        wait_for(&status, &changes, CheckState::Passing).await;
+
+        let lines = lines_of_this_thread();
+        let warnings: Vec<&String> = lines.iter().filter(|l| l.starts_with("WARN")).collect();
+        let infos: Vec<&String> = lines.iter().filter(|l| l.starts_with("INFO")).collect();
+        assert_eq!(
+            warnings,
+            ["WARN check failing; it passes again after 2 pass(es) in a row"],
+            "{} checks, {} failed; all lines: {lines:?}",
+            status.checks(),
+            status.failures()
+        );
+        assert_eq!(infos, ["INFO check passing again"], "{lines:?}");
         server.abort();
     }
 
@@ -1504,6 +1650,51 @@ mod tests {
         assert_eq!(checks.running(), 1);
         assert_eq!(again.state(), CheckState::Unknown);
         wait_for(&again, &first, CheckState::Passing).await;
+        server.abort();
+    }
+
+    #[test]
+    fn statuses_and_registry_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Checks>();
+        send_sync::<CheckStatus>();
+        send_sync::<CheckSpecError>();
+    }
+
+    /// Subscribers coming and going on several threads at once: a key has one live status,
+    /// and every checker stops and leaves no entry behind. (A checker whose last status just
+    /// went may still be winding down beside its successor, so `running` is only asserted
+    /// at the end.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn subscribers_coming_and_going_leave_nothing_behind() {
+        let (addr, server) = accept_and_close((std::net::Ipv4Addr::LOCALHOST, 0).into()).await;
+        let checks = Arc::new(Checks::default());
+        let changes = Arc::new(Notify::new());
+        let mut tasks = Vec::new();
+        for worker in 0..4u32 {
+            let (checks, changes) = (Arc::clone(&checks), Arc::clone(&changes));
+            tasks.push(tokio::spawn(async move {
+                for round in 0..50u32 {
+                    // Two keys, shared by all workers.
+                    let params = fast(1 + (worker + round) % 2, 1);
+                    let status =
+                        checks.subscribe(key(addr, "tcp", params), Arc::downgrade(&changes));
+                    let again = checks.subscribe(key(addr, "tcp", params), Weak::new());
+                    assert!(Arc::ptr_eq(&status, &again), "one live status per key");
+                    drop(again);
+                    if round % 7 == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    drop(status);
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("worker");
+        }
+        wait_running(&checks, 0).await;
+        assert!(lock(&checks.registry.statuses).is_empty());
         server.abort();
     }
 }
