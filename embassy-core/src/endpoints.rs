@@ -724,6 +724,44 @@ mod tests {
         );
     }
 
+    /// A service's endpoints under `policy`, with what a rebuild borrows.
+    struct Fixture {
+        policy: HealthPolicy,
+        cut: Cut,
+        checks: Checks,
+        service: ServiceEndpoints,
+    }
+
+    impl Fixture {
+        fn new(policy: HealthPolicy) -> Fixture {
+            Fixture {
+                policy,
+                cut: Cut::default(),
+                checks: Checks::default(),
+                service: ServiceEndpoints::default(),
+            }
+        }
+
+        /// Discovery's set, through the one update path.
+        fn set(&self, addresses: &[&str]) -> SetChange {
+            self.service.replace_explained(
+                &endpoints(addresses),
+                Vec::new(),
+                &self.context(),
+                |_| {},
+            )
+        }
+
+        fn context(&self) -> Context<'_> {
+            Context {
+                policy: &self.policy,
+                checks: &self.checks,
+                cut: &self.cut,
+                service: &"web",
+            }
+        }
+    }
+
     fn states(set: &EndpointSet) -> (Vec<String>, Vec<String>) {
         let show = |u: &Upstream| format!("{} {}", u.addr, u.state.as_str());
         (
@@ -752,14 +790,8 @@ mod tests {
             eject_time: Duration::from_millis(50),
             ..HealthPolicy::default()
         };
-        let cut = Cut::default();
-        let context = Context {
-            policy: &policy,
-            checks: &Checks::default(),
-            cut: &cut,
-            service: &"web",
-        };
-        let service = ServiceEndpoints::default();
+        let fixture = Fixture::new(policy);
+        let (service, context) = (&fixture.service, fixture.context());
         let listed = endpoints(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]);
         service.replace_explained(&listed, Vec::new(), &context, |_| {});
         fail(&service.load(), "127.0.0.1:1", 2);
@@ -812,20 +844,9 @@ mod tests {
             max_ejected_percent: 100,
             ..HealthPolicy::default()
         };
-        let cut = Cut::default();
-        let context = Context {
-            policy: &policy,
-            checks: &Checks::default(),
-            cut: &cut,
-            service: &"web",
-        };
-        let service = ServiceEndpoints::default();
-        service.replace_explained(
-            &endpoints(&["127.0.0.1:1", "127.0.0.1:2"]),
-            Vec::new(),
-            &context,
-            |_| {},
-        );
+        let fixture = Fixture::new(policy);
+        let (service, context) = (&fixture.service, fixture.context());
+        fixture.set(&["127.0.0.1:1", "127.0.0.1:2"]);
         fail(&service.load(), "127.0.0.1:1", 3);
         service.refresh(&context, |_| {});
         assert!(!service.load().panic(), "one of two fit is not below half");
@@ -850,24 +871,12 @@ mod tests {
             on_remove: OnRemove::Close,
             ..HealthPolicy::default()
         };
-        let cut = Cut::default();
-        let context = Context {
-            policy: &policy,
-            checks: &Checks::default(),
-            cut: &cut,
-            service: &"web",
-        };
-        let service = ServiceEndpoints::default();
-        service.replace_explained(
-            &endpoints(&["127.0.0.1:1", "127.0.0.1:2"]),
-            Vec::new(),
-            &context,
-            |_| {},
-        );
+        let fixture = Fixture::new(policy);
+        let (service, context) = (&fixture.service, fixture.context());
+        fixture.set(&["127.0.0.1:1", "127.0.0.1:2"]);
         let first = service.load();
         let _open = ActiveGuard::new(&first.upstreams()[1].active);
-        let change =
-            service.replace_explained(&endpoints(&["127.0.0.1:1"]), Vec::new(), &context, |_| {});
+        let change = fixture.set(&["127.0.0.1:1"]);
         assert!(change.removed.is_empty(), "held down, not removed yet");
         assert_eq!(
             states(&service.load()).0,
@@ -888,7 +897,7 @@ mod tests {
             "on_remove=close resets its connections"
         );
         assert!(!first.upstreams()[0].cut.is_cut());
-        cut.cut();
+        fixture.cut.cut();
         assert!(
             first.upstreams()[0].cut.is_cut(),
             "the service's cut reaches every endpoint"
@@ -901,24 +910,12 @@ mod tests {
             on_remove: OnRemove::Drain,
             ..HealthPolicy::default()
         };
-        let cut = Cut::default();
-        let context = Context {
-            policy: &policy,
-            checks: &Checks::default(),
-            cut: &cut,
-            service: &"web",
-        };
-        let service = ServiceEndpoints::default();
-        service.replace_explained(
-            &endpoints(&["127.0.0.1:1", "127.0.0.1:2"]),
-            Vec::new(),
-            &context,
-            |_| {},
-        );
+        let fixture = Fixture::new(policy);
+        let (service, context) = (&fixture.service, fixture.context());
+        fixture.set(&["127.0.0.1:1", "127.0.0.1:2"]);
         let first = service.load();
         let open = ActiveGuard::new(&first.upstreams()[1].active);
-        let change =
-            service.replace_explained(&endpoints(&["127.0.0.1:1"]), Vec::new(), &context, |_| {});
+        let change = fixture.set(&["127.0.0.1:1"]);
         assert_eq!(change.removed, vec!["127.0.0.1:2"]);
         assert_eq!(
             states(&service.load()).1,
