@@ -213,6 +213,15 @@ impl ServiceDescriptor {
     }
 
     /// The value of option `key`, if given.
+    /// Whether `other` asks for the same service on the same port: what names a listener.
+    /// Options are tunables (a balancer, timeouts, checks), not part of the identity.
+    pub fn same_service(&self, other: &ServiceDescriptor) -> bool {
+        self.service == other.service
+            && self.tags == other.tags
+            && self.port == other.port
+            && self.protocol == other.protocol
+    }
+
     pub fn option(&self, key: &str) -> Option<&str> {
         self.options.get(key).map(String::as_str)
     }

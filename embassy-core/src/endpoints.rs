@@ -27,7 +27,7 @@ use crate::{
     check::{CheckKey, CheckState, CheckStatus, Checks},
     copy::Cut,
     counters::EndpointCounters,
-    health::{At, EndpointState, HealthPolicy, OnRemove},
+    health::{At, EndpointState, HealthPolicy, OnRemove, Operator},
 };
 use tokio::sync::{futures::Notified, Notify};
 use tracing::{info, warn};
@@ -186,6 +186,27 @@ struct Inner {
     ejection_refused: bool,
     /// When the next rebuild is due (an ejection ends, a hold-down or drain runs out).
     next_due: Option<Instant>,
+    /// Endpoints an operator drained or disabled, by address; kept while discovery drops and
+    /// lists them again.
+    operator: HashMap<String, (Operator, At)>,
+}
+
+/// Why an operator's change to an endpoint was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OperatorError {
+    #[error("no endpoint {address:?} in this service (it has: {known})")]
+    UnknownEndpoint { address: String, known: String },
+}
+
+/// What an operator's change did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorChange {
+    /// `drain`, `disable` or `enable` before the change.
+    pub before: &'static str,
+    /// Connections reset by it (a disable).
+    pub reset: u64,
+    /// Connections left open to it.
+    pub open: u64,
 }
 
 /// What an address keeps across snapshots.
@@ -253,6 +274,64 @@ impl ServiceEndpoints {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sets what an operator says about `address` (`None`: enabled again) and rebuilds. A
+    /// disable resets the endpoint's open connections.
+    pub fn set_operator(
+        &self,
+        address: &str,
+        operator: Option<Operator>,
+        context: &Context<'_>,
+        prepare: impl FnOnce(&[EndpointView]),
+    ) -> Result<OperatorChange, OperatorError> {
+        let mut inner = self.lock();
+        let Some(carried) = inner.carried.get_mut(address) else {
+            let mut known: Vec<&str> = inner.carried.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return Err(OperatorError::UnknownEndpoint {
+                address: address.to_string(),
+                known: known.join(", "),
+            });
+        };
+        let open = carried.active.load(Ordering::Relaxed);
+        let mut reset = 0;
+        if operator == Some(Operator::Disable) {
+            // Fired once for the connections open now; later ones (after an enable) get a
+            // fresh signal.
+            carried.cut.cut();
+            carried.cut = context.cut.child();
+            reset = open;
+        }
+        let before = match inner.operator.get(address) {
+            Some((was, _)) => was.as_str(),
+            None => "enable",
+        };
+        match operator {
+            Some(operator) => {
+                inner
+                    .operator
+                    .insert(address.to_string(), (operator, At::now()));
+            }
+            None => {
+                inner.operator.remove(address);
+            }
+        }
+        let mut change = SetChange::default();
+        self.rebuild(&mut inner, context, &mut change, true, prepare);
+        Ok(OperatorChange {
+            before,
+            reset,
+            open: open - reset,
+        })
+    }
+
+    /// Runs `f` on the current views while no rebuild can run (a new balancer takes the set
+    /// this way before it is installed).
+    pub fn with_current_views<R>(&self, f: impl FnOnce(&[EndpointView]) -> R) -> R {
+        let _inner = self.lock();
+        let current = self.current.load();
+        f(current.views())
     }
 
     /// Replaces the whole set under the default policy, with nothing said about what was left
@@ -561,6 +640,25 @@ impl ServiceEndpoints {
                 out.push(upstream);
             }
         }
+        // An operator's word holds whatever the panic threshold says.
+        let mut operated = Vec::new();
+        for list in [&mut rotation, &mut out] {
+            let mut kept = Vec::with_capacity(list.len());
+            for upstream in list.drain(..) {
+                match inner.operator.get(&upstream.addr.to_string()) {
+                    Some((operator, since)) => {
+                        let since = since.wall;
+                        let state = match operator {
+                            Operator::Drain => EndpointState::Drained { since },
+                            Operator::Disable => EndpointState::Disabled { since },
+                        };
+                        operated.push(Upstream { state, ..upstream });
+                    }
+                    None => kept.push(upstream),
+                }
+            }
+            *list = kept;
+        }
         let panic = policy.panics(rotation.len(), rotation.len() + out.len());
         if panic != inner.panic {
             if panic {
@@ -573,6 +671,7 @@ impl ServiceEndpoints {
         if panic {
             rotation.append(&mut out);
         }
+        out.append(&mut operated);
         let mut draining: Vec<(&String, &Carried)> = inner
             .carried
             .iter()

@@ -296,6 +296,29 @@ pub enum EndpointState {
         since: SystemTime,
         until: SystemTime,
     },
+    /// An operator drained it: no new connection, the open ones run on.
+    Drained { since: SystemTime },
+    /// An operator disabled it: no new connection, the open ones were reset.
+    Disabled { since: SystemTime },
+}
+
+/// What an operator said about one endpoint; it holds across discovery updates until undone,
+/// and whatever the panic threshold says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operator {
+    /// No new connections; open ones finish.
+    Drain,
+    /// No new connections; open ones are reset.
+    Disable,
+}
+
+impl Operator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operator::Drain => "drain",
+            Operator::Disable => "disable",
+        }
+    }
 }
 
 impl EndpointState {
@@ -307,6 +330,8 @@ impl EndpointState {
             EndpointState::CheckFailing { .. } => "check_failing",
             EndpointState::HeldDown { .. } => "held_down",
             EndpointState::Draining { .. } => "draining",
+            EndpointState::Drained { .. } => "drained",
+            EndpointState::Disabled { .. } => "disabled",
         }
     }
 }

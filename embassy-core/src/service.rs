@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use embassy_plugin_api::{Endpoint, Excluded, PluginError};
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -19,8 +20,8 @@ use crate::{
     copy::{CopyMode, Cut, Timeouts},
     counters::ServiceCounters,
     descriptor::{parse_duration, parse_percent, plain_number, ServiceDescriptor},
-    endpoints::{Context, EndpointSet, ServiceEndpoints, SetChange},
-    health::{HealthPolicy, OnRemove},
+    endpoints::{Context, EndpointSet, OperatorChange, OperatorError, ServiceEndpoints, SetChange},
+    health::{HealthPolicy, OnRemove, Operator},
 };
 
 /// Default upstream connect timeout when neither the descriptor nor the CLI sets one.
@@ -76,7 +77,8 @@ impl Default for ConnectionDefaults {
 pub struct Service {
     pub descriptor: ServiceDescriptor,
     pub endpoints: ServiceEndpoints,
-    picker: Box<dyn Picker>,
+    /// Swapped whole by an operator; the accept loop loads it per pick (no lock).
+    picker: ArcSwap<Box<dyn Picker>>,
     pub connect_timeout: Duration,
     /// How connections of this service move their bytes.
     pub copy_mode: CopyMode,
@@ -145,7 +147,7 @@ impl Service {
         Service {
             descriptor,
             endpoints: ServiceEndpoints::default(),
-            picker,
+            picker: ArcSwap::from_pointee(picker),
             connect_timeout,
             copy_mode: CopyMode::best(),
             timeouts,
@@ -206,8 +208,32 @@ impl Service {
         }
     }
 
+    /// Swaps the balancer in place: the new one takes the current set first (no rebuild can
+    /// run meanwhile), then picks from the next connection on. Connections in flight and the
+    /// live-connection counters (what least-conn reads) are untouched.
+    pub fn set_balancer(&self, picker: Box<dyn Picker>) -> Result<(), PluginError> {
+        self.endpoints.with_current_views(|views| {
+            picker.endpoints_changed(views)?;
+            self.picker.store(Arc::new(picker));
+            Ok(())
+        })
+    }
+
+    /// An operator drains, disables or (`None`) enables one endpoint, through the one update
+    /// path.
+    pub fn set_endpoint(
+        &self,
+        address: &str,
+        operator: Option<Operator>,
+    ) -> Result<OperatorChange, OperatorError> {
+        self.endpoints
+            .set_operator(address, operator, &self.context(), |views| {
+                self.endpoints_changed(views)
+            })
+    }
+
     fn endpoints_changed(&self, views: &[embassy_plugin_api::EndpointView]) {
-        if let Err(error) = self.picker.endpoints_changed(views) {
+        if let Err(error) = self.picker.load().endpoints_changed(views) {
             warn!(service = %self.descriptor, %error, "balancer failed to take the new endpoint set; its picks may be uneven until the next one");
         }
     }
@@ -223,7 +249,7 @@ impl Service {
         if set.is_empty() {
             return Ok(None);
         }
-        match self.picker.pick(set.views(), client)? {
+        match self.picker.load().pick(set.views(), client)? {
             Some(index) if index < set.len() => Ok(Some(index)),
             Some(index) => Err(PluginError::new(format!(
                 "balancer returned index {index} for {} endpoints",

@@ -19,15 +19,15 @@ use axum::{
     extract::{Path as UrlPath, State},
     http::{header::CONTENT_TYPE, StatusCode},
     response::{IntoResponse, Response},
-    routing::get,
-    Json, Router,
+    routing::{get, post},
+    Extension, Json, Router,
 };
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
     service::TowerToHyperService,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use thiserror::Error;
 use tokio::{
@@ -38,7 +38,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{plugins::LoadedPlugin, state::HostState};
+use crate::{
+    control::{Control, ControlError, EndpointAction, Request},
+    plugins::LoadedPlugin,
+    state::HostState,
+};
 
 /// Where the admin API listens unless `--admin` says otherwise (and where `embassy status`
 /// asks).
@@ -98,6 +102,8 @@ pub struct AdminContext {
     pub host: Arc<HostState>,
     pub plugins: Vec<LoadedPlugin>,
     pub discovery_uri: String,
+    /// Where writes go (the run loop); `None`: this API is read-only.
+    pub control: Option<Control>,
 }
 
 /// A bound admin listener, served by [`AdminListener::serve`].
@@ -163,8 +169,8 @@ impl AdminListener {
                 accepted = self.accept() => accepted,
             };
             match accepted {
-                Ok(io) => {
-                    let app = app.clone();
+                Ok((io, peer)) => {
+                    let app = app.clone().layer(axum::Extension(peer));
                     let stop = stop.clone();
                     tokio::spawn(async move {
                         serve_connection(io, app, stop).await;
@@ -182,11 +188,52 @@ impl AdminListener {
         }
     }
 
-    async fn accept(&self) -> io::Result<Box<dyn Connection>> {
+    async fn accept(&self) -> io::Result<(Box<dyn Connection>, Peer)> {
         Ok(match self {
-            AdminListener::Unix(listener, _) => Box::new(listener.accept().await?.0),
-            AdminListener::Tcp(listener) => Box::new(listener.accept().await?.0),
+            AdminListener::Unix(listener, _) => {
+                let stream = listener.accept().await?.0;
+                let peer = match stream.peer_cred() {
+                    Ok(cred) => Peer::Unix {
+                        uid: Some(cred.uid()),
+                        pid: cred.pid(),
+                    },
+                    Err(_) => Peer::Unix {
+                        uid: None,
+                        pid: None,
+                    },
+                };
+                (Box::new(stream), peer)
+            }
+            AdminListener::Tcp(listener) => {
+                let (stream, addr) = listener.accept().await?;
+                (Box::new(stream), Peer::Tcp(addr))
+            }
         })
+    }
+}
+
+/// Who is on the other end of an admin connection: for the unix socket, the kernel says
+/// (`SO_PEERCRED`), for the audit line.
+#[derive(Debug, Clone)]
+enum Peer {
+    Unix { uid: Option<u32>, pid: Option<i32> },
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Unix { uid, pid } => {
+                let show = |n: Option<String>| n.unwrap_or_else(|| "?".into());
+                write!(
+                    f,
+                    "unix uid={} pid={}",
+                    show(uid.map(|u| u.to_string())),
+                    show(pid.map(|p| p.to_string()))
+                )
+            }
+            Peer::Tcp(addr) => write!(f, "tcp {addr}"),
+        }
     }
 }
 
@@ -239,8 +286,80 @@ fn router(context: Arc<AdminContext>) -> Router {
         .route("/v1/plugins", get(plugins))
         .route("/v1/discovery", get(discovery))
         .route("/metrics", get(metrics))
+        .route("/v1/services/{id}/balancer", post(set_balancer))
+        .route("/v1/services/{id}/endpoint", post(set_endpoint))
         .fallback(|| async { not_found("no such admin endpoint; try /v1/services") })
         .with_state(context)
+}
+
+/// `POST /v1/services/{id}/balancer`'s body.
+#[derive(Debug, Deserialize)]
+struct BalancerBody {
+    name: String,
+    #[serde(default)]
+    options: std::collections::BTreeMap<String, String>,
+}
+
+/// `POST /v1/services/{id}/endpoint`'s body.
+#[derive(Debug, Deserialize)]
+struct EndpointBody {
+    address: String,
+    action: EndpointAction,
+}
+
+async fn set_balancer(
+    State(context): State<Arc<AdminContext>>,
+    Extension(peer): Extension<Peer>,
+    UrlPath(id): UrlPath<String>,
+    Json(body): Json<BalancerBody>,
+) -> Response {
+    let request = Request::SetBalancer {
+        service: id,
+        balancer: body.name,
+        options: body.options.into_iter().collect(),
+    };
+    write(&context, &peer, request).await
+}
+
+async fn set_endpoint(
+    State(context): State<Arc<AdminContext>>,
+    Extension(peer): Extension<Peer>,
+    UrlPath(id): UrlPath<String>,
+    Json(body): Json<EndpointBody>,
+) -> Response {
+    let request = Request::SetEndpoint {
+        service: id,
+        endpoint: body.address,
+        action: body.action,
+    };
+    write(&context, &peer, request).await
+}
+
+/// Runs a write where writes are allowed: on the unix socket, with a run loop to carry it.
+async fn write(context: &AdminContext, peer: &Peer, request: Request) -> Response {
+    let refused =
+        |status, message: String| (status, Json(json!({ "error": message }))).into_response();
+    if let Peer::Tcp(_) = peer {
+        warn!(by = %peer, ?request, "admin write refused: TCP admin addresses are read-only");
+        return refused(
+            StatusCode::FORBIDDEN,
+            "this admin address is read-only: writes are accepted on the admin unix socket only"
+                .into(),
+        );
+    }
+    let Some(control) = &context.control else {
+        return refused(StatusCode::FORBIDDEN, "this admin API is read-only".into());
+    };
+    match control.run(request, peer.to_string()).await {
+        Ok(changed) => Json(changed).into_response(),
+        Err(error @ ControlError::UnknownService(_)) => {
+            refused(StatusCode::NOT_FOUND, error.to_string())
+        }
+        Err(error @ ControlError::Stopping) => {
+            refused(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+        }
+        Err(error) => refused(StatusCode::CONFLICT, error.to_string()),
+    }
 }
 
 fn not_found(message: &str) -> Response {

@@ -89,6 +89,28 @@ pub struct Cli {
     pub log_format: crate::logging::LogFormat,
 }
 
+/// `embassy ctl` operations. SERVICE is an id as `embassy status` lists it (tcp-8080).
+#[derive(Debug, Subcommand)]
+pub enum CtlOperation {
+    /// Swap SERVICE's balancer in place: new connections use it at once, open ones are
+    /// untouched, live-connection counts carry over.
+    Balancer {
+        service: String,
+        /// A loaded balancer plugin (embassy plugins lists them).
+        name: String,
+        /// An option for the balancer (repeatable).
+        #[arg(long = "opt", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        options: Vec<(String, String)>,
+    },
+    /// No new connections to ENDPOINT (host:port) of SERVICE; open ones finish. Holds across
+    /// discovery updates until `enable`.
+    Drain { service: String, endpoint: String },
+    /// Like drain, and reset the endpoint's open connections.
+    Disable { service: String, endpoint: String },
+    /// Undo drain or disable: the endpoint is back to what health and discovery say.
+    Enable { service: String, endpoint: String },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy (the default when no command is given).
@@ -103,6 +125,15 @@ pub enum Command {
     Check {
         #[arg(required = true, value_name = "DESCRIPTOR")]
         descriptors: Vec<String>,
+    },
+    /// Change a running Embassy through its admin unix socket; each change is logged there
+    /// with who made it (uid, pid). Exits 1 if the change was refused (nothing changed).
+    Ctl {
+        #[command(subcommand)]
+        operation: CtlOperation,
+        /// The running Embassy's admin socket.
+        #[arg(long, env = "EMBASSY_ADMIN", default_value = DEFAULT_ADMIN_ADDR, value_name = "unix:PATH")]
+        admin: AdminAddr,
     },
     /// Show what a running Embassy serves: services, endpoints, connections; with SERVICE (an
     /// id such as tcp-8080, or a port), also each instance discovery left out and why.

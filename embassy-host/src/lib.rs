@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod control;
 pub mod docker;
 pub mod logging;
 pub mod metrics;

@@ -59,6 +59,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (plugins, failed) = run::load_plugins(&cli.plugin_dir)?;
             return run::list_plugins(&plugins, json, failed);
         }
+        Some(Command::Ctl { operation, admin }) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            return runtime.block_on(embassy_host::status::ctl(&admin, operation));
+        }
         Some(Command::Status {
             service,
             json,

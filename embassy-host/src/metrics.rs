@@ -101,13 +101,15 @@ fn state_name(upstream: &Upstream) -> &'static str {
 }
 
 /// The states `embassy_endpoints` always reports (a zero says "none", not "unknown").
-const STATES: [&str; 6] = [
+const STATES: [&str; 8] = [
     "serving",
     "failing",
     "ejected",
     "check_failing",
     "held_down",
     "draining",
+    "drained",
+    "disabled",
 ];
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;

@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     admin::{AdminAddr, AdminContext, AdminListener, DEFAULT_ADMIN_ADDR},
     cli::RunArgs,
+    control::Control,
     docker::{
         serve::ServedContainers,
         watch::{connect, resolve_mode, Watcher},
@@ -147,10 +148,12 @@ pub async fn run(
         },
     );
     let stop_admin = CancellationToken::new();
+    let (control, mut commands) = Control::channel();
     let admin = Arc::new(AdminContext {
         host: supervisor.state(),
         plugins: plugin_list,
         discovery_uri: uri.to_string(),
+        control: Some(control),
     });
     start_admin(&args.admin, Arc::clone(&admin), stop_admin.clone()).await?;
     if let Some(addr) = args.metrics {
@@ -188,6 +191,14 @@ pub async fn run(
                 if let Some(served) = served.as_mut() {
                     served.apply(&mut supervisor, change).await;
                 }
+            }
+            Some(command) = commands.recv() => {
+                let answer = supervisor.control(&command.request);
+                match &answer {
+                    Ok(changed) => info!(by = %command.by, request = ?command.request, %changed, "admin change"),
+                    Err(error) => warn!(by = %command.by, request = ?command.request, %error, "admin change refused"),
+                }
+                let _ = command.reply.send(answer);
             }
         }
     };

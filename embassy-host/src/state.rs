@@ -313,6 +313,18 @@ impl EndpointView {
                     "no longer listed by discovery, and failing: out of rotation".to_string()
                 }),
             ),
+            EndpointState::Drained { since } => (
+                "drained",
+                Some(*since),
+                None,
+                Some("drained by an operator: no new connections until enabled".into()),
+            ),
+            EndpointState::Disabled { since } => (
+                "disabled",
+                Some(*since),
+                None,
+                Some("disabled by an operator: no connections until enabled".into()),
+            ),
             EndpointState::Draining { since, until } => (
                 "draining",
                 Some(*since),

@@ -3,22 +3,47 @@
 use std::{fmt::Write as _, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::{body::Bytes, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-use crate::admin::AdminAddr;
+use crate::{admin::AdminAddr, cli::CtlOperation};
 
 /// How long `status` waits for the admin API.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// GETs `path` from the admin API at `addr`: the status code and the parsed JSON body.
 pub async fn get(addr: &AdminAddr, path: &str) -> anyhow::Result<(StatusCode, Value)> {
+    exchange(addr, "GET", path, None).await
+}
+
+/// POSTs `body` to `path` (a write, for `embassy ctl`).
+pub async fn post(
+    addr: &AdminAddr,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<(StatusCode, Value)> {
+    exchange(addr, "POST", path, Some(body)).await
+}
+
+async fn exchange(
+    addr: &AdminAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(StatusCode, Value)> {
     let exchange = async {
-        let request = Request::get(path)
+        let bytes = match body {
+            Some(body) => Bytes::from(serde_json::to_vec(body)?),
+            None => Bytes::new(),
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
             .header("host", "embassy")
-            .body(Empty::<Bytes>::new())?;
+            .header("content-type", "application/json")
+            .body(Full::new(bytes))?;
         let response = match addr {
             AdminAddr::Unix(socket) => {
                 let stream = tokio::net::UnixStream::connect(socket)
@@ -48,7 +73,7 @@ pub async fn get(addr: &AdminAddr, path: &str) -> anyhow::Result<(StatusCode, Va
 
 async fn send<S>(
     stream: S,
-    request: Request<Empty<Bytes>>,
+    request: Request<Full<Bytes>>,
 ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -57,6 +82,46 @@ where
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     Ok(sender.send_request(request).await?)
+}
+
+/// `embassy ctl OPERATION`: one write, its answer printed; exit 1 if refused.
+pub async fn ctl(addr: &AdminAddr, operation: CtlOperation) -> anyhow::Result<ExitCode> {
+    let (path, body) = match operation {
+        CtlOperation::Balancer {
+            service,
+            name,
+            options,
+        } => (
+            format!("/v1/services/{service}/balancer"),
+            serde_json::json!({
+                "name": name,
+                "options": options.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            }),
+        ),
+        CtlOperation::Drain { service, endpoint } => endpoint_body(service, endpoint, "drain"),
+        CtlOperation::Disable { service, endpoint } => endpoint_body(service, endpoint, "disable"),
+        CtlOperation::Enable { service, endpoint } => endpoint_body(service, endpoint, "enable"),
+    };
+    let (status, answer) = post(addr, &path, &body).await.with_context(|| {
+        format!("no answer from the admin API at {addr} (is Embassy running? --admin ADDR names another)")
+    })?;
+    if status.is_success() {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "refused ({}): {}",
+        status.as_u16(),
+        answer["error"].as_str().unwrap_or("no reason given")
+    );
+    Ok(ExitCode::from(1))
+}
+
+fn endpoint_body(service: String, endpoint: String, action: &str) -> (String, Value) {
+    (
+        format!("/v1/services/{service}/endpoint"),
+        serde_json::json!({ "address": endpoint, "action": action }),
+    )
 }
 
 /// `embassy status [SERVICE] [--json]`.

@@ -24,9 +24,10 @@ use embassy_plugin_api::{BalancerConfig, Protocol, WatchHandleBox, WatchRequest}
 use thiserror::Error;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::{
+    control::{ControlError, Request},
     netns::{Netns, NetnsError},
     plugins::{DiscoveryBackend, PluginRegistry, PluginUseError},
     sink::ServiceSink,
@@ -178,6 +179,72 @@ impl Supervisor {
         self.state.publish(services);
     }
 
+    /// Applies an operator's write; the answer says what changed.
+    pub fn control(&mut self, request: &Request) -> Result<serde_json::Value, ControlError> {
+        let (service_id, active) = match request {
+            Request::SetBalancer { service, .. } | Request::SetEndpoint { service, .. } => {
+                let found = self
+                    .active
+                    .iter_mut()
+                    .find(|((namespace, addr, protocol), _)| {
+                        service_id(*namespace, addr.port(), *protocol) == *service
+                    });
+                let Some((_, active)) = found else {
+                    return Err(ControlError::UnknownService(service.clone()));
+                };
+                (service.clone(), active)
+            }
+        };
+        let answer = match request {
+            Request::SetBalancer {
+                balancer, options, ..
+            } => {
+                let descriptor = &active.service.descriptor;
+                let config = BalancerConfig {
+                    service: descriptor.service.as_str().into(),
+                    options: options
+                        .iter()
+                        .map(|(k, v)| {
+                            abi_stable::std_types::Tuple2(k.as_str().into(), v.as_str().into())
+                        })
+                        .collect(),
+                };
+                let refused = |reason: String| ControlError::Balancer {
+                    balancer: balancer.clone(),
+                    reason,
+                };
+                let picker = self
+                    .plugins
+                    .new_balancer(balancer, config)
+                    .map_err(|error| refused(error.to_string()))?;
+                active
+                    .service
+                    .set_balancer(picker)
+                    .map_err(|error| refused(error.to_string()))?;
+                let before = std::mem::replace(&mut active.balancer, balancer.clone());
+                serde_json::json!({
+                    "service": service_id,
+                    "balancer": { "before": before, "after": balancer, "options": options },
+                })
+            }
+            Request::SetEndpoint {
+                endpoint, action, ..
+            } => {
+                let change = active.service.set_endpoint(endpoint, action.operator())?;
+                serde_json::json!({
+                    "service": service_id,
+                    "endpoint": endpoint,
+                    "before": change.before,
+                    "after": action,
+                    "connections_reset": change.reset,
+                    "connections_open": change.open,
+                })
+            }
+        };
+        self.publish();
+        Ok(answer)
+    }
+
     /// Serves `descriptor` in Embassy's own namespace on behalf of `owner` (a container, a
     /// variable, the command line).
     pub async fn add(
@@ -198,12 +265,23 @@ impl Supervisor {
         let addr = SocketAddr::new(self.defaults.bind, descriptor.port);
         let key = (place.namespace_id(), addr, descriptor.protocol);
         if let Some(active) = self.active.get_mut(&key) {
-            if active.service.descriptor != *descriptor {
+            let serving = &active.service.descriptor;
+            if !serving.same_service(descriptor) {
                 return Err(ServeError::PortHeld {
                     port: descriptor.port,
                     protocol: descriptor.protocol,
-                    holder: active.service.descriptor.to_string(),
+                    holder: serving.to_string(),
                 });
+            }
+            if serving != descriptor && !active.owners.contains(owner) {
+                let owners: Vec<String> = active.owners.iter().map(Owner::to_string).collect();
+                warn!(
+                    owner = %owner,
+                    asked = %descriptor,
+                    in_force = %serving,
+                    held_by = owners.join(", "),
+                    "an owner asks for other tunables of a service already served: those already in force stay"
+                );
             }
             if active.owners.insert(owner.clone()) {
                 self.publish();

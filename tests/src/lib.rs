@@ -697,10 +697,45 @@ pub fn http_get_tcp(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     http_get_on(stream, path)
 }
 
-fn http_get_on(mut stream: impl Read + Write, path: &str) -> Result<(u16, String)> {
+/// One `POST path` of `body` (JSON) over the unix socket `socket`: the status and the body.
+pub fn http_post_unix(
+    socket: &Path,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<(u16, String)> {
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connect {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    http_exchange(stream, "POST", path, Some(body))
+}
+
+/// One `POST path` of `body` (JSON) to the TCP address `addr`: the status and the body.
+pub fn http_post_tcp(
+    addr: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<(u16, String)> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    http_exchange(stream, "POST", path, Some(body))
+}
+
+fn http_get_on(stream: impl Read + Write, path: &str) -> Result<(u16, String)> {
+    http_exchange(stream, "GET", path, None)
+}
+
+fn http_exchange(
+    mut stream: impl Read + Write,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<(u16, String)> {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: embassy\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: embassy\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
