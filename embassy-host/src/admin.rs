@@ -17,7 +17,10 @@ use std::{
 
 use axum::{
     extract::{Path as UrlPath, State},
-    http::{header::CONTENT_TYPE, StatusCode},
+    http::{
+        header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE},
+        HeaderMap, HeaderValue, StatusCode,
+    },
     response::{IntoResponse, Response},
     routing::{get, post},
     Extension, Json, Router,
@@ -40,7 +43,6 @@ use tracing::{debug, info, warn};
 
 use crate::{
     control::{Control, ControlError, EndpointAction, Request},
-    plugins::LoadedPlugin,
     state::HostState,
 };
 
@@ -52,12 +54,15 @@ pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 /// A client must send its request head within this, or its connection is closed.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a resync's answer waits for discovery's first set from the new watch.
+const RESYNC_WAIT: Duration = Duration::from_secs(5);
+
 /// An address the admin API listens on (`--admin`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminAddr {
-    /// `unix:PATH`: reads and (later) writes; mode 0660.
+    /// `unix:PATH`: reads and writes; mode 0660.
     Unix(PathBuf),
-    /// `IP:PORT`: read-only.
+    /// `IP:PORT`: read-only, or writes with the bearer token of `--admin-token-file`.
     Tcp(SocketAddr),
 }
 
@@ -100,10 +105,43 @@ pub enum AdminError {
 /// What the handlers read.
 pub struct AdminContext {
     pub host: Arc<HostState>,
-    pub plugins: Vec<LoadedPlugin>,
     pub discovery_uri: String,
     /// Where writes go (the run loop); `None`: this API is read-only.
     pub control: Option<Control>,
+    /// The bearer token's file (`--admin-token-file`); `None`: TCP addresses are read-only.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Why a token file cannot be used.
+#[derive(Debug, Error)]
+pub enum TokenError {
+    #[error("admin token file {path}: {source}", path = .path.display())]
+    Unreadable { path: PathBuf, source: io::Error },
+    #[error("admin token file {path}: empty (it must hold the bearer token)", path = .0.display())]
+    Empty(PathBuf),
+}
+
+/// The bearer token in `path`: its content without surrounding whitespace.
+pub fn read_token(path: &Path) -> Result<String, TokenError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TokenError::Empty(path.to_path_buf()));
+    }
+    Ok(token.to_string())
+}
+
+/// Compares in time that depends on the lengths only, not on where the first difference is.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+            == 0
 }
 
 /// A bound admin listener, served by [`AdminListener::serve`].
@@ -288,6 +326,8 @@ fn router(context: Arc<AdminContext>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/services/{id}/balancer", post(set_balancer))
         .route("/v1/services/{id}/endpoint", post(set_endpoint))
+        .route("/v1/services/{id}/resync", post(resync))
+        .route("/v1/plugins/reload", post(reload_plugins))
         .fallback(|| async { not_found("no such admin endpoint; try /v1/services") })
         .with_state(context)
 }
@@ -310,6 +350,7 @@ struct EndpointBody {
 async fn set_balancer(
     State(context): State<Arc<AdminContext>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
     Json(body): Json<BalancerBody>,
 ) -> Response {
@@ -318,12 +359,13 @@ async fn set_balancer(
         balancer: body.name,
         options: body.options.into_iter().collect(),
     };
-    write(&context, &peer, request).await
+    write(&context, &peer, &headers, request).await
 }
 
 async fn set_endpoint(
     State(context): State<Arc<AdminContext>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
     Json(body): Json<EndpointBody>,
 ) -> Response {
@@ -332,34 +374,168 @@ async fn set_endpoint(
         endpoint: body.address,
         action: body.action,
     };
-    write(&context, &peer, request).await
+    write(&context, &peer, &headers, request).await
 }
 
-/// Runs a write where writes are allowed: on the unix socket, with a run loop to carry it.
-async fn write(context: &AdminContext, peer: &Peer, request: Request) -> Response {
-    let refused =
-        |status, message: String| (status, Json(json!({ "error": message }))).into_response();
-    if let Peer::Tcp(_) = peer {
-        warn!(by = %peer, ?request, "admin write refused: TCP admin addresses are read-only");
-        return refused(
-            StatusCode::FORBIDDEN,
-            "this admin address is read-only: writes are accepted on the admin unix socket only"
-                .into(),
-        );
+async fn reload_plugins(
+    State(context): State<Arc<AdminContext>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    write(&context, &peer, &headers, Request::ReloadPlugins).await
+}
+
+/// Restarts the watch, then waits (up to [`RESYNC_WAIT`]) for the new watch's first set, so
+/// the answer can say what it changed.
+async fn resync(
+    State(context): State<Arc<AdminContext>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let addresses = |id: &str| -> Vec<String> {
+        context.host.service(id).map_or_else(Vec::new, |s| {
+            s.view(false)
+                .endpoints
+                .iter()
+                .map(|e| e.address.clone())
+                .collect()
+        })
+    };
+    let before = addresses(&id);
+    let request = Request::Resync {
+        service: id.clone(),
+    };
+    let control = match authorize(&context, &peer, &headers, &request) {
+        Ok(control) => control,
+        Err(refused) => return *refused,
+    };
+    let mut answer = match control.run(request, peer.to_string()).await {
+        Ok(answer) => answer,
+        Err(error) => return control_refused(error),
+    };
+    let updates_before = answer["updates_before"].as_u64().unwrap_or(0);
+    let deadline = tokio::time::Instant::now() + RESYNC_WAIT;
+    let answered = loop {
+        let updates = context
+            .host
+            .service(&id)
+            .map_or(0, |s| s.discovery.view().updates);
+        if updates > updates_before {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let after = addresses(&id);
+    answer["answered"] = json!(answered);
+    answer["added"] = json!(after
+        .iter()
+        .filter(|a| !before.contains(a))
+        .collect::<Vec<_>>());
+    answer["removed"] = json!(before
+        .iter()
+        .filter(|a| !after.contains(a))
+        .collect::<Vec<_>>());
+    answer["endpoints_after"] = json!(after.len());
+    if !answered {
+        answer["note"] = json!(format!(
+            "discovery has not answered the new watch within {RESYNC_WAIT:?}; the endpoints in force stay until it does"
+        ));
     }
+    Json(answer).into_response()
+}
+
+fn refused(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// The run loop's channel, if `peer` may write here: anyone on the unix socket (its file
+/// permissions decide), on a TCP address only with the bearer token. A refusal is logged.
+fn authorize<'a>(
+    context: &'a AdminContext,
+    peer: &Peer,
+    headers: &HeaderMap,
+    request: &Request,
+) -> Result<&'a Control, Box<Response>> {
     let Some(control) = &context.control else {
-        return refused(StatusCode::FORBIDDEN, "this admin API is read-only".into());
+        return Err(Box::new(refused(
+            StatusCode::FORBIDDEN,
+            "this admin API is read-only".into(),
+        )));
+    };
+    let Peer::Tcp(_) = peer else {
+        return Ok(control);
+    };
+    let Some(token_file) = &context.token_file else {
+        warn!(by = %peer, ?request, "admin write refused: TCP admin addresses are read-only without --admin-token-file");
+        return Err(Box::new(refused(
+            StatusCode::FORBIDDEN,
+            "this admin address is read-only: writes are accepted on the admin unix socket, or here with a bearer token when Embassy runs with --admin-token-file".into(),
+        )));
+    };
+    let expected = match read_token(token_file) {
+        Ok(token) => token,
+        Err(error) => {
+            warn!(by = %peer, ?request, %error, "admin write refused: the token file cannot be used");
+            return Err(Box::new(refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("writes are off here until the token file is fixed: {error}"),
+            )));
+        }
+    };
+    let given = headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(given) if same_secret(given.as_bytes(), expected.as_bytes()) => Ok(control),
+        given => {
+            let why = if given.is_some() {
+                "wrong bearer token"
+            } else {
+                "no bearer token"
+            };
+            warn!(by = %peer, ?request, "admin write refused: {why}");
+            let mut response = refused(
+                StatusCode::UNAUTHORIZED,
+                format!("{why}: writes here need Authorization: Bearer TOKEN, the token in Embassy's --admin-token-file"),
+            );
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Err(Box::new(response))
+        }
+    }
+}
+
+/// Runs a write where writes are allowed (see [`authorize`]).
+async fn write(
+    context: &AdminContext,
+    peer: &Peer,
+    headers: &HeaderMap,
+    request: Request,
+) -> Response {
+    let control = match authorize(context, peer, headers, &request) {
+        Ok(control) => control,
+        Err(refused) => return *refused,
     };
     match control.run(request, peer.to_string()).await {
         Ok(changed) => Json(changed).into_response(),
-        Err(error @ ControlError::UnknownService(_)) => {
-            refused(StatusCode::NOT_FOUND, error.to_string())
-        }
-        Err(error @ ControlError::Stopping) => {
-            refused(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
-        }
-        Err(error) => refused(StatusCode::CONFLICT, error.to_string()),
+        Err(error) => control_refused(error),
     }
+}
+
+fn control_refused(error: ControlError) -> Response {
+    let status = match error {
+        ControlError::UnknownService(_) => StatusCode::NOT_FOUND,
+        ControlError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::CONFLICT,
+    };
+    refused(status, error.to_string())
 }
 
 fn not_found(message: &str) -> Response {
@@ -400,7 +576,7 @@ async fn metrics(State(context): State<Arc<AdminContext>>) -> Response {
 }
 
 async fn plugins(State(context): State<Arc<AdminContext>>) -> impl IntoResponse {
-    Json(context.plugins.clone())
+    Json(context.host.plugins().as_ref().clone())
 }
 
 #[derive(Serialize)]

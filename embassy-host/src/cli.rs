@@ -109,6 +109,13 @@ pub enum CtlOperation {
     Disable { service: String, endpoint: String },
     /// Undo drain or disable: the endpoint is back to what health and discovery say.
     Enable { service: String, endpoint: String },
+    /// Rescan the plugin directory (what SIGHUP does): new libraries are loaded, a newer
+    /// version of a loaded plugin serves its new instances, bad files are reported one by one.
+    /// Loaded libraries are never unloaded.
+    Reload,
+    /// Restart SERVICE's discovery watch: the backend answers with its whole current set,
+    /// which replaces the one in force (kept until the answer comes).
+    Resync { service: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,14 +133,20 @@ pub enum Command {
         #[arg(required = true, value_name = "DESCRIPTOR")]
         descriptors: Vec<String>,
     },
-    /// Change a running Embassy through its admin unix socket; each change is logged there
-    /// with who made it (uid, pid). Exits 1 if the change was refused (nothing changed).
+    /// Change a running Embassy through its admin API; each change is logged there with who
+    /// made it (uid and pid on the unix socket). Exits 1 if the change was refused (nothing
+    /// changed).
     Ctl {
         #[command(subcommand)]
         operation: CtlOperation,
-        /// The running Embassy's admin socket.
-        #[arg(long, env = "EMBASSY_ADMIN", default_value = DEFAULT_ADMIN_ADDR, value_name = "unix:PATH")]
+        /// The running Embassy's admin address: its unix socket, or a TCP address that takes
+        /// writes with a bearer token (--token-file).
+        #[arg(long, env = "EMBASSY_ADMIN", default_value = DEFAULT_ADMIN_ADDR, value_name = "ADDR")]
         admin: AdminAddr,
+        /// The file holding the bearer token, for a TCP admin address (the one Embassy runs
+        /// with as --admin-token-file).
+        #[arg(long, env = "EMBASSY_ADMIN_TOKEN_FILE", value_name = "PATH")]
+        token_file: Option<PathBuf>,
     },
     /// Show what a running Embassy serves: services, endpoints, connections; with SERVICE (an
     /// id such as tcp-8080, or a port), also each instance discovery left out and why.
@@ -293,10 +306,17 @@ pub struct RunArgs {
     pub grace_period: Duration,
 
     /// Where the admin API listens (repeatable): unix:PATH (the trusted channel, mode 0660; the
-    /// default is unix:/run/embassy/admin.sock) or IP:PORT (read-only, off unless given: in
-    /// network-container mode Embassy's loopback is the apps'). `--admin off` serves none.
+    /// default is unix:/run/embassy/admin.sock) or IP:PORT (read-only unless
+    /// --admin-token-file is given; off unless given: in network-container mode Embassy's
+    /// loopback is the apps'). `--admin off` serves none.
     #[arg(long = "admin", env = "EMBASSY_ADMIN", value_name = "ADDR", value_parser = parse_admin, value_delimiter = ',')]
     pub admin: Vec<Option<AdminAddr>>,
+
+    /// A file holding a bearer token: TCP admin addresses then take writes that send it
+    /// (Authorization: Bearer TOKEN). Read at each write, so a new token takes effect at once.
+    /// Without it, TCP admin addresses are read-only.
+    #[arg(long, env = "EMBASSY_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// A TCP address serving only GET /metrics (Prometheus text), for scrapers that should
     /// see nothing else; off unless given. The admin API serves /metrics too.

@@ -2,7 +2,9 @@
 //! supervisor's only owner) as commands, each answered with what it changed.
 //!
 //! Writes are accepted only where the operator controls who connects: the admin unix socket
-//! (its file permissions), and each is logged once with the peer's uid and pid.
+//! (its file permissions; the peer's uid and pid go in the audit line), or a TCP admin address
+//! with the bearer token of `--admin-token-file`. Each change is one audit line. SIGHUP sends
+//! the run loop the same plugin reload an operator asks for.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,6 +30,22 @@ pub enum Request {
         endpoint: String,
         action: EndpointAction,
     },
+    /// Rescan the plugin directory: new libraries and newer versions are loaded.
+    ReloadPlugins,
+    /// Restart the service's watch: discovery answers with its whole current set.
+    Resync { service: String },
+}
+
+impl Request {
+    /// The service the request is about, if it is about one.
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Request::SetBalancer { service, .. }
+            | Request::SetEndpoint { service, .. }
+            | Request::Resync { service } => Some(service),
+            Request::ReloadPlugins => None,
+        }
+    }
 }
 
 /// What an operator does to one endpoint.
@@ -70,6 +88,10 @@ pub enum ControlError {
     Balancer { balancer: String, reason: String },
     #[error(transparent)]
     Endpoint(#[from] embassy_core::endpoints::OperatorError),
+    #[error("{0}: {source}", source = .0.source)]
+    PluginDir(#[from] crate::plugins::PluginDirError),
+    #[error("cannot restart the watch (the one in force stays): {0}")]
+    Watch(String),
     #[error("embassy is stopping")]
     Stopping,
 }

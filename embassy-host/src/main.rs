@@ -59,11 +59,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (plugins, failed) = run::load_plugins(&cli.plugin_dir)?;
             return run::list_plugins(&plugins, json, failed);
         }
-        Some(Command::Ctl { operation, admin }) => {
+        Some(Command::Ctl {
+            operation,
+            admin,
+            token_file,
+        }) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            return runtime.block_on(embassy_host::status::ctl(&admin, operation));
+            return runtime.block_on(embassy_host::status::ctl(
+                &admin,
+                token_file.as_deref(),
+                operation,
+            ));
         }
         Some(Command::Status {
             service,
@@ -83,11 +91,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         None => cli.run,
     };
     let requests = checked_run_args(&args, std::env::vars())?;
+    if let Some(path) = &args.admin_token_file {
+        run::check_token_file(path)?;
+    }
     // The short-lived commands above keep SIGHUP's default.
     signals::ignore_hangup();
     let (plugins, _) = run::load_plugins(&cli.plugin_dir)?;
     let runtime = run::runtime(args.threads)?;
-    let code = runtime.block_on(run::run(plugins, args, requests));
+    let code = runtime.block_on(run::run(plugins, cli.plugin_dir, args, requests));
     // Connection tasks are dropped; a name lookup still running must not hold the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code

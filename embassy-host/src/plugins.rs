@@ -6,6 +6,12 @@
 //! `init_root_module`), which checks the abi_stable version, the contract version and the
 //! layout of everything reachable from the root module. Libraries are never unloaded.
 //!
+//! A directory is scanned again on reload: a file already loaded and unchanged is skipped, a
+//! new or changed one is loaded, and a library carrying a newer version of a plugin already
+//! loaded serves that plugin's new instances from then on (the old one keeps serving the
+//! instances made from it). A changed file is loaded from a private copy: the dynamic loader
+//! answers a path it has opened once with the library it opened then.
+//!
 //! A library is checked against the newest contract first and, if it was built against 1.0,
 //! against the frozen 1.0 interfaces (`embassy_plugin_api::v1_0`): abi_stable refuses a library
 //! with fewer members than the host's types, so each older minor needs its own. [`Module`] and
@@ -59,6 +65,14 @@ pub enum PluginLoadError {
         name: String,
         first: PathBuf,
     },
+    #[error("{path}: plugin '{name}' {version} is older than the {serving} already loaded from {}; only a newer version replaces a loaded plugin", first.display())]
+    Older {
+        path: PathBuf,
+        name: String,
+        version: String,
+        serving: String,
+        first: PathBuf,
+    },
     #[error("{path}: URI scheme '{scheme}://' is already served by {}", first.display())]
     DuplicateScheme {
         path: PathBuf,
@@ -102,8 +116,60 @@ pub struct LoadedPlugin {
     pub contract: &'static str,
     /// The plugin-api version the library was built against.
     pub plugin_api: String,
+    /// Whether new instances of this plugin come from this library; `false` once a newer
+    /// version of the plugin was loaded (this one still serves the instances it made).
+    pub serving: bool,
     #[serde(skip)]
     module: Module,
+    /// What the file was when loaded, to tell on a rescan whether it changed.
+    #[serde(skip)]
+    file: FileId,
+}
+
+/// A file's identity and contents' stamp: a new inode (a package upgrade renames one into
+/// place), a new size or a new modification time means a changed library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    device: u64,
+    inode: u64,
+    size: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path)?;
+        Ok(FileId {
+            device: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+/// What a scan of the plugin directory did.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Libraries registered by this scan, as listed (a newer version among them has
+    /// `replaced` set to the version it took over from).
+    pub loaded: Vec<Registered>,
+    /// Files that were not registered, each with the reason.
+    pub errors: Vec<PluginLoadError>,
+    /// Libraries already loaded and unchanged.
+    pub unchanged: usize,
+}
+
+/// One library a scan registered.
+#[derive(Debug, Clone, Serialize)]
+pub struct Registered {
+    pub name: String,
+    pub kind: &'static str,
+    pub version: String,
+    pub path: PathBuf,
+    /// The version of the same plugin that served new instances until now.
+    pub replaced: Option<String>,
 }
 
 /// A checked root module, as the contract minor its library was built against.
@@ -209,6 +275,14 @@ impl PluginRegistry {
     /// are returned as errors beside the registry; the others are registered. So is every odd
     /// entry (see [`PluginLoadError::Unusable`]); other files and directories are skipped.
     pub fn load_dir(dir: &Path) -> Result<(PluginRegistry, Vec<PluginLoadError>), PluginDirError> {
+        let mut registry = PluginRegistry::default();
+        let scan = registry.scan(dir)?;
+        Ok((registry, scan.errors))
+    }
+
+    /// Scans `dir` (again): registers each library that is new or changed since it was
+    /// loaded, as [`PluginRegistry::load_dir`] does; nothing loaded is ever dropped.
+    pub fn scan(&mut self, dir: &Path) -> Result<Scan, PluginDirError> {
         let read = |source| PluginDirError {
             dir: dir.to_path_buf(),
             source,
@@ -219,14 +293,13 @@ impl PluginRegistry {
             .collect::<Result<_, _>>()
             .map_err(read)?;
         paths.sort();
-        let mut registry = PluginRegistry::default();
-        let mut errors = Vec::new();
+        let mut scan = Scan::default();
         for path in paths {
             let is_library = path
                 .extension()
                 .is_some_and(|ext| ext == std::env::consts::DLL_EXTENSION);
             let result = match entry_kind(&path) {
-                Ok(()) if is_library => registry.register(&path),
+                Ok(()) if is_library => self.register_file(&path, &mut scan),
                 Err(reason) if is_library || reason.is_broken_link() => {
                     Err(PluginLoadError::Unusable {
                         path,
@@ -239,14 +312,47 @@ impl PluginRegistry {
                 }
             };
             if let Err(error) = result {
-                errors.push(error);
+                scan.errors.push(error);
             }
         }
-        Ok((registry, errors))
+        Ok(scan)
     }
 
-    fn register(&mut self, path: &Path) -> Result<(), PluginLoadError> {
-        let (module, plugin_api) = open(path)?;
+    /// Registers `path` unless it is loaded and unchanged; a changed file is loaded from a
+    /// private copy (see the module's documentation).
+    fn register_file(&mut self, path: &Path, scan: &mut Scan) -> Result<(), PluginLoadError> {
+        let unreadable = |error: std::io::Error| PluginLoadError::Unusable {
+            path: path.to_path_buf(),
+            reason: format!("cannot be read: {error}"),
+        };
+        let file = FileId::of(path).map_err(unreadable)?;
+        if !self.plugins.iter().any(|p| p.path == path) {
+            return self.register(path, path, file, scan);
+        }
+        if self
+            .plugins
+            .iter()
+            .any(|p| p.path == path && p.file == file)
+        {
+            scan.unchanged += 1;
+            return Ok(());
+        }
+        let copy = private_copy(path).map_err(unreadable)?;
+        let registered = self.register(path, &copy, file, scan);
+        // The loader has mapped it (or refused it): the copy's name is no longer needed.
+        let _ = fs::remove_file(&copy);
+        registered
+    }
+
+    /// Opens `load_from` (the file at `path`, or a copy of it) and registers its plugin.
+    fn register(
+        &mut self,
+        path: &Path,
+        load_from: &Path,
+        file: FileId,
+        scan: &mut Scan,
+    ) -> Result<(), PluginLoadError> {
+        let (module, plugin_api) = open(path, load_from)?;
         let metadata = module.metadata();
         let plugin = LoadedPlugin {
             name: metadata.name.to_string(),
@@ -257,17 +363,49 @@ impl PluginRegistry {
             path: path.to_path_buf(),
             contract: module.contract(),
             plugin_api,
+            serving: true,
             module,
+            file,
         };
-        if let Some(first) = self.plugins.iter().find(|p| p.name == plugin.name) {
-            return Err(PluginLoadError::DuplicateName {
-                path: plugin.path,
-                name: plugin.name,
-                first: first.path.clone(),
-            });
+        let replaces = self
+            .plugins
+            .iter()
+            .position(|p| p.serving && p.name == plugin.name);
+        if let Some(index) = replaces {
+            let first = &self.plugins[index];
+            if first.kind != plugin.kind {
+                return Err(PluginLoadError::DuplicateName {
+                    path: plugin.path,
+                    name: plugin.name,
+                    first: first.path.clone(),
+                });
+            }
+            match compare_versions(&plugin.version, &first.version) {
+                Some(std::cmp::Ordering::Greater) => {}
+                Some(std::cmp::Ordering::Less) => {
+                    return Err(PluginLoadError::Older {
+                        path: plugin.path,
+                        name: plugin.name,
+                        version: plugin.version,
+                        serving: first.version.clone(),
+                        first: first.path.clone(),
+                    })
+                }
+                // The same version twice, or versions that cannot be compared.
+                _ => {
+                    return Err(PluginLoadError::DuplicateName {
+                        path: plugin.path,
+                        name: plugin.name,
+                        first: first.path.clone(),
+                    })
+                }
+            }
         }
         for scheme in &plugin.schemes {
-            if let Some(first) = self.plugins.iter().find(|p| p.schemes.contains(scheme)) {
+            let taken = self.plugins.iter().enumerate().find(|(index, p)| {
+                p.serving && Some(*index) != replaces && p.schemes.contains(scheme)
+            });
+            if let Some((_, first)) = taken {
                 return Err(PluginLoadError::DuplicateScheme {
                     path: plugin.path.clone(),
                     scheme: scheme.clone(),
@@ -279,14 +417,27 @@ impl PluginRegistry {
             max_level: host_max_level(),
             log: host_log,
         });
+        let replaced = replaces.map(|index| {
+            let old = &mut self.plugins[index];
+            old.serving = false;
+            old.version.clone()
+        });
         info!(
             plugin = %plugin.name,
             kind = plugin.kind,
             version = %plugin.version,
             contract = plugin.contract,
             path = %plugin.path.display(),
+            replaced = replaced.as_deref().unwrap_or("-"),
             "plugin loaded"
         );
+        scan.loaded.push(Registered {
+            name: plugin.name.clone(),
+            kind: plugin.kind,
+            version: plugin.version.clone(),
+            path: plugin.path.clone(),
+            replaced,
+        });
         self.plugins.push(plugin);
         Ok(())
     }
@@ -299,7 +450,7 @@ impl PluginRegistry {
     pub fn balancer(&self, name: &str) -> Result<&LoadedPlugin, PluginUseError> {
         self.plugins
             .iter()
-            .find(|p| p.name == name && p.kind == PluginKind::Balancer.as_str())
+            .find(|p| p.serving && p.name == name && p.kind == PluginKind::Balancer.as_str())
             .ok_or_else(|| PluginUseError::UnknownBalancer {
                 name: name.to_string(),
                 available: self.names(PluginKind::Balancer),
@@ -338,7 +489,7 @@ impl PluginRegistry {
         let plugin = self
             .plugins
             .iter()
-            .find(|p| p.schemes.iter().any(|s| s == scheme))
+            .find(|p| p.serving && p.schemes.iter().any(|s| s == scheme))
             .ok_or_else(|| PluginUseError::UnknownScheme {
                 scheme: scheme.to_string(),
                 available: self.names(PluginKind::Discovery),
@@ -363,7 +514,7 @@ impl PluginRegistry {
         let names: Vec<String> = self
             .plugins
             .iter()
-            .filter(|p| p.kind == kind.as_str())
+            .filter(|p| p.serving && p.kind == kind.as_str())
             .map(|p| match p.schemes.as_slice() {
                 [] => p.name.clone(),
                 schemes => format!("{} ({})", p.name, schemes.join(", ")),
@@ -419,10 +570,36 @@ fn entry_kind(path: &Path) -> Result<(), OddEntry> {
     }
 }
 
-/// Opens one library and checks it against the contract minor it was built against (the
-/// current one for anything newer than 1.0); returns it with its plugin-api version.
-fn open(path: &Path) -> Result<(Module, String), PluginLoadError> {
-    let header = lib_header_from_path(path).map_err(|error| match error {
+/// How `candidate` compares with `loaded` as versions (`None`: one of them is not a
+/// version).
+fn compare_versions(candidate: &str, loaded: &str) -> Option<std::cmp::Ordering> {
+    let candidate = semver::Version::parse(candidate).ok()?;
+    let loaded = semver::Version::parse(loaded).ok()?;
+    Some(candidate.cmp(&loaded))
+}
+
+/// A copy of `path` under a name the loader has not seen, in a directory only this user
+/// reads: `$TMPDIR/embassy-PID-plugins/N-NAME`.
+fn private_copy(path: &Path) -> std::io::Result<PathBuf> {
+    use std::{os::unix::fs::DirBuilderExt, sync::atomic::AtomicUsize};
+    static COPIES: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("embassy-{}-plugins", std::process::id()));
+    match fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Err(error) if error.kind() != std::io::ErrorKind::AlreadyExists => return Err(error),
+        _ => {}
+    }
+    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let copy = dir.join(format!("{n}-{name}"));
+    fs::copy(path, &copy)?;
+    Ok(copy)
+}
+
+/// Opens one library (`load_from`: the file at `path`, or a copy of it) and checks it against
+/// the contract minor it was built against (the current one for anything newer than 1.0);
+/// returns it with its plugin-api version. Errors name `path`.
+fn open(path: &Path, load_from: &Path) -> Result<(Module, String), PluginLoadError> {
+    let header = lib_header_from_path(load_from).map_err(|error| match error {
         LibraryError::GetSymbolError { .. } => PluginLoadError::NotAPlugin {
             path: path.to_path_buf(),
         },
@@ -543,5 +720,31 @@ extern "C" fn host_log(level: LogLevel, plugin: RStr<'_>, target: RStr<'_>, mess
         LogLevel::Info => info!(target: "plugin", plugin, module = target, "{message}"),
         LogLevel::Debug => debug!(target: "plugin", plugin, module = target, "{message}"),
         LogLevel::Trace => trace!(target: "plugin", plugin, module = target, "{message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+
+    use super::*;
+
+    fn check(candidate: &str, loaded: &str, expected: Option<std::cmp::Ordering>) {
+        assert_eq!(
+            compare_versions(candidate, loaded),
+            expected,
+            "{candidate} vs {loaded}"
+        );
+    }
+
+    #[test]
+    fn versions_compare_as_semver() {
+        check("0.2.0", "0.1.0", Some(Greater));
+        check("0.10.0", "0.9.3", Some(Greater));
+        check("1.0.0", "1.0.0-rc.1", Some(Greater));
+        check("0.1.0", "0.1.0", Some(Equal));
+        check("0.1.0", "0.2.0", Some(Less));
+        check("2", "1.0.0", None);
+        check("0.1.0", "latest", None);
     }
 }

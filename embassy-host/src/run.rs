@@ -24,7 +24,7 @@ use crate::{
     },
     plugins::{log_load_error, PluginRegistry},
     requests::Request,
-    signals::Signals,
+    signals::{Signal, Signals},
     state::Owner,
     supervisor::{balancer_config, ServeDefaults, Supervisor},
 };
@@ -99,6 +99,7 @@ pub fn raise_open_file_limit() -> u64 {
 /// `requests` come from [`crate::requests::checked_run_args`].
 pub async fn run(
     plugins: PluginRegistry,
+    plugin_dir: std::path::PathBuf,
     args: RunArgs,
     requests: Vec<Request>,
 ) -> anyhow::Result<ExitCode> {
@@ -111,9 +112,9 @@ pub async fn run(
         .open_discovery(uri, &args.discovery_options)
         .with_context(|| format!("cannot open discovery backend {uri}"))?;
     info!(%uri, "discovery backend open");
-    let plugin_list = plugins.plugins().to_vec();
     let mut supervisor = Supervisor::new(
-        Arc::new(plugins),
+        plugins,
+        plugin_dir,
         discovery,
         ServeDefaults {
             bind: args.bind,
@@ -151,9 +152,9 @@ pub async fn run(
     let (control, mut commands) = Control::channel();
     let admin = Arc::new(AdminContext {
         host: supervisor.state(),
-        plugins: plugin_list,
         discovery_uri: uri.to_string(),
         control: Some(control),
+        token_file: args.admin_token_file.clone(),
     });
     start_admin(&args.admin, Arc::clone(&admin), stop_admin.clone()).await?;
     if let Some(addr) = args.metrics {
@@ -186,7 +187,13 @@ pub async fn run(
     };
     let stop = loop {
         tokio::select! {
-            stop = signals.stop() => break stop,
+            signal = signals.next() => match signal {
+                Signal::Stop(stop) => break stop,
+                Signal::Reload => match supervisor.reload_plugins() {
+                    Ok(changed) => info!(by = "SIGHUP", %changed, "plugins reloaded"),
+                    Err(error) => warn!(by = "SIGHUP", %error, "plugin reload failed: the plugins loaded stay"),
+                },
+            },
             Some(change) = changes.recv() => {
                 if let Some(served) = served.as_mut() {
                     served.apply(&mut supervisor, change).await;
@@ -222,6 +229,19 @@ pub async fn run(
     }
     info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses to start with a token file that cannot be used (so a typo is not found at the first
+/// write); warns when others may read it.
+pub fn check_token_file(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::admin::read_token(path)
+        .map_err(|error| UsageError(format!("--admin-token-file: {error}")))?;
+    let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode());
+    if mode & 0o077 != 0 {
+        warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the admin token file may be read by other users: anyone who reads it may change this Embassy (chmod 600)");
+    }
+    Ok(())
 }
 
 /// Starts the admin API on each `--admin` address, or on the default socket when none is
@@ -305,13 +325,18 @@ pub fn list_plugins(
                 plugin.schemes.join(",")
             };
             println!(
-                "{:<16} {:<10} {:<8} {:<12} contract {:<4} {}",
+                "{:<16} {:<10} {:<8} {:<12} contract {:<4} {}{}",
                 plugin.name,
                 plugin.kind,
                 plugin.version,
                 schemes,
                 plugin.contract,
-                plugin.path.display()
+                plugin.path.display(),
+                if plugin.serving {
+                    ""
+                } else {
+                    " (superseded by a newer version)"
+                }
             );
         }
     }

@@ -1,15 +1,15 @@
 //! The signals a running proxy answers: SIGTERM and SIGINT stop it (a second one during the
-//! grace period stops it at once), SIGHUP is logged and ignored.
+//! grace period stops it at once), SIGHUP reloads plugins (and is ignored while stopping).
 //!
 //! All three are registered before the first listener opens. Tokio's handlers stay installed
 //! for the life of the process, so from then on SIGHUP (a closed terminal, a supervisor's
 //! habit of "reloading") can never take the default action and kill every connection.
 
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::signal::unix::{signal, Signal as Handler, SignalKind};
 use tracing::info;
 
-/// Ignores SIGHUP until [`Signals::new`] installs the handler that logs it: the proxy must not
-/// die of one while its plugins load.
+/// Ignores SIGHUP until [`Signals::new`] installs the handler that answers it: the proxy must
+/// not die of one while its plugins load.
 pub fn ignore_hangup() {
     // SAFETY: sets one signal's disposition to SIG_IGN; no handler code of ours is involved.
     unsafe {
@@ -44,11 +44,19 @@ impl Stop {
     }
 }
 
+/// What a signal asks of a running Embassy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Stop(Stop),
+    /// SIGHUP: rescan the plugin directory.
+    Reload,
+}
+
 /// The registered handlers.
 pub struct Signals {
-    terminate: Signal,
-    interrupt: Signal,
-    hangup: Signal,
+    terminate: Handler,
+    interrupt: Handler,
+    hangup: Handler,
 }
 
 impl Signals {
@@ -61,15 +69,22 @@ impl Signals {
         })
     }
 
-    /// Waits for SIGTERM or SIGINT; every SIGHUP meanwhile is logged once and ignored.
+    /// Waits for the next signal.
+    pub async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.terminate.recv() => Signal::Stop(Stop::Terminate),
+            _ = self.interrupt.recv() => Signal::Stop(Stop::Interrupt),
+            _ = self.hangup.recv() => Signal::Reload,
+        }
+    }
+
+    /// Waits for SIGTERM or SIGINT (while stopping); every SIGHUP meanwhile is logged and
+    /// ignored.
     pub async fn stop(&mut self) -> Stop {
         loop {
-            tokio::select! {
-                _ = self.terminate.recv() => return Stop::Terminate,
-                _ = self.interrupt.recv() => return Stop::Interrupt,
-                _ = self.hangup.recv() => {
-                    info!("SIGHUP received: ignored (it will reload plugins once that exists)");
-                }
+            match self.next().await {
+                Signal::Stop(stop) => return stop,
+                Signal::Reload => info!("SIGHUP received while stopping: ignored"),
             }
         }
     }

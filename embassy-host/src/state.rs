@@ -22,10 +22,13 @@ use embassy_core::{
 use embassy_plugin_api::{BackendHealth, Protocol};
 use serde::Serialize;
 
+use crate::plugins::LoadedPlugin;
+
 /// Everything the run loop publishes for readers.
 #[derive(Default)]
 pub struct HostState {
     services: ArcSwap<Vec<Arc<ServiceState>>>,
+    plugins: ArcSwap<Vec<LoadedPlugin>>,
 }
 
 impl HostState {
@@ -38,6 +41,16 @@ impl HostState {
     /// The services as last published, ordered by id.
     pub fn services(&self) -> Arc<Vec<Arc<ServiceState>>> {
         self.services.load_full()
+    }
+
+    /// Replaces the list of plugins (at start, and after each reload).
+    pub fn publish_plugins(&self, plugins: Vec<LoadedPlugin>) {
+        self.plugins.store(Arc::new(plugins));
+    }
+
+    /// Every plugin loaded, the superseded versions too.
+    pub fn plugins(&self) -> Arc<Vec<LoadedPlugin>> {
+        self.plugins.load_full()
     }
 
     /// The service `id`.

@@ -12,19 +12,22 @@ use crate::{admin::AdminAddr, cli::CtlOperation};
 
 /// How long `status` waits for the admin API.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `ctl` waits: a resync's answer may wait 5 s for discovery.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// GETs `path` from the admin API at `addr`: the status code and the parsed JSON body.
 pub async fn get(addr: &AdminAddr, path: &str) -> anyhow::Result<(StatusCode, Value)> {
-    exchange(addr, "GET", path, None).await
+    exchange(addr, "GET", path, None, None).await
 }
 
-/// POSTs `body` to `path` (a write, for `embassy ctl`).
+/// POSTs `body` to `path` (a write, for `embassy ctl`), with `token` as the bearer token.
 pub async fn post(
     addr: &AdminAddr,
     path: &str,
     body: &Value,
+    token: Option<&str>,
 ) -> anyhow::Result<(StatusCode, Value)> {
-    exchange(addr, "POST", path, Some(body)).await
+    exchange(addr, "POST", path, Some(body), token).await
 }
 
 async fn exchange(
@@ -32,18 +35,27 @@ async fn exchange(
     method: &str,
     path: &str,
     body: Option<&Value>,
+    token: Option<&str>,
 ) -> anyhow::Result<(StatusCode, Value)> {
+    let timeout = if body.is_some() {
+        WRITE_TIMEOUT
+    } else {
+        TIMEOUT
+    };
     let exchange = async {
         let bytes = match body {
             Some(body) => Bytes::from(serde_json::to_vec(body)?),
             None => Bytes::new(),
         };
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "embassy")
-            .header("content-type", "application/json")
-            .body(Full::new(bytes))?;
+            .header("content-type", "application/json");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(Full::new(bytes))?;
         let response = match addr {
             AdminAddr::Unix(socket) => {
                 let stream = tokio::net::UnixStream::connect(socket)
@@ -66,9 +78,9 @@ async fn exchange(
             .with_context(|| format!("the admin API answered {path} with something not JSON"))?;
         anyhow::Ok((status, json))
     };
-    tokio::time::timeout(TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .with_context(|| format!("the admin API at {addr} did not answer within {TIMEOUT:?}"))?
+        .with_context(|| format!("the admin API at {addr} did not answer within {timeout:?}"))?
 }
 
 async fn send<S>(
@@ -85,7 +97,12 @@ where
 }
 
 /// `embassy ctl OPERATION`: one write, its answer printed; exit 1 if refused.
-pub async fn ctl(addr: &AdminAddr, operation: CtlOperation) -> anyhow::Result<ExitCode> {
+pub async fn ctl(
+    addr: &AdminAddr,
+    token_file: Option<&std::path::Path>,
+    operation: CtlOperation,
+) -> anyhow::Result<ExitCode> {
+    let token = token_file.map(crate::admin::read_token).transpose()?;
     let (path, body) = match operation {
         CtlOperation::Balancer {
             service,
@@ -101,8 +118,10 @@ pub async fn ctl(addr: &AdminAddr, operation: CtlOperation) -> anyhow::Result<Ex
         CtlOperation::Drain { service, endpoint } => endpoint_body(service, endpoint, "drain"),
         CtlOperation::Disable { service, endpoint } => endpoint_body(service, endpoint, "disable"),
         CtlOperation::Enable { service, endpoint } => endpoint_body(service, endpoint, "enable"),
+        CtlOperation::Reload => ("/v1/plugins/reload".to_string(), Value::Null),
+        CtlOperation::Resync { service } => (format!("/v1/services/{service}/resync"), Value::Null),
     };
-    let (status, answer) = post(addr, &path, &body).await.with_context(|| {
+    let (status, answer) = post(addr, &path, &body, token.as_deref()).await.with_context(|| {
         format!("no answer from the admin API at {addr} (is Embassy running? --admin ADDR names another)")
     })?;
     if status.is_success() {

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -29,7 +30,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::{
     control::{ControlError, Request},
     netns::{Netns, NetnsError},
-    plugins::{DiscoveryBackend, PluginRegistry, PluginUseError},
+    plugins::{log_load_error, DiscoveryBackend, PluginRegistry, PluginUseError},
     sink::ServiceSink,
     state::{service_id, Consumer, DiscoveryStatus, HostState, Owner, ServiceState},
 };
@@ -111,7 +112,9 @@ struct Active {
 
 /// Owns every listener and watch.
 pub struct Supervisor {
-    plugins: Arc<PluginRegistry>,
+    plugins: PluginRegistry,
+    /// Where `plugins` came from, scanned again on reload.
+    plugin_dir: PathBuf,
     discovery: DiscoveryBackend,
     defaults: ServeDefaults,
     active: HashMap<ListenKey, Active>,
@@ -135,12 +138,16 @@ fn consumers(owners: &BTreeSet<Owner>) -> Vec<Consumer> {
 
 impl Supervisor {
     pub fn new(
-        plugins: Arc<PluginRegistry>,
+        plugins: PluginRegistry,
+        plugin_dir: PathBuf,
         discovery: DiscoveryBackend,
         defaults: ServeDefaults,
     ) -> Self {
+        let state = Arc::new(HostState::default());
+        state.publish_plugins(plugins.plugins().to_vec());
         Supervisor {
             plugins,
+            plugin_dir,
             discovery,
             defaults,
             active: HashMap::new(),
@@ -149,7 +156,7 @@ impl Supervisor {
             cut: Arc::default(),
             // Rebuilds also run on discovery plugins' threads: checkers start on this runtime.
             checks: Arc::new(Checks::new(tokio::runtime::Handle::try_current().ok())),
-            state: Arc::default(),
+            state,
         }
     }
 
@@ -181,20 +188,21 @@ impl Supervisor {
 
     /// Applies an operator's write; the answer says what changed.
     pub fn control(&mut self, request: &Request) -> Result<serde_json::Value, ControlError> {
-        let (service_id, active) = match request {
-            Request::SetBalancer { service, .. } | Request::SetEndpoint { service, .. } => {
-                let found = self
-                    .active
-                    .iter_mut()
-                    .find(|((namespace, addr, protocol), _)| {
-                        service_id(*namespace, addr.port(), *protocol) == *service
-                    });
-                let Some((_, active)) = found else {
-                    return Err(ControlError::UnknownService(service.clone()));
-                };
-                (service.clone(), active)
-            }
+        if let Request::ReloadPlugins = request {
+            return self.reload_plugins();
+        }
+        // Every request but a reload names a service.
+        let wanted = request.service().unwrap_or_default();
+        let found = self
+            .active
+            .iter_mut()
+            .find(|((namespace, addr, protocol), _)| {
+                service_id(*namespace, addr.port(), *protocol) == wanted
+            });
+        let Some((_, active)) = found else {
+            return Err(ControlError::UnknownService(wanted.to_string()));
         };
+        let service_id = wanted;
         let answer = match request {
             Request::SetBalancer {
                 balancer, options, ..
@@ -217,6 +225,11 @@ impl Supervisor {
                     .plugins
                     .new_balancer(balancer, config)
                     .map_err(|error| refused(error.to_string()))?;
+                let version = self
+                    .plugins
+                    .balancer(balancer)
+                    .map(|plugin| plugin.version.clone())
+                    .ok();
                 active
                     .service
                     .set_balancer(picker)
@@ -224,7 +237,12 @@ impl Supervisor {
                 let before = std::mem::replace(&mut active.balancer, balancer.clone());
                 serde_json::json!({
                     "service": service_id,
-                    "balancer": { "before": before, "after": balancer, "options": options },
+                    "balancer": {
+                        "before": before,
+                        "after": balancer,
+                        "version": version,
+                        "options": options,
+                    },
                 })
             }
             Request::SetEndpoint {
@@ -240,9 +258,42 @@ impl Supervisor {
                     "connections_open": change.open,
                 })
             }
+            Request::Resync { .. } => {
+                let updates = active.discovery.view().updates;
+                let sink =
+                    ServiceSink::new(Arc::clone(&active.service), Arc::clone(&active.discovery));
+                // The new watch first: if it cannot start, the one in force keeps serving.
+                let watch = self
+                    .discovery
+                    .watch(watch_request(&active.service.descriptor), sink)
+                    .map_err(|error| ControlError::Watch(error.to_string()))?;
+                std::mem::replace(&mut active.watch, watch).stop();
+                serde_json::json!({
+                    "service": service_id,
+                    "watch": "restarted",
+                    "endpoints_before": active.service.endpoints.load().len(),
+                    "updates_before": updates,
+                })
+            }
+            Request::ReloadPlugins => return self.reload_plugins(),
         };
         self.publish();
         Ok(answer)
+    }
+
+    /// Scans the plugin directory again (an operator's reload, or SIGHUP): each refused file
+    /// is logged as at start, and the answer lists what was loaded and what was refused.
+    pub fn reload_plugins(&mut self) -> Result<serde_json::Value, ControlError> {
+        let scan = self.plugins.scan(&self.plugin_dir)?;
+        scan.errors.iter().for_each(log_load_error);
+        self.state.publish_plugins(self.plugins.plugins().to_vec());
+        let refused: Vec<String> = scan.errors.iter().map(ToString::to_string).collect();
+        Ok(serde_json::json!({
+            "plugin_dir": self.plugin_dir,
+            "loaded": scan.loaded,
+            "refused": refused,
+            "unchanged": scan.unchanged,
+        }))
     }
 
     /// Serves `descriptor` in Embassy's own namespace on behalf of `owner` (a container, a
@@ -303,13 +354,9 @@ impl Supervisor {
         let service = Arc::new(service);
         let discovery = Arc::new(DiscoveryStatus::default());
         let sink = ServiceSink::new(Arc::clone(&service), Arc::clone(&discovery));
-        let request = WatchRequest {
-            options: options_of(descriptor),
-            ..WatchRequest::new(&descriptor.service, &descriptor.tags, descriptor.protocol)
-        };
         let watch = self
             .discovery
-            .watch(request, sink)
+            .watch(watch_request(descriptor), sink)
             .map_err(|error| ServeError::Watch(error.to_string()))?;
         let stop = CancellationToken::new();
         let consumer = owner.container.as_ref().map_or("", |c| c.name.as_str());
@@ -425,6 +472,14 @@ pub fn balancer_config(descriptor: &ServiceDescriptor) -> BalancerConfig {
     BalancerConfig {
         service: descriptor.service.as_str().into(),
         options: options_of(descriptor),
+    }
+}
+
+/// What a watch for `descriptor` asks discovery for.
+fn watch_request(descriptor: &ServiceDescriptor) -> WatchRequest {
+    WatchRequest {
+        options: options_of(descriptor),
+        ..WatchRequest::new(&descriptor.service, &descriptor.tags, descriptor.protocol)
     }
 }
 

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! One thread per opened file polls it; every watch is answered from the last good content, so
-//! a broken edit is reported once and changes nothing until the file is fixed. This is the
+//! a broken edit is reported once and changes nothing until the file is fixed. A new watch
+//! reads the file first, so the host's resync (a watch restarted) sees it as it is now. This is the
 //! model for a third-party discovery plugin: the plugin owns its thread (started with
 //! `support::spawn_guarded`, so a panic is reported to every watch, not lost), reads its
 //! options through `support::OptionReader`, builds each set with `support::Selector` (which
@@ -211,6 +212,8 @@ impl DiscoveryPlugin for FileDiscovery {
     }
 
     fn watch(&self, request: WatchRequest, sink: HostSink) -> Result<FileWatch, PluginError> {
+        // What changed since the last poll reaches the watches already open first.
+        self.shared.poll();
         let mut state = self.shared.lock();
         let id = state.next_id;
         state.next_id += 1;
