@@ -421,6 +421,20 @@ impl ServiceEndpoints {
                     carried.listed = true;
                     carried.weight = weight;
                     carried.health.set_eject_after(policy.eject_after);
+                    // A check changed in place (new tunables): the new one from here on.
+                    let wanted = policy
+                        .check
+                        .as_ref()
+                        .map(|spec| (spec, &policy.check_params));
+                    let current = carried
+                        .check
+                        .as_ref()
+                        .map(|check| (&check.key().spec, &check.key().params));
+                    if wanted != current {
+                        dirty = true;
+                        carried.check_failing = false;
+                        carried.check = subscribe(context, policy, &addr, &self.wake);
+                    }
                 }
                 None => {
                     dirty = true;
@@ -437,16 +451,7 @@ impl ServiceEndpoints {
                             )),
                             counters: Arc::default(),
                             cut: context.cut.child(),
-                            check: policy.check.as_ref().map(|spec| {
-                                context.checks.subscribe(
-                                    CheckKey {
-                                        addr: addr.clone(),
-                                        spec: spec.clone(),
-                                        params: policy.check_params,
-                                    },
-                                    Arc::downgrade(&self.wake),
-                                )
-                            }),
+                            check: subscribe(context, policy, &addr, &self.wake),
                             check_failing: false,
                             listed: true,
                             ejected: None,
@@ -710,6 +715,25 @@ impl ServiceEndpoints {
 
 /// The next time something runs out: an ejection, a hold-down, a drain (whose connections are
 /// also looked at every second, as their closing wakes nobody).
+/// The check `policy` declares for the endpoint at `addr`, subscribed in `context`'s registry
+/// (one checker per endpoint and check, however many services ask), waking `wake` on a change.
+fn subscribe(
+    context: &Context<'_>,
+    policy: &HealthPolicy,
+    addr: &UpstreamAddr,
+    wake: &Arc<Notify>,
+) -> Option<Arc<CheckStatus>> {
+    let spec = policy.check.as_ref()?;
+    Some(context.checks.subscribe(
+        CheckKey {
+            addr: addr.clone(),
+            spec: spec.clone(),
+            params: policy.check_params,
+        },
+        Arc::downgrade(wake),
+    ))
+}
+
 fn next_due(inner: &Inner, policy: &HealthPolicy, now: At) -> Option<Instant> {
     inner
         .carried

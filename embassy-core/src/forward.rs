@@ -95,7 +95,7 @@ pub async fn serve_tcp(
             Ok(None) => {
                 service
                     .queue
-                    .hold(&service.descriptor, service.queue_timeout);
+                    .hold(&service.descriptor, service.queue_timeout());
                 None
             }
             Err(error) => {
@@ -229,7 +229,7 @@ async fn forward(client: TcpStream, path: Path) {
         },
     };
     let (upstream, _active, endpoint) =
-        match connect(&snapshot, first, path.salt, service.connect_timeout).await {
+        match connect(&snapshot, first, path.salt, service.connect_timeout()).await {
             Ok(connected) => connected,
             Err(failure) => {
                 service.counters.failed(ServiceFailure::Connect(failure));
@@ -243,7 +243,7 @@ async fn forward(client: TcpStream, path: Path) {
         &client,
         &upstream,
         service.copy_mode,
-        service.timeouts,
+        service.timeouts(),
         &endpoint.cut,
         &endpoint.counters.bytes,
     )
@@ -253,10 +253,10 @@ async fn forward(client: TcpStream, path: Path) {
             debug!(upstream = %endpoint.addr, sent, received, "connection closed")
         }
         Ok(Ended::Idle) => {
-            debug!(upstream = %endpoint.addr, idle_timeout = ?service.timeouts.idle, "connection closed: idle")
+            debug!(upstream = %endpoint.addr, idle_timeout = ?service.timeouts().idle, "connection closed: idle")
         }
         Ok(Ended::HalfClosed) => {
-            debug!(upstream = %endpoint.addr, half_close_timeout = ?service.timeouts.half_close, "connection closed: half-closed and silent")
+            debug!(upstream = %endpoint.addr, half_close_timeout = ?service.timeouts().half_close, "connection closed: half-closed and silent")
         }
         Ok(Ended::Cut) => {
             // A reset, not a FIN: the client must not take a cut stream for a finished one.
@@ -276,7 +276,7 @@ async fn wait_for_endpoint(
 ) -> Option<(Arc<EndpointSet>, usize)> {
     // A system call, but on the slow path only: the accept loop's pick had the address free.
     let peer = client.peer_addr().ok()?;
-    let deadline = Instant::now() + service.queue_timeout;
+    let deadline = Instant::now() + service.queue_timeout();
     loop {
         let changed = service.endpoints.changed();
         let mut changed = std::pin::pin!(changed);
@@ -299,7 +299,7 @@ async fn wait_for_endpoint(
             _ = changed => {}
             _ = sleep_until(deadline) => {
                 service.counters.failed(ServiceFailure::NoEndpoint);
-                service.queue.timed_out(&service.descriptor, service.queue_timeout);
+                service.queue.timed_out(&service.descriptor, service.queue_timeout());
                 return None;
             }
             _ = service.cut.wait() => return None,

@@ -73,18 +73,78 @@ impl Default for ConnectionDefaults {
     }
 }
 
+/// What a descriptor's options (or else the defaults) set, apart from the balancer.
+struct Tunables {
+    connect_timeout: Duration,
+    timeouts: Timeouts,
+    queue_timeout: Duration,
+    max_connections: usize,
+    health: HealthPolicy,
+}
+
+impl Tunables {
+    fn of(descriptor: &ServiceDescriptor, defaults: &ConnectionDefaults) -> Tunables {
+        // The parser has checked every value; an unreadable one cannot get here.
+        let duration = |key, default| {
+            descriptor
+                .option(key)
+                .and_then(parse_duration)
+                .unwrap_or(default)
+        };
+        Tunables {
+            connect_timeout: duration("connect_timeout", defaults.connect_timeout),
+            timeouts: Timeouts {
+                idle: duration("idle_timeout", defaults.idle_timeout),
+                half_close: duration("half_close_timeout", defaults.half_close_timeout),
+            },
+            queue_timeout: duration("queue_timeout", defaults.queue_timeout),
+            max_connections: descriptor
+                .option("max_connections")
+                .and_then(|value| value.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or(defaults.max_connections.max(1)),
+            health: health_policy(descriptor, &defaults.health),
+        }
+    }
+}
+
+/// A duration read and set without a lock (nanoseconds; longer than 584 years saturates).
+#[derive(Debug)]
+struct AtomicDuration(AtomicU64);
+
+impl AtomicDuration {
+    fn new(duration: Duration) -> Self {
+        let atomic = AtomicDuration(AtomicU64::new(0));
+        atomic.set(duration);
+        atomic
+    }
+
+    #[inline]
+    fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+
+    fn set(&self, duration: Duration) {
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        self.0.store(nanos, Ordering::Relaxed);
+    }
+}
+
 /// Everything the connection path needs for one service.
 pub struct Service {
     pub descriptor: ServiceDescriptor,
     pub endpoints: ServiceEndpoints,
     /// Swapped whole by an operator; the accept loop loads it per pick (no lock).
     picker: ArcSwap<Box<dyn Picker>>,
-    pub connect_timeout: Duration,
+    /// Tunables, applied in place (see [`Service::apply_tunables`]): each connection reads
+    /// them once, relaxed.
+    connect_timeout: AtomicDuration,
     /// How connections of this service move their bytes.
     pub copy_mode: CopyMode,
-    pub timeouts: Timeouts,
+    idle_timeout: AtomicDuration,
+    half_close_timeout: AtomicDuration,
     /// How long a connection accepted with no endpoint waits for one.
-    pub queue_timeout: Duration,
+    queue_timeout: AtomicDuration,
     /// Open connections against `max_connections`.
     pub limit: ConnectionLimit,
     /// Connections waiting for a first endpoint.
@@ -93,8 +153,11 @@ pub struct Service {
     pub cut: Arc<Cut>,
     /// Connections accepted and failed, for metrics.
     pub counters: ServiceCounters,
-    /// What keeps endpoints in rotation and what happens when discovery removes one.
-    pub health: HealthPolicy,
+    /// What keeps endpoints in rotation and what happens when discovery removes one; read by
+    /// rebuilds only, never per connection.
+    health: ArcSwap<HealthPolicy>,
+    /// The descriptor whose tunables are in force (the identity's fields are `descriptor`'s).
+    in_force: ArcSwap<ServiceDescriptor>,
     /// Where its endpoints' checks run: the host shares one registry among its services, so
     /// an endpoint two services check alike is checked once.
     pub checks: Arc<Checks>,
@@ -125,40 +188,73 @@ impl Service {
         picker: Box<dyn Picker>,
         defaults: &ConnectionDefaults,
     ) -> Self {
-        // The parser has checked every value; an unreadable one cannot get here.
-        let duration = |key, default| {
-            descriptor
-                .option(key)
-                .and_then(parse_duration)
-                .unwrap_or(default)
-        };
-        let connect_timeout = duration("connect_timeout", defaults.connect_timeout);
-        let timeouts = Timeouts {
-            idle: duration("idle_timeout", defaults.idle_timeout),
-            half_close: duration("half_close_timeout", defaults.half_close_timeout),
-        };
-        let queue_timeout = duration("queue_timeout", defaults.queue_timeout);
-        let max_connections = descriptor
-            .option("max_connections")
-            .and_then(|value| value.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(defaults.max_connections.max(1));
-        let health = health_policy(&descriptor, &defaults.health);
+        let tunables = Tunables::of(&descriptor, defaults);
         Service {
+            in_force: ArcSwap::from_pointee(descriptor.clone()),
             descriptor,
             endpoints: ServiceEndpoints::default(),
             picker: ArcSwap::from_pointee(picker),
-            connect_timeout,
+            connect_timeout: AtomicDuration::new(tunables.connect_timeout),
             copy_mode: CopyMode::best(),
-            timeouts,
-            queue_timeout,
-            limit: ConnectionLimit::new(max_connections),
+            idle_timeout: AtomicDuration::new(tunables.timeouts.idle),
+            half_close_timeout: AtomicDuration::new(tunables.timeouts.half_close),
+            queue_timeout: AtomicDuration::new(tunables.queue_timeout),
+            limit: ConnectionLimit::new(tunables.max_connections),
             queue: QueueState::default(),
             cut: Arc::default(),
             counters: ServiceCounters::default(),
-            health,
+            health: ArcSwap::from_pointee(tunables.health),
             checks: Arc::default(),
         }
+    }
+
+    /// Applies `descriptor`'s tunables (timeouts, `max_connections`, health and check
+    /// options; the balancer is swapped apart, [`Service::set_balancer`]) in place: new
+    /// connections and the next rebuild use them, connections in flight keep what they
+    /// started with. A changed check takes effect at the next discovery update (the host
+    /// restarts the watch to have one at once). `descriptor` names the same service.
+    pub fn apply_tunables(&self, descriptor: &ServiceDescriptor, defaults: &ConnectionDefaults) {
+        let tunables = Tunables::of(descriptor, defaults);
+        self.connect_timeout.set(tunables.connect_timeout);
+        self.idle_timeout.set(tunables.timeouts.idle);
+        self.half_close_timeout.set(tunables.timeouts.half_close);
+        self.queue_timeout.set(tunables.queue_timeout);
+        self.limit.set_max(tunables.max_connections);
+        self.health.store(Arc::new(tunables.health));
+        self.in_force.store(Arc::new(descriptor.clone()));
+        // Rebuild with the new policy (ejection limits, panic threshold, timers).
+        self.refresh_endpoints();
+    }
+
+    /// The descriptor whose tunables are in force.
+    pub fn in_force(&self) -> Arc<ServiceDescriptor> {
+        self.in_force.load_full()
+    }
+
+    /// The upstream connect timeout in force.
+    #[inline]
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout.get()
+    }
+
+    /// The idle and half-close timeouts in force.
+    #[inline]
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            idle: self.idle_timeout.get(),
+            half_close: self.half_close_timeout.get(),
+        }
+    }
+
+    /// How long a connection accepted with no endpoint waits for one.
+    #[inline]
+    pub fn queue_timeout(&self) -> Duration {
+        self.queue_timeout.get()
+    }
+
+    /// The health policy in force.
+    pub fn health(&self) -> Arc<HealthPolicy> {
+        self.health.load_full()
     }
 
     /// Counts one connection against `max_connections` until the handle drops.
@@ -171,8 +267,9 @@ impl Service {
     /// Replaces the service's endpoint set (the one update path): the balancer prepares for
     /// the new set before the first pick over it.
     pub fn replace_endpoints(&self, endpoints: &[Endpoint], excluded: Vec<Excluded>) -> SetChange {
+        let policy = self.health.load();
         self.endpoints
-            .replace_explained(endpoints, excluded, &self.context(), |views| {
+            .replace_explained(endpoints, excluded, &self.context(&policy), |views| {
                 self.endpoints_changed(views)
             })
     }
@@ -180,8 +277,10 @@ impl Service {
     /// Applies health and timers (ejections, checks, hold-downs, drains) through the same
     /// path; returns whether the snapshot changed.
     pub fn refresh_endpoints(&self) -> bool {
-        self.endpoints
-            .refresh(&self.context(), |views| self.endpoints_changed(views))
+        let policy = self.health.load();
+        self.endpoints.refresh(&self.context(&policy), |views| {
+            self.endpoints_changed(views)
+        })
     }
 
     /// The service's health task: rebuilds the snapshot when a failure count reaches
@@ -199,9 +298,9 @@ impl Service {
         }
     }
 
-    fn context(&self) -> Context<'_> {
+    fn context<'a>(&'a self, policy: &'a HealthPolicy) -> Context<'a> {
         Context {
-            policy: &self.health,
+            policy,
             checks: &self.checks,
             cut: &self.cut,
             service: &self.descriptor,
@@ -226,8 +325,9 @@ impl Service {
         address: &str,
         operator: Option<Operator>,
     ) -> Result<OperatorChange, OperatorError> {
+        let policy = self.health.load();
         self.endpoints
-            .set_operator(address, operator, &self.context(), |views| {
+            .set_operator(address, operator, &self.context(&policy), |views| {
                 self.endpoints_changed(views)
             })
     }
@@ -337,7 +437,8 @@ impl std::fmt::Debug for Service {
 #[derive(Debug)]
 pub struct ConnectionLimit {
     open: AtomicUsize,
-    max: usize,
+    /// Applied in place with the other tunables.
+    max: AtomicUsize,
     freed: Notify,
 }
 
@@ -345,13 +446,21 @@ impl ConnectionLimit {
     pub fn new(max: usize) -> Self {
         ConnectionLimit {
             open: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
             freed: Notify::new(),
         }
     }
 
+    #[inline]
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// A new cap; connections over it are not closed, new ones wait until under it. A
+    /// raised cap frees waiting connections at once.
+    fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+        self.freed.notify_waiters();
     }
 
     /// Connections open now (accepted and not yet closed).
@@ -361,17 +470,19 @@ impl ConnectionLimit {
 
     #[inline]
     pub fn at_cap(&self) -> bool {
-        self.open.load(Ordering::Acquire) >= self.max
+        self.open.load(Ordering::Acquire) >= self.max()
     }
 
     /// Below this again, a limited episode is over (a tenth of head room, so a service that
     /// hovers at its cap logs one episode, not one per connection).
     pub fn low_water(&self) -> usize {
-        self.max - (self.max / 10).max(1)
+        let max = self.max();
+        max.saturating_sub((max / 10).max(1))
     }
 
     fn close_one(&self) {
-        if self.open.fetch_sub(1, Ordering::AcqRel) == self.max {
+        // At or over the cap before this one closed (over it: the cap was lowered).
+        if self.open.fetch_sub(1, Ordering::AcqRel) >= self.max() {
             self.freed.notify_one();
         }
     }
@@ -556,9 +667,9 @@ mod tests {
             Box::new(first),
             &defaults,
         );
-        assert_eq!(plain.timeouts.idle, DEFAULT_IDLE_TIMEOUT);
-        assert_eq!(plain.timeouts.half_close, DEFAULT_HALF_CLOSE_TIMEOUT);
-        assert_eq!(plain.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
+        assert_eq!(plain.timeouts().idle, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(plain.timeouts().half_close, DEFAULT_HALF_CLOSE_TIMEOUT);
+        assert_eq!(plain.queue_timeout(), DEFAULT_QUEUE_TIMEOUT);
         assert_eq!(plain.limit.max(), 100);
         let own = Service::with_defaults(
             "web;80/tcp;idle_timeout=5m;half_close_timeout=2s;queue_timeout=500ms;max_connections=7"
@@ -567,9 +678,9 @@ mod tests {
             Box::new(first),
             &defaults,
         );
-        assert_eq!(own.timeouts.idle, Duration::from_secs(300));
-        assert_eq!(own.timeouts.half_close, Duration::from_secs(2));
-        assert_eq!(own.queue_timeout, Duration::from_millis(500));
+        assert_eq!(own.timeouts().idle, Duration::from_secs(300));
+        assert_eq!(own.timeouts().half_close, Duration::from_secs(2));
+        assert_eq!(own.queue_timeout(), Duration::from_millis(500));
         assert_eq!(own.limit.max(), 7);
     }
 

@@ -383,7 +383,7 @@ impl UdpProxy {
         );
         let (name, timeout, sender) = (
             name.to_string(),
-            self.service.connect_timeout,
+            self.service.connect_timeout(),
             self.opened_sender.clone(),
         );
         self.tasks.spawn(async move {

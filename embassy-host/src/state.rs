@@ -446,7 +446,7 @@ impl ServiceState {
         });
         ServiceView {
             id: self.id.clone(),
-            descriptor: descriptor.to_string(),
+            descriptor: self.service.in_force().to_string(),
             service: descriptor.service.clone(),
             tags: descriptor.tags.clone(),
             protocol: descriptor.protocol.as_str(),

@@ -8,7 +8,7 @@
 //! ([`Place::Netns`]), so two containers may use one port for two services.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -103,7 +103,9 @@ type ListenKey = (Option<u64>, SocketAddr, Protocol);
 
 struct Active {
     service: Arc<Service>,
-    owners: BTreeSet<Owner>,
+    /// Who asked, each with the descriptor it asked with (the same service, perhaps other
+    /// tunables).
+    owners: BTreeMap<Owner, ServiceDescriptor>,
     stop: CancellationToken,
     watch: WatchHandleBox,
     balancer: String,
@@ -130,8 +132,8 @@ pub struct Supervisor {
 }
 
 /// The containers among `owners`, once each.
-fn consumers(owners: &BTreeSet<Owner>) -> Vec<Consumer> {
-    let mut consumers: Vec<Consumer> = owners.iter().filter_map(|o| o.container.clone()).collect();
+fn consumers(owners: &BTreeMap<Owner, ServiceDescriptor>) -> Vec<Consumer> {
+    let mut consumers: Vec<Consumer> = owners.keys().filter_map(|o| o.container.clone()).collect();
     consumers.dedup();
     consumers
 }
@@ -175,7 +177,7 @@ impl Supervisor {
                     id: service_id(*namespace, addr.port(), *protocol),
                     address: *addr,
                     namespace: *namespace,
-                    owners: active.owners.iter().map(Owner::to_string).collect(),
+                    owners: active.owners.keys().map(Owner::to_string).collect(),
                     consumers: consumers(&active.owners),
                     balancer: active.balancer.clone(),
                     service: Arc::clone(&active.service),
@@ -260,14 +262,7 @@ impl Supervisor {
             }
             Request::Resync { .. } => {
                 let updates = active.discovery.view().updates;
-                let sink =
-                    ServiceSink::new(Arc::clone(&active.service), Arc::clone(&active.discovery));
-                // The new watch first: if it cannot start, the one in force keeps serving.
-                let watch = self
-                    .discovery
-                    .watch(watch_request(&active.service.descriptor), sink)
-                    .map_err(|error| ControlError::Watch(error.to_string()))?;
-                std::mem::replace(&mut active.watch, watch).stop();
+                restart_watch(&self.discovery, active)?;
                 serde_json::json!({
                     "service": service_id,
                     "watch": "restarted",
@@ -316,7 +311,7 @@ impl Supervisor {
         let addr = SocketAddr::new(self.defaults.bind, descriptor.port);
         let key = (place.namespace_id(), addr, descriptor.protocol);
         if let Some(active) = self.active.get_mut(&key) {
-            let serving = &active.service.descriptor;
+            let serving = active.service.in_force();
             if !serving.same_service(descriptor) {
                 return Err(ServeError::PortHeld {
                     port: descriptor.port,
@@ -324,17 +319,21 @@ impl Supervisor {
                     holder: serving.to_string(),
                 });
             }
-            if serving != descriptor && !active.owners.contains(owner) {
-                let owners: Vec<String> = active.owners.iter().map(Owner::to_string).collect();
+            if *serving != *descriptor && !active.owners.contains_key(owner) {
+                let owners: Vec<String> = active.owners.keys().map(Owner::to_string).collect();
                 warn!(
                     owner = %owner,
                     asked = %descriptor,
                     in_force = %serving,
                     held_by = owners.join(", "),
-                    "an owner asks for other tunables of a service already served: those already in force stay"
+                    "an owner asks for other tunables of a service already served: those in force stay while their owners do"
                 );
             }
-            if active.owners.insert(owner.clone()) {
+            if active
+                .owners
+                .insert(owner.clone(), descriptor.clone())
+                .is_none()
+            {
                 self.publish();
             }
             return Ok(());
@@ -378,7 +377,7 @@ impl Supervisor {
             key,
             Active {
                 service,
-                owners: BTreeSet::from([owner.clone()]),
+                owners: BTreeMap::from([(owner.clone(), descriptor.clone())]),
                 stop,
                 watch,
                 balancer: balancer_name.to_string(),
@@ -405,20 +404,72 @@ impl Supervisor {
         let Some(active) = self.active.get_mut(&key) else {
             return;
         };
-        if active.service.descriptor != *descriptor {
+        if active.owners.get(owner) != Some(descriptor) {
             return;
         }
-        if !active.owners.remove(owner) {
-            return;
-        }
+        active.owners.remove(owner);
         if active.owners.is_empty() {
             if let Some(mut active) = self.active.remove(&key) {
                 active.stop.cancel();
                 active.watch.stop();
                 info!(service = %descriptor, last_owner = %owner, "listener released");
             }
+        } else if let Err(error) = self.hand_over(key, owner) {
+            warn!(service = %descriptor, %error, "the remaining owners' tunables cannot be applied: those in force stay");
         }
         self.publish();
+    }
+
+    /// After `left` has gone: when no remaining owner asks for the tunables in force, the
+    /// first remaining owner's are applied in place (balancer swapped, timeouts, limits and
+    /// health policy stored; a changed check gets a fresh watch, whose set resubscribes it).
+    fn hand_over(&mut self, key: ListenKey, left: &Owner) -> Result<(), ControlError> {
+        let Some(active) = self.active.get_mut(&key) else {
+            return Ok(());
+        };
+        let in_force = active.service.in_force();
+        if active.owners.values().any(|d| *d == *in_force) {
+            return Ok(());
+        }
+        let Some((owner, next)) = active
+            .owners
+            .iter()
+            .next()
+            .map(|(o, d)| (o.clone(), d.clone()))
+        else {
+            return Ok(());
+        };
+        let balancer = next.option("balancer").unwrap_or(&self.defaults.balancer);
+        if balancer != active.balancer {
+            let refused = |reason: String| ControlError::Balancer {
+                balancer: balancer.to_string(),
+                reason,
+            };
+            let picker = self
+                .plugins
+                .new_balancer(balancer, balancer_config(&next))
+                .map_err(|error| refused(error.to_string()))?;
+            active
+                .service
+                .set_balancer(picker)
+                .map_err(|error| refused(error.to_string()))?;
+            active.balancer = balancer.to_string();
+        }
+        let check_before = active.service.health().check.clone();
+        active
+            .service
+            .apply_tunables(&next, &self.defaults.connections);
+        if active.service.health().check != check_before {
+            restart_watch(&self.discovery, active)?;
+        }
+        info!(
+            service = %next,
+            before = %in_force,
+            owner = %owner,
+            left = %left,
+            "tunables applied in place: the owner whose tunables were in force has gone"
+        );
+        Ok(())
     }
 
     /// How many listeners are open.
@@ -473,6 +524,17 @@ pub fn balancer_config(descriptor: &ServiceDescriptor) -> BalancerConfig {
         service: descriptor.service.as_str().into(),
         options: options_of(descriptor),
     }
+}
+
+/// Replaces `active`'s watch with a new one, whose first answer is discovery's whole current
+/// set. The new watch first: if it cannot start, the one in force keeps serving.
+fn restart_watch(discovery: &DiscoveryBackend, active: &mut Active) -> Result<(), ControlError> {
+    let sink = ServiceSink::new(Arc::clone(&active.service), Arc::clone(&active.discovery));
+    let watch = discovery
+        .watch(watch_request(&active.service.descriptor), sink)
+        .map_err(|error| ControlError::Watch(error.to_string()))?;
+    std::mem::replace(&mut active.watch, watch).stop();
+    Ok(())
 }
 
 /// What a watch for `descriptor` asks discovery for.

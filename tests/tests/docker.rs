@@ -56,22 +56,17 @@ fn reaches(container: &Container, port: u16, name: &str) -> bool {
     eventually(WAIT, || container.greeting(port).as_deref() == Some(name))
 }
 
-#[test]
-fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_last() {
-    let engine = engine();
-    let gateway = bridge_gateway().expect("docker bridge");
-    let web = Upstream::start_on("web-a", gateway.into());
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_services(
-        &dir.path().join("services.json"),
-        &json!({ "web": [web.addr.to_string()] }),
-    );
+/// Embassy in a container of its own (network-container mode), reading `services.json` in
+/// `config` and serving its admin socket in `admin` (shared with the host: tests ask the API
+/// there); returns once it has found its own container.
+fn network_container(
+    engine: &Engine,
+    config: &std::path::Path,
+    admin: &std::path::Path,
+) -> Container {
     let embassy_image = engine.embassy_image().expect("embassy image");
-    let busybox = engine.busybox_image().expect("busybox image");
-    let volume = format!("{}:/etc/embassy", dir.path().display());
-    // The admin socket's directory, shared with the host: the test asks the API there.
-    let admin_dir = tempfile::tempdir().expect("temp dir");
-    let admin_volume = format!("{}:/run/embassy", admin_dir.path().display());
+    let volume = format!("{}:/etc/embassy", config.display());
+    let admin_volume = format!("{}:/run/embassy", admin.display());
     let embassy = engine
         .run(
             "embassy",
@@ -98,7 +93,22 @@ fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_la
     embassy
         .wait_for_log(&["network-container mode", &embassy.name], WAIT)
         .expect("mode detected");
+    embassy
+}
 
+#[test]
+fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_last() {
+    let engine = engine();
+    let gateway = bridge_gateway().expect("docker bridge");
+    let web = Upstream::start_on("web-a", gateway.into());
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_services(
+        &dir.path().join("services.json"),
+        &json!({ "web": [web.addr.to_string()] }),
+    );
+    let busybox = engine.busybox_image().expect("busybox image");
+    let admin_dir = tempfile::tempdir().expect("temp dir");
+    let embassy = network_container(engine, dir.path(), admin_dir.path());
     // Joined by name, then by id: both share one listener.
     let by_name = format!("container:{}", embassy.name);
     let first = engine
@@ -388,4 +398,71 @@ fn an_unknown_own_container_is_a_clear_startup_error() {
         stderr.contains("container \"no-such-embassy\" (given by --container-id) not found"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_second_owner_with_other_tunables_joins_and_they_apply_in_place_when_the_first_leaves() {
+    let engine = engine();
+    let gateway = bridge_gateway().expect("docker bridge");
+    let web = Upstream::start_on("web-a", gateway.into());
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_services(
+        &dir.path().join("services.json"),
+        &json!({ "web": [web.addr.to_string()] }),
+    );
+    let busybox = engine.busybox_image().expect("busybox image");
+    let admin_dir = tempfile::tempdir().expect("temp dir");
+    let embassy = network_container(engine, dir.path(), admin_dir.path());
+    let socket = admin_dir.path().join("admin.sock");
+    let view = || -> serde_json::Value {
+        let (_, body) = http_get_unix(&socket, "/v1/services/tcp-8080").expect("admin API");
+        serde_json::from_str(&body).expect("JSON")
+    };
+    let net = format!("container:{}", embassy.name);
+    let app = |variable: &str| {
+        engine
+            .run(
+                "app",
+                &["--net", &net, "-e", variable, &busybox, "sleep", "600"],
+            )
+            .expect("app")
+    };
+    let first = app("BACKEND_WEB=web;8080/tcp");
+    assert!(reaches(&first, 8080, "web-a"), "{}", embassy.logs());
+    // Another balancer and timeout for the same service: it joins the listener (no "port
+    // held"), with one warning naming both, and the first owner's tunables stay.
+    let second = app("BACKEND_WEB=web;8080/tcp;balancer=least-conn;idle_timeout=2s");
+    embassy
+        .wait_for_log(&["other tunables", &second.name, &first.name], WAIT)
+        .expect("one warning names both containers");
+    assert!(reaches(&second, 8080, "web-a"));
+    assert_eq!(view()["balancer"], "round-robin");
+    assert_eq!(view()["descriptor"], "web;8080/tcp");
+    assert_eq!(view()["owners"].as_array().map(Vec::len), Some(2));
+
+    // The first leaves: the second's tunables are applied in place, on the same listener.
+    first.stop().expect("stop first app");
+    assert!(
+        eventually(WAIT, || view()["balancer"] == "least-conn"),
+        "{}",
+        embassy.logs()
+    );
+    let in_force = view()["descriptor"].as_str().unwrap_or("").to_string();
+    assert!(
+        in_force.contains("balancer=least-conn") && in_force.contains("idle_timeout=2s"),
+        "{in_force}"
+    );
+    assert_eq!(second.greeting(8080).as_deref(), Some("web-a"));
+    assert_eq!(
+        embassy.logs().matches("listening").count(),
+        1,
+        "the same listener"
+    );
+
+    // The second (which asked with other tunables) is an owner like any: its leaving
+    // releases the listener.
+    second.stop().expect("stop second app");
+    embassy
+        .wait_for_log(&["listener released", "web;8080/tcp"], WAIT)
+        .expect("listener released");
 }
