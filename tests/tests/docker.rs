@@ -96,19 +96,42 @@ fn network_container(
     embassy
 }
 
+/// Embassy in network-container mode with the service `web` (one upstream, `web-a`, on the
+/// bridge's gateway, where the containers reach it) and a busybox image for apps.
+struct NetworkContainer {
+    web: Upstream,
+    busybox: String,
+    embassy: Container,
+    admin: tempfile::TempDir,
+    _config: tempfile::TempDir,
+}
+
+impl NetworkContainer {
+    fn start(engine: &Engine) -> NetworkContainer {
+        let gateway = bridge_gateway().expect("docker bridge");
+        let web = Upstream::start_on("web-a", gateway.into());
+        let config = tempfile::tempdir().expect("temp dir");
+        write_services(
+            &config.path().join("services.json"),
+            &json!({ "web": [web.addr.to_string()] }),
+        );
+        let admin = tempfile::tempdir().expect("temp dir");
+        NetworkContainer {
+            web,
+            busybox: engine.busybox_image().expect("busybox image"),
+            embassy: network_container(engine, config.path(), admin.path()),
+            admin,
+            _config: config,
+        }
+    }
+}
+
 #[test]
 fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_last() {
     let engine = engine();
-    let gateway = bridge_gateway().expect("docker bridge");
-    let web = Upstream::start_on("web-a", gateway.into());
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_services(
-        &dir.path().join("services.json"),
-        &json!({ "web": [web.addr.to_string()] }),
-    );
-    let busybox = engine.busybox_image().expect("busybox image");
-    let admin_dir = tempfile::tempdir().expect("temp dir");
-    let embassy = network_container(engine, dir.path(), admin_dir.path());
+    let setup = NetworkContainer::start(engine);
+    let (web, busybox, embassy) = (&setup.web, &setup.busybox, &setup.embassy);
+    let admin_dir = &setup.admin;
     // Joined by name, then by id: both share one listener.
     let by_name = format!("container:{}", embassy.name);
     let first = engine
@@ -119,7 +142,7 @@ fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_la
                 &by_name,
                 "-e",
                 "BACKEND_WEB=web;8080/tcp",
-                &busybox,
+                busybox,
                 "sleep",
                 "600",
             ],
@@ -139,7 +162,7 @@ fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_la
                 &by_id,
                 "-e",
                 "BACKEND_WEB=web;8080/tcp",
-                &busybox,
+                busybox,
                 "sleep",
                 "600",
             ],
@@ -403,16 +426,9 @@ fn an_unknown_own_container_is_a_clear_startup_error() {
 #[test]
 fn a_second_owner_with_other_tunables_joins_and_they_apply_in_place_when_the_first_leaves() {
     let engine = engine();
-    let gateway = bridge_gateway().expect("docker bridge");
-    let web = Upstream::start_on("web-a", gateway.into());
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_services(
-        &dir.path().join("services.json"),
-        &json!({ "web": [web.addr.to_string()] }),
-    );
-    let busybox = engine.busybox_image().expect("busybox image");
-    let admin_dir = tempfile::tempdir().expect("temp dir");
-    let embassy = network_container(engine, dir.path(), admin_dir.path());
+    let setup = NetworkContainer::start(engine);
+    let (busybox, embassy) = (&setup.busybox, &setup.embassy);
+    let admin_dir = &setup.admin;
     let socket = admin_dir.path().join("admin.sock");
     let view = || -> serde_json::Value {
         let (_, body) = http_get_unix(&socket, "/v1/services/tcp-8080").expect("admin API");
@@ -423,7 +439,7 @@ fn a_second_owner_with_other_tunables_joins_and_they_apply_in_place_when_the_fir
         engine
             .run(
                 "app",
-                &["--net", &net, "-e", variable, &busybox, "sleep", "600"],
+                &["--net", &net, "-e", variable, busybox, "sleep", "600"],
             )
             .expect("app")
     };
