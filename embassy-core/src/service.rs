@@ -211,8 +211,9 @@ impl Service {
     /// Applies `descriptor`'s tunables (timeouts, `max_connections`, health and check
     /// options; the balancer is swapped apart, [`Service::set_balancer`]) in place: new
     /// connections and the next rebuild use them, connections in flight keep what they
-    /// started with. A changed check takes effect at the next discovery update (the host
-    /// restarts the watch to have one at once). `descriptor` names the same service.
+    /// started with; the rebuild it ends with resubscribes a changed check. `descriptor`
+    /// names the same service. UDP session settings are not among them (a listener's UDP
+    /// sessions are sized when it starts).
     pub fn apply_tunables(&self, descriptor: &ServiceDescriptor, defaults: &ConnectionDefaults) {
         let tunables = Tunables::of(descriptor, defaults);
         self.connect_timeout.set(tunables.connect_timeout);

@@ -482,7 +482,8 @@ fn authorize<'a>(
             warn!(by = %peer, ?request, %error, "admin write refused: the token file cannot be used");
             return Err(Box::new(refused(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("writes are off here until the token file is fixed: {error}"),
+                "writes are off here until Embassy's admin token file is fixed (its log says why)"
+                    .into(),
             )));
         }
     };
@@ -532,7 +533,8 @@ async fn write(
 fn control_refused(error: ControlError) -> Response {
     let status = match error {
         ControlError::UnknownService(_) => StatusCode::NOT_FOUND,
-        ControlError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+        ControlError::Stopping | ControlError::Watch(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ControlError::PluginDir(_) => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::CONFLICT,
     };
     refused(status, error.to_string())

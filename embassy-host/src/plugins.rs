@@ -57,6 +57,10 @@ pub enum PluginLoadError {
     /// special file, or a symlink that leads nowhere (dangling, or a loop).
     #[error("{path}: {reason}, skipped")]
     Unusable { path: PathBuf, reason: String },
+    /// A file refused before and unchanged since: not opened again (the loader would answer
+    /// with the image it refused), reported again.
+    #[error("{path}: unchanged since it was refused: {reason}")]
+    StillRefused { path: PathBuf, reason: String },
     #[error("{path}: plugin failed to initialise: {reason}")]
     InitFailed { path: PathBuf, reason: String },
     #[error("{path}: plugin name '{name}' is already taken by {}", first.display())]
@@ -268,6 +272,8 @@ impl std::fmt::Debug for LoadedPlugin {
 #[derive(Debug, Default)]
 pub struct PluginRegistry {
     plugins: Vec<LoadedPlugin>,
+    /// Every file refused, as it was then and why: a rescan opens it again only once changed.
+    refused: std::collections::HashMap<PathBuf, (FileId, String)>,
 }
 
 impl PluginRegistry {
@@ -326,9 +332,6 @@ impl PluginRegistry {
             reason: format!("cannot be read: {error}"),
         };
         let file = FileId::of(path).map_err(unreadable)?;
-        if !self.plugins.iter().any(|p| p.path == path) {
-            return self.register(path, path, file, scan);
-        }
         if self
             .plugins
             .iter()
@@ -337,10 +340,33 @@ impl PluginRegistry {
             scan.unchanged += 1;
             return Ok(());
         }
-        let copy = private_copy(path).map_err(unreadable)?;
-        let registered = self.register(path, &copy, file, scan);
-        // The loader has mapped it (or refused it): the copy's name is no longer needed.
-        let _ = fs::remove_file(&copy);
+        if let Some((seen, reason)) = self.refused.get(path) {
+            if *seen == file {
+                return Err(PluginLoadError::StillRefused {
+                    path: path.to_path_buf(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        let opened_before =
+            self.refused.contains_key(path) || self.plugins.iter().any(|p| p.path == path);
+        let registered = if opened_before {
+            // The copy's directory goes when this block ends: by then the loader has mapped
+            // the file, or refused it.
+            let (_dir, copy) = private_copy(path).map_err(unreadable)?;
+            self.register(path, &copy, file, scan)
+        } else {
+            self.register(path, path, file, scan)
+        };
+        match &registered {
+            Ok(()) => {
+                self.refused.remove(path);
+            }
+            Err(error) => {
+                self.refused
+                    .insert(path.to_path_buf(), (file, refusal(error)));
+            }
+        }
         registered
     }
 
@@ -578,21 +604,24 @@ fn compare_versions(candidate: &str, loaded: &str) -> Option<std::cmp::Ordering>
     Some(candidate.cmp(&loaded))
 }
 
-/// A copy of `path` under a name the loader has not seen, in a directory only this user
-/// reads: `$TMPDIR/embassy-PID-plugins/N-NAME`.
-fn private_copy(path: &Path) -> std::io::Result<PathBuf> {
-    use std::{os::unix::fs::DirBuilderExt, sync::atomic::AtomicUsize};
-    static COPIES: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("embassy-{}-plugins", std::process::id()));
-    match fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Err(error) if error.kind() != std::io::ErrorKind::AlreadyExists => return Err(error),
-        _ => {}
-    }
-    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let copy = dir.join(format!("{n}-{name}"));
+/// A copy of `path` under a name the loader has not seen: in a fresh directory with a random
+/// name that only this user may enter (mkdtemp), removed when the returned guard drops.
+fn private_copy(path: &Path) -> std::io::Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::Builder::new()
+        .prefix("embassy-plugin-")
+        .tempdir()?;
+    let copy = dir.path().join(path.file_name().unwrap_or_default());
     fs::copy(path, &copy)?;
-    Ok(copy)
+    Ok((dir, copy))
+}
+
+/// Why `error` refused its file, without the path (the error names it first).
+fn refusal(error: &PluginLoadError) -> String {
+    let text = error.to_string();
+    match text.split_once(": ") {
+        Some((_, reason)) => reason.to_string(),
+        None => text,
+    }
 }
 
 /// Opens one library (`load_from`: the file at `path`, or a copy of it) and checks it against
@@ -690,7 +719,7 @@ fn summarize(report: &str) -> String {
 
 /// Logs a load error: one line, plus abi_stable's full report at debug level.
 pub fn log_load_error(error: &PluginLoadError) {
-    if let PluginLoadError::Unusable { .. } = error {
+    if let PluginLoadError::Unusable { .. } | PluginLoadError::StillRefused { .. } = error {
         warn!("{error}");
         return;
     }

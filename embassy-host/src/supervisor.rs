@@ -262,11 +262,12 @@ impl Supervisor {
             }
             Request::Resync { .. } => {
                 let updates = active.discovery.view().updates;
+                let before = active.service.endpoints.load().len();
                 restart_watch(&self.discovery, active)?;
                 serde_json::json!({
                     "service": service_id,
                     "watch": "restarted",
-                    "endpoints_before": active.service.endpoints.load().len(),
+                    "endpoints_before": before,
                     "updates_before": updates,
                 })
             }
@@ -421,8 +422,8 @@ impl Supervisor {
     }
 
     /// After `left` has gone: when no remaining owner asks for the tunables in force, the
-    /// first remaining owner's are applied in place (balancer swapped, timeouts, limits and
-    /// health policy stored; a changed check gets a fresh watch, whose set resubscribes it).
+    /// first remaining owner's are applied in place (balancer swapped unless an operator set
+    /// one, timeouts, limits and health policy stored, a changed check resubscribed).
     fn hand_over(&mut self, key: ListenKey, left: &Owner) -> Result<(), ControlError> {
         let Some(active) = self.active.get_mut(&key) else {
             return Ok(());
@@ -439,8 +440,13 @@ impl Supervisor {
         else {
             return Ok(());
         };
-        let balancer = next.option("balancer").unwrap_or(&self.defaults.balancer);
-        if balancer != active.balancer {
+        // A balancer an operator set (`ctl balancer`) stays: only the owners' own is replaced,
+        // and anew when its options differ (a balancer is made with the descriptor's options).
+        let default = self.defaults.balancer.as_str();
+        let before = in_force.option("balancer").unwrap_or(default);
+        let balancer = next.option("balancer").unwrap_or(default);
+        let operator_set = active.balancer != before;
+        if !operator_set && (balancer != before || next.options != in_force.options) {
             let refused = |reason: String| ControlError::Balancer {
                 balancer: balancer.to_string(),
                 reason,
@@ -455,13 +461,9 @@ impl Supervisor {
                 .map_err(|error| refused(error.to_string()))?;
             active.balancer = balancer.to_string();
         }
-        let check_before = active.service.health().check.clone();
         active
             .service
             .apply_tunables(&next, &self.defaults.connections);
-        if active.service.health().check != check_before {
-            restart_watch(&self.discovery, active)?;
-        }
         info!(
             service = %next,
             before = %in_force,

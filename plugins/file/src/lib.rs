@@ -79,8 +79,10 @@ impl Shared {
 
     /// Reads the file; on a change parses it and pushes what changed to every watch.
     fn poll(&self) {
-        let read = std::fs::read(&self.path);
+        // Read under the lock: a new watch polls too, and an older read must never be
+        // applied after a newer one.
         let mut state = self.lock();
+        let read = std::fs::read(&self.path);
         let bytes = match read {
             Ok(bytes) => bytes,
             Err(error) => {
