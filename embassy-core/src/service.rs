@@ -212,8 +212,8 @@ impl Service {
     /// options; the balancer is swapped apart, [`Service::set_balancer`]) in place: new
     /// connections and the next rebuild use them, connections in flight keep what they
     /// started with; the rebuild it ends with resubscribes a changed check. `descriptor`
-    /// names the same service. UDP session settings are not among them (a listener's UDP
-    /// sessions are sized when it starts).
+    /// names the same service. A UDP listener picks up its session settings (`udp_idle`,
+    /// `udp_max_sessions`) at its next sweep.
     pub fn apply_tunables(&self, descriptor: &ServiceDescriptor, defaults: &ConnectionDefaults) {
         let tunables = Tunables::of(descriptor, defaults);
         self.connect_timeout.set(tunables.connect_timeout);
@@ -654,6 +654,34 @@ mod tests {
         check(1_048_576, 262_128);
         check(64, 1);
         check(0, 1);
+    }
+
+    #[test]
+    fn tunables_are_applied_in_place() {
+        let first = |views: &[embassy_plugin_api::EndpointView]| (!views.is_empty()).then_some(0);
+        let defaults = ConnectionDefaults::default();
+        let service = Service::with_defaults(
+            "web;80/tcp".parse().expect("valid"),
+            Box::new(first),
+            &defaults,
+        );
+        let next: ServiceDescriptor =
+            "web;80/tcp;connect_timeout=250ms;idle_timeout=5m;queue_timeout=1s;max_connections=9;eject_after=7"
+                .parse()
+                .expect("valid");
+        service.apply_tunables(&next, &defaults);
+        assert_eq!(service.connect_timeout(), Duration::from_millis(250));
+        assert_eq!(service.timeouts().idle, Duration::from_secs(300));
+        assert_eq!(service.timeouts().half_close, DEFAULT_HALF_CLOSE_TIMEOUT);
+        assert_eq!(service.queue_timeout(), Duration::from_secs(1));
+        assert_eq!(service.limit.max(), 9);
+        assert_eq!(service.health().eject_after, 7);
+        assert_eq!(*service.in_force(), next);
+        assert_eq!(
+            service.descriptor.to_string(),
+            "web;80/tcp",
+            "the identity stays"
+        );
     }
 
     #[test]

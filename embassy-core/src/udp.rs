@@ -145,7 +145,7 @@ pub async fn serve_udp(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let settings = UdpSettings::of(&service.descriptor);
+    let settings = UdpSettings::of(&service.in_force());
     let listen = Arc::new(socket);
     let snapshot = service.endpoints.load();
     let (opened_sender, mut opened) = mpsc::channel(OPENED_QUEUE);
@@ -168,7 +168,19 @@ pub async fn serve_udp(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = sweep.tick() => proxy.sweep(),
+            _ = sweep.tick() => {
+                // Tunables applied in place (Service::apply_tunables) reach the sessions here,
+                // once per sweep: a changed idle time re-paces the sweep.
+                let settings = UdpSettings::of(&proxy.service.in_force());
+                if settings != proxy.settings {
+                    if settings.sweep_period() != proxy.settings.sweep_period() {
+                        sweep = tokio::time::interval(settings.sweep_period());
+                        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                    proxy.settings = settings;
+                }
+                proxy.sweep()
+            }
             Some(done) = opened.recv() => proxy.opened(done).await,
             received = listen.recv_from(&mut buffer) => match received {
                 Ok((len, client)) => proxy.forward(&buffer[..len], client).await,
@@ -755,6 +767,51 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), tasks.wait())
             .await
             .expect("reply tasks end with the listener");
+    }
+
+    /// A shorter `udp_idle` applied in place ends a session the listener's starting settings
+    /// (60 s) would have kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn session_settings_applied_in_place_reach_the_sessions() {
+        let upstream = echo_upstream().await;
+        let first = |views: &[EndpointView]| (!views.is_empty()).then_some(0);
+        let service = Arc::new(Service::new(
+            "dns;53/udp".parse().expect("descriptor"),
+            Box::new(first),
+            DEFAULT_CONNECT_TIMEOUT,
+        ));
+        service
+            .endpoints
+            .replace(&[Endpoint::new(upstream.to_string())]);
+        let listen = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let port = listen.local_addr().expect("addr").port();
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let serving = tokio::spawn(serve_udp(
+            listen,
+            Arc::clone(&service),
+            stop.clone(),
+            tasks.clone(),
+        ));
+        let live = || service.endpoints.load().views()[0].active_connections();
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        client.connect(("127.0.0.1", port)).await.expect("connect");
+        assert_eq!(exchange(&client, b"hello").await, b"hello");
+        assert_eq!(live(), 1);
+
+        service.apply_tunables(
+            &"dns;53/udp;udp_idle=1".parse().expect("descriptor"),
+            &crate::service::ConnectionDefaults::default(),
+        );
+        // The next sweep (within 5 s, the old pace) takes the new idle time; the session,
+        // idle since, ends at the sweep after.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while live() != 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(live(), 0, "the session ended under the new udp_idle");
+        stop.cancel();
+        serving.await.expect("listener ends");
     }
 
     /// A client whose session waits for a slow name resolution does not hold up the others,
