@@ -701,24 +701,22 @@ mod tests {
         addr
     }
 
-    async fn exchange(client: &UdpSocket, payload: &[u8]) -> Vec<u8> {
-        client.send(payload).await.expect("send");
-        let mut buffer = vec![0u8; DATAGRAM_BUFFER];
-        let len = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buffer))
-            .await
-            .expect("answered within 5 s")
-            .expect("recv");
-        buffer.truncate(len);
-        buffer
-    }
-
-    /// Live sessions are what least-conn sees, and an idle session stops counting.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn endpoint_counters_count_live_sessions() {
+    /// A listener on 127.0.0.1 for `descriptor`, whose one endpoint is an echo upstream and
+    /// whose balancer picks it: the service, the port, the stop token, the reply tasks and
+    /// the listener's task.
+    async fn serve_one_echo(
+        descriptor: &str,
+    ) -> (
+        Arc<Service>,
+        u16,
+        CancellationToken,
+        TaskTracker,
+        tokio::task::JoinHandle<()>,
+    ) {
         let upstream = echo_upstream().await;
         let first = |views: &[EndpointView]| (!views.is_empty()).then_some(0);
         let service = Arc::new(Service::new(
-            "dns;53/udp;udp_idle=1".parse().expect("descriptor"),
+            descriptor.parse().expect("descriptor"),
             Box::new(first),
             DEFAULT_CONNECT_TIMEOUT,
         ));
@@ -735,6 +733,24 @@ mod tests {
             stop.clone(),
             tasks.clone(),
         ));
+        (service, port, stop, tasks, serving)
+    }
+
+    async fn exchange(client: &UdpSocket, payload: &[u8]) -> Vec<u8> {
+        client.send(payload).await.expect("send");
+        let mut buffer = vec![0u8; DATAGRAM_BUFFER];
+        let len = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buffer))
+            .await
+            .expect("answered within 5 s")
+            .expect("recv");
+        buffer.truncate(len);
+        buffer
+    }
+
+    /// Live sessions are what least-conn sees, and an idle session stops counting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn endpoint_counters_count_live_sessions() {
+        let (service, port, stop, tasks, serving) = serve_one_echo("dns;53/udp;udp_idle=1").await;
         let live = || service.endpoints.load().views()[0].active_connections();
 
         let mut clients = Vec::new();
@@ -773,26 +789,7 @@ mod tests {
     /// (60 s) would have kept.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn session_settings_applied_in_place_reach_the_sessions() {
-        let upstream = echo_upstream().await;
-        let first = |views: &[EndpointView]| (!views.is_empty()).then_some(0);
-        let service = Arc::new(Service::new(
-            "dns;53/udp".parse().expect("descriptor"),
-            Box::new(first),
-            DEFAULT_CONNECT_TIMEOUT,
-        ));
-        service
-            .endpoints
-            .replace(&[Endpoint::new(upstream.to_string())]);
-        let listen = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let port = listen.local_addr().expect("addr").port();
-        let stop = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let serving = tokio::spawn(serve_udp(
-            listen,
-            Arc::clone(&service),
-            stop.clone(),
-            tasks.clone(),
-        ));
+        let (service, port, stop, _tasks, serving) = serve_one_echo("dns;53/udp").await;
         let live = || service.endpoints.load().views()[0].active_connections();
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
         client.connect(("127.0.0.1", port)).await.expect("connect");

@@ -59,8 +59,8 @@ pub enum PluginLoadError {
     Unusable { path: PathBuf, reason: String },
     /// A file refused before and unchanged since: not opened again (the loader would answer
     /// with the image it refused), reported again.
-    #[error("{path}: unchanged since it was refused: {reason}")]
-    StillRefused { path: PathBuf, reason: String },
+    #[error("{refused} (unchanged since it was refused, not opened again)")]
+    StillRefused { path: PathBuf, refused: String },
     #[error("{path}: plugin failed to initialise: {reason}")]
     InitFailed { path: PathBuf, reason: String },
     #[error("{path}: plugin name '{name}' is already taken by {}", first.display())]
@@ -344,7 +344,7 @@ impl PluginRegistry {
             if *seen == file {
                 return Err(PluginLoadError::StillRefused {
                     path: path.to_path_buf(),
-                    reason: reason.clone(),
+                    refused: reason.clone(),
                 });
             }
         }
@@ -364,7 +364,7 @@ impl PluginRegistry {
             }
             Err(error) => {
                 self.refused
-                    .insert(path.to_path_buf(), (file, refusal(error)));
+                    .insert(path.to_path_buf(), (file, error.to_string()));
             }
         }
         registered
@@ -613,15 +613,6 @@ fn private_copy(path: &Path) -> std::io::Result<(tempfile::TempDir, PathBuf)> {
     let copy = dir.path().join(path.file_name().unwrap_or_default());
     fs::copy(path, &copy)?;
     Ok((dir, copy))
-}
-
-/// Why `error` refused its file, without the path (the error names it first).
-fn refusal(error: &PluginLoadError) -> String {
-    let text = error.to_string();
-    match text.split_once(": ") {
-        Some((_, reason)) => reason.to_string(),
-        None => text,
-    }
 }
 
 /// Opens one library (`load_from`: the file at `path`, or a copy of it) and checks it against

@@ -388,6 +388,16 @@ fn answered(result: (i32, String, String)) -> Value {
     serde_json::from_str(&out).expect("json answer")
 }
 
+/// The reasons a reload's answer gives for the files it refused.
+fn refusals(answer: &Value) -> Vec<String> {
+    answer["refused"]
+        .as_array()
+        .expect("refused")
+        .iter()
+        .map(|r| r.as_str().unwrap_or("").to_string())
+        .collect()
+}
+
 /// The versions of plugin `name` the admin API lists, with whether each serves new instances.
 fn versions(s: &Setup, name: &str) -> Vec<(String, bool)> {
     let (_, plugins) = s.proxy.embassy.admin_get("/v1/plugins").expect("plugins");
@@ -427,19 +437,16 @@ fn a_library_dropped_in_is_loaded_on_reload_and_a_newer_version_serves_new_insta
     )
     .expect("copy");
     let answer = answered(s.ctl(&["reload"]));
-    let refused = answer["refused"].as_array().expect("refused").clone();
+    let refused = refusals(&answer);
     assert_eq!(refused.len(), 2, "{answer}");
     assert!(
-        refused
-            .iter()
-            .any(|r| r.as_str().unwrap_or("").contains("libbroken.so")),
+        refused.iter().any(|r| r.contains("libbroken.so")),
         "{answer}"
     );
     assert!(
-        refused.iter().any(|r| r
-            .as_str()
-            .unwrap_or("")
-            .contains("libchanged.so: incompatible plugin")),
+        refused
+            .iter()
+            .any(|r| r.contains("libchanged.so: incompatible plugin")),
         "{answer}"
     );
     assert_eq!(answer["loaded"], json!([]), "{answer}");
@@ -499,13 +506,12 @@ fn a_library_dropped_in_is_loaded_on_reload_and_a_newer_version_serves_new_insta
     // are reported again.
     let answer = answered(s.ctl(&["reload"]));
     assert_eq!(answer["loaded"], json!([]), "{answer}");
-    let refused = answer["refused"].as_array().expect("refused").clone();
+    let refused = refusals(&answer);
     assert_eq!(refused.len(), 2, "{answer}");
     assert!(
-        refused.iter().all(|r| r
-            .as_str()
-            .unwrap_or("")
-            .contains("unchanged since it was refused")),
+        refused
+            .iter()
+            .all(|r| r.contains("unchanged since it was refused")),
         "a file refused and unchanged is not opened again: {answer}"
     );
 }
