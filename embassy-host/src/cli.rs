@@ -191,6 +191,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "BACKEND_", value_name = "PREFIX")]
     pub prefix: String,
 
+    /// Label prefix of service requests in Docker containers (--docker): a label
+    /// `embassy.backend.web=web;8080/tcp` declares what BACKEND_WEB would, without being in the
+    /// app's environment. A label and a variable of one name are an error. Empty turns labels off.
+    #[arg(long, default_value = "embassy.backend.", value_name = "PREFIX")]
+    pub label_prefix: String,
+
     /// Upstream connect timeout (a descriptor's connect_timeout overrides it).
     #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = parse_duration_arg)]
     pub connect_timeout: Duration,
@@ -281,8 +287,9 @@ pub struct RunArgs {
     #[arg(long = "copy", default_value = default_copy(), value_name = "MODE", value_parser = parse_copy_mode)]
     pub copy_mode: CopyMode,
 
-    /// Serve the BACKEND_* variables (see --prefix) of Docker containers, followed through this
-    /// engine; the URI defaults to unix:///var/run/docker.sock.
+    /// Serve the BACKEND_* variables (see --prefix) and embassy.backend.* labels (see
+    /// --label-prefix) of Docker containers, followed through this engine; the URI defaults to
+    /// unix:///var/run/docker.sock.
     #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = DEFAULT_DOCKER_URI)]
     pub docker: Option<String>,
 

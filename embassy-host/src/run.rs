@@ -295,7 +295,7 @@ async fn start_docker(
             "network-container mode: serving containers started with --net=container:{name}"
         ),
         Mode::Host => {
-            info!("host mode: serving every container with {}* variables, in its own network namespace", args.prefix)
+            info!("host mode: serving every container with {}* variables or {}* labels, in its own network namespace", args.prefix, args.label_prefix)
         }
     }
     let (sender, changes) = mpsc::channel(64);
@@ -304,6 +304,7 @@ async fn start_docker(
         uri: uri.to_string(),
         mode,
         prefix: args.prefix.clone(),
+        label_prefix: args.label_prefix.clone(),
     };
     tokio::spawn(watcher.run(sender, stop));
     Ok((changes, Some(served)))

@@ -278,6 +278,11 @@ impl Container {
         self.engine.docker(["start", &self.id]).map(drop)
     }
 
+    /// `docker rm -f`: the container is gone (its `destroy` event sent) when this returns.
+    pub fn remove(self) -> Result<()> {
+        self.engine.docker(["rm", "-f", &self.id]).map(drop)
+    }
+
     /// The container's main process as the host sees it.
     pub fn pid(&self) -> Result<u32> {
         Ok(self

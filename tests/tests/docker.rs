@@ -210,23 +210,27 @@ fn network_container_mode_serves_apps_joined_to_embassy_and_releases_with_the_la
     );
 
     // The first leaving does not close the shared listener...
-    first.stop().expect("stop first app");
+    let first_name = first.name.clone();
+    first.remove().expect("remove first app");
     embassy
-        .wait_for_log(&["container gone", &first.name], WAIT)
+        .wait_for_log(&["container gone", &first_name], WAIT)
         .expect("first app released");
     assert_eq!(second.greeting(8080).as_deref(), Some("web-a"));
     assert!(!embassy.logs().contains("listener released"));
 
-    // ...the last one does: nothing listens on 8080 in the shared namespace any more.
+    // ...a stopped app keeps its listener for its next start (served from create to removal)...
     second.stop().expect("stop second app");
+    assert_eq!(embassy.greeting(8080).as_deref(), Some("web-a"));
+    // ...and the last one's removal closes it: nothing listens on 8080 in the namespace.
+    second.remove().expect("remove second app");
     embassy
         .wait_for_log(&["listener released", "web;8080/tcp"], WAIT)
         .expect("listener released");
     assert!(
         eventually(WAIT, || embassy.talk(8080).is_err()),
-        "port 8080 still answers after the last app stopped"
+        "port 8080 still answers after the last app was removed"
     );
-    assert!(web.accepted() >= 3);
+    assert!(web.accepted() >= 4);
 }
 
 #[test]
@@ -457,7 +461,7 @@ fn a_second_owner_with_other_tunables_joins_and_they_apply_in_place_when_the_fir
     assert_eq!(view()["owners"].as_array().map(Vec::len), Some(2));
 
     // The first leaves: the second's tunables are applied in place, on the same listener.
-    first.stop().expect("stop first app");
+    first.remove().expect("remove first app");
     assert!(
         eventually(WAIT, || view()["balancer"] == "least-conn"),
         "{}",
@@ -477,8 +481,122 @@ fn a_second_owner_with_other_tunables_joins_and_they_apply_in_place_when_the_fir
 
     // The second (which asked with other tunables) is an owner like any: its leaving
     // releases the listener.
-    second.stop().expect("stop second app");
+    second.remove().expect("remove second app");
     embassy
         .wait_for_log(&["listener released", "web;8080/tcp"], WAIT)
         .expect("listener released");
+}
+
+/// The app of the start-up race: its very first action is to connect to its service; it prints
+/// `first-connect:ok` when the greeting came back, `first-connect:failed` otherwise, then exits.
+const FIRST_CONNECT: &str = "if echo ping | nc -w 3 127.0.0.1 8080 | grep -q web-a; \
+     then echo first-connect:ok; else echo first-connect:failed; fi";
+
+#[test]
+fn labels_declare_services_and_an_app_connecting_first_thing_is_never_refused() {
+    let engine = engine();
+    let setup = NetworkContainer::start(engine);
+    let (busybox, embassy) = (&setup.busybox, &setup.embassy);
+    let socket = setup.admin.path().join("admin.sock");
+    let net = format!("container:{}", embassy.name);
+    let outcomes = |app: &Container| -> Vec<String> {
+        app.logs()
+            .lines()
+            .filter(|line| line.starts_with("first-connect:"))
+            .map(String::from)
+            .collect()
+    };
+    let wait_exited = |app: &Container| {
+        engine
+            .docker(["wait", &app.id])
+            .expect("docker wait for the app");
+    };
+    // Declared by a label only: served, and the label is not in the app's environment.
+    for round in 0..20 {
+        let app = engine
+            .run(
+                "first-connect",
+                &[
+                    "--net",
+                    &net,
+                    "--label",
+                    "embassy.backend.web=web;8080/tcp",
+                    busybox,
+                    "sh",
+                    "-c",
+                    FIRST_CONNECT,
+                ],
+            )
+            .expect("app");
+        wait_exited(&app);
+        assert_eq!(
+            outcomes(&app),
+            ["first-connect:ok"],
+            "round {round}: the app's first connect\n{}",
+            embassy.logs()
+        );
+        if round == 0 {
+            let (_, body) = http_get_unix(&socket, "/v1/services/tcp-8080").expect("admin API");
+            let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            let owners = view["owners"].to_string();
+            assert!(
+                owners.contains("embassy.backend.web"),
+                "owner by its label: {owners}"
+            );
+            let env = engine
+                .docker(["inspect", "--format", "{{json .Config.Env}}", &app.id])
+                .expect("inspect");
+            assert!(!env.contains("embassy.backend"), "{env}");
+        }
+        // Restarted (a stopped container keeps its listener): the first connect of the new
+        // run succeeds too.
+        if round % 5 == 0 {
+            engine.docker(["restart", &app.id]).expect("docker restart");
+            wait_exited(&app);
+            assert_eq!(
+                outcomes(&app),
+                ["first-connect:ok", "first-connect:ok"],
+                "round {round}: after docker restart\n{}",
+                embassy.logs()
+            );
+        }
+        // Removed: its listener goes, so the next round's create binds it anew.
+        app.remove().expect("remove app");
+        embassy
+            .wait_for_log(&["listener released", "web;8080/tcp"], WAIT)
+            .expect("listener released");
+        assert!(eventually(WAIT, || embassy.talk(8080).is_err()));
+    }
+
+    // A label and a variable of one name: one error naming both, neither served.
+    let clash = engine
+        .run(
+            "clash",
+            &[
+                "--net",
+                &net,
+                "--label",
+                "embassy.backend.web=web;8080/tcp",
+                "-e",
+                "BACKEND_WEB=web;8080/tcp",
+                busybox,
+                "sleep",
+                "600",
+            ],
+        )
+        .expect("clash app");
+    let line = embassy
+        .wait_for_log(&[&clash.name, "both declare service"], WAIT)
+        .expect("the clash is reported");
+    assert!(
+        line.contains("label embassy.backend.web") && line.contains("variable BACKEND_WEB"),
+        "{line}"
+    );
+    embassy
+        .wait_for_log(&["container served", &clash.name, "services=0"], WAIT)
+        .expect("clash app recorded, nothing served");
+    assert!(
+        clash.talk(8080).is_err(),
+        "a clashing declaration was served"
+    );
 }

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use embassy_core::ServiceDescriptor;
 use tracing::{error, info, warn};
 
-use super::{Change, Container, ContainerLabel, Mode};
+use super::{Change, Container, ContainerLabel, Declaration, Mode, Run};
 use crate::{
     netns::Netns,
     state::{Consumer, Owner},
@@ -19,10 +19,13 @@ use crate::{
 
 struct Claims {
     name: String,
-    pid: u32,
-    started_at: String,
+    /// The run whose namespace holds the listeners (host mode).
+    run: Option<Run>,
     place: Place,
-    held: Vec<(ServiceDescriptor, Owner)>,
+    /// What the container declared when last applied (declaration and value), so that seeing
+    /// the same again changes nothing and reports nothing twice; `None` before the first time.
+    declared: Option<Vec<(Declaration, String)>>,
+    held: Vec<(Declaration, ServiceDescriptor, Owner)>,
 }
 
 /// The containers served, and their claims.
@@ -76,31 +79,86 @@ impl ServedContainers {
 
     async fn up(&mut self, supervisor: &mut Supervisor, container: Container) {
         if let Some(known) = self.containers.get(&container.id) {
-            if known.pid == container.pid && known.started_at == container.started_at {
-                return;
+            // Restarted while we were not looking: its old namespace is gone. (In Embassy's
+            // namespace a container's claims outlive its runs.)
+            if self.host_mode && known.run != container.run {
+                self.down(supervisor, &container.id);
             }
-            // Restarted while we were not looking: its old namespace is gone.
-            self.down(supervisor, &container.id);
+        }
+        if !self.containers.contains_key(&container.id) {
+            let place = if self.host_mode {
+                let Some(run) = &container.run else {
+                    return;
+                };
+                match Netns::of_pid(run.pid) {
+                    Ok(netns) if Some(netns.inode) == self.own_netns => Place::Own,
+                    Ok(netns) => Place::Netns(netns),
+                    Err(error) => {
+                        warn!(container = %container.label(), %error, "cannot reach the container's network namespace (gone, or embassy lacks the host's pid namespace), not served");
+                        return;
+                    }
+                }
+            } else {
+                Place::Own
+            };
+            let claims = Claims {
+                name: container.name.clone(),
+                run: container.run.clone(),
+                place,
+                declared: None,
+                held: Vec::new(),
+            };
+            self.containers.insert(container.id.clone(), claims);
+        }
+        self.reconcile(supervisor, &container).await;
+    }
+
+    /// Makes the claims of a known container what it declares now: a first sight serves
+    /// everything; a fuller view (network-container mode sees labels at `create`, variables a
+    /// moment later) serves what is new and releases what is no longer declared as it was.
+    async fn reconcile(&mut self, supervisor: &mut Supervisor, container: &Container) {
+        let Some(claims) = self.containers.get_mut(&container.id) else {
+            return;
+        };
+        let declared: Vec<(Declaration, String)> = container
+            .requests
+            .iter()
+            .map(|request| (request.declared.clone(), request.value.clone()))
+            .collect();
+        if claims.declared.as_ref() == Some(&declared) {
+            return;
         }
         let label = container.label();
-        let place = if self.host_mode {
-            match Netns::of_pid(container.pid) {
-                Ok(netns) if Some(netns.inode) == self.own_netns => Place::Own,
-                Ok(netns) => Place::Netns(netns),
-                Err(error) => {
-                    warn!(container = %label, %error, "cannot reach the container's network namespace (gone, or embassy lacks the host's pid namespace), not served");
-                    return;
-                }
+        let place = claims.place.clone();
+        claims.held.retain(|(declaration, descriptor, owner)| {
+            let still = container.requests.iter().any(|request| {
+                request.declared == *declaration && request.descriptor.as_ref() == Ok(descriptor)
+            });
+            if !still {
+                supervisor.remove_in(&place, descriptor, owner);
             }
-        } else {
-            Place::Own
-        };
-        let mut held = Vec::new();
+            still
+        });
         for request in &container.requests {
+            // Held, or seen as it is and reported then: nothing to do.
+            let seen = claims
+                .declared
+                .iter()
+                .flatten()
+                .any(|(declaration, value)| {
+                    *declaration == request.declared && *value == request.value
+                });
+            let held = claims
+                .held
+                .iter()
+                .any(|(declaration, _, _)| *declaration == request.declared);
+            if held || seen {
+                continue;
+            }
             let descriptor = match &request.descriptor {
                 Ok(descriptor) => descriptor,
                 Err(error) => {
-                    error!(container = %label, variable = %request.variable, value = %request.value, "invalid service descriptor: {error}");
+                    error!(container = %label, declared = %request.declared, value = %request.value, "{error}");
                     continue;
                 }
             };
@@ -109,33 +167,26 @@ impl ServedContainers {
                     name: container.name.clone(),
                     id: container.id.clone(),
                 }),
-                source: request.variable.clone(),
+                source: request.declared.name().to_string(),
             };
             match supervisor.add_in(&place, descriptor, &owner).await {
-                Ok(()) => held.push((descriptor.clone(), owner)),
+                Ok(()) => claims
+                    .held
+                    .push((request.declared.clone(), descriptor.clone(), owner)),
                 Err(error) => {
-                    error!(container = %label, variable = %request.variable, service = %descriptor, "cannot serve: {error}")
+                    error!(container = %label, declared = %request.declared, service = %descriptor, "cannot serve: {error}")
                 }
             }
         }
-        info!(container = %label, services = held.len(), requested = container.requests.len(), "container served");
-        self.containers.insert(
-            container.id.clone(),
-            Claims {
-                name: container.name,
-                pid: container.pid,
-                started_at: container.started_at,
-                place,
-                held,
-            },
-        );
+        claims.declared = Some(declared);
+        info!(container = %label, services = claims.held.len(), requested = container.requests.len(), "container served");
     }
 
     fn down(&mut self, supervisor: &mut Supervisor, id: &str) {
         let Some(claims) = self.containers.remove(id) else {
             return;
         };
-        for (descriptor, owner) in &claims.held {
+        for (_, descriptor, owner) in &claims.held {
             supervisor.remove_in(&claims.place, descriptor, owner);
         }
         info!(container = %ContainerLabel(&claims.name, id), released = claims.held.len(), "container gone, its claims released");

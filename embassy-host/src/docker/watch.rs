@@ -4,10 +4,13 @@
 //! between the two is missed; what is seen twice is harmless because [`Change::Up`] of a
 //! container already served (same run) is a no-op on the receiving side.
 //!
-//! Only start, die and destroy are followed: network connect/disconnect events change which
-//! Docker networks a container is on, never which network namespace it has, and both modes
-//! decide association (`--net=container:` is fixed at creation) and listener placement by
-//! namespace alone.
+//! Which events are followed depends on the mode. Host mode binds inside a container's own
+//! namespace, which exists from `start` to `die`. Network-container mode binds in Embassy's
+//! namespace and reads the container's configuration, fixed at creation: it serves a container
+//! from `create` to `destroy`, so the listeners are there before the app's first process starts,
+//! and stay through `docker restart` (a stopped container keeps them until it is removed).
+//! Network connect/disconnect events change which Docker networks a container is on, never
+//! which network namespace it has, so neither mode follows them.
 
 use std::{
     collections::HashMap,
@@ -27,7 +30,7 @@ use tracing::{debug, info, trace, warn};
 
 use super::{
     identity::own_container_candidates, joins, requests_of, short_id, Change, Container,
-    DockerError, Mode,
+    DockerError, Mode, Run,
 };
 
 /// First and largest wait between reconnection attempts. The engine is local and a failed
@@ -126,7 +129,10 @@ pub enum ModeChoice {
 pub struct Watcher {
     pub uri: String,
     pub mode: Mode,
+    /// Of the variables that declare services (`--prefix`).
     pub prefix: String,
+    /// Of the labels that declare services (`--label-prefix`).
+    pub label_prefix: String,
 }
 
 impl Watcher {
@@ -183,11 +189,15 @@ impl Watcher {
         if changes.send(Change::Listed(listed)).await.is_err() {
             return DockerError::StreamEnded;
         }
+        let followed: &[&str] = match self.mode {
+            Mode::Host => &["start", "die", "destroy"],
+            Mode::NetworkContainer { .. } => &["create", "destroy"],
+        };
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
             (
                 "event".to_string(),
-                ["start", "die", "destroy"].map(String::from).to_vec(),
+                followed.iter().map(|event| event.to_string()).collect(),
             ),
         ]);
         let mut events = docker.events(Some(EventsOptions {
@@ -204,6 +214,24 @@ impl Watcher {
                 continue;
             };
             let change = match event.action.as_deref() {
+                Some("create") => {
+                    // Labels first, from Docker's lock-free view: an inspect waits for the
+                    // container's lock, which `docker start` holds until the app runs.
+                    match self.declared_by_labels(&docker, &id).await {
+                        Ok(Some(early)) => {
+                            if changes.send(Change::Up(early)).await.is_err() {
+                                return DockerError::StreamEnded;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(error) => return error,
+                    }
+                    match self.inspect(&docker, &id).await {
+                        Ok(Some(container)) => Change::Up(container),
+                        Ok(None) => continue,
+                        Err(error) => return error,
+                    }
+                }
                 Some("start") => match self.inspect(&docker, &id).await {
                     Ok(Some(container)) => Change::Up(container),
                     Ok(None) => continue,
@@ -219,11 +247,14 @@ impl Watcher {
         DockerError::StreamEnded
     }
 
-    /// Every running container this Embassy serves.
+    /// Every container this Embassy serves: running ones (host mode), or every one that joins
+    /// it, running or not (network-container mode).
     async fn list(&self, docker: &Docker) -> Result<Vec<Container>, DockerError> {
-        let summaries = docker
-            .list_containers(Some(ListContainersOptions::default()))
-            .await?;
+        let options = ListContainersOptions {
+            all: matches!(self.mode, Mode::NetworkContainer { .. }),
+            ..Default::default()
+        };
+        let summaries = docker.list_containers(Some(options)).await?;
         let mut containers = Vec::new();
         for id in summaries.into_iter().filter_map(|summary| summary.id) {
             if let Some(container) = self.inspect(docker, &id).await? {
@@ -233,8 +264,67 @@ impl Watcher {
         Ok(containers)
     }
 
-    /// The container if it runs and is served here; `None` otherwise (a container that vanished
-    /// meanwhile is logged and skipped).
+    /// What a container joining Embassy declares by label, read from the container list (an
+    /// in-memory view in the engine, answered without waiting for the container's lock, so
+    /// before its start has run); `None` when it declares nothing by label or does not join.
+    async fn declared_by_labels(
+        &self,
+        docker: &Docker,
+        id: &str,
+    ) -> Result<Option<Container>, DockerError> {
+        let Mode::NetworkContainer {
+            id: own_id,
+            name: own_name,
+        } = &self.mode
+        else {
+            return Ok(None);
+        };
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("id".to_string(), vec![id.to_string()])])),
+            ..Default::default()
+        };
+        let Some(found) = docker
+            .list_containers(Some(options))
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        let network_mode = found
+            .host_config
+            .and_then(|host| host.network_mode)
+            .unwrap_or_default();
+        if !joins(&network_mode, own_id, own_name) {
+            return Ok(None);
+        }
+        // No variable prefix: the variables come with the inspect that follows.
+        let requests = requests_of(
+            &[],
+            &found.labels.unwrap_or_default(),
+            "",
+            &self.label_prefix,
+        );
+        if requests.is_empty() {
+            return Ok(None);
+        }
+        let name = found
+            .names
+            .and_then(|names| names.into_iter().next())
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string();
+        Ok(Some(Container {
+            id: found.id.unwrap_or_else(|| id.to_string()),
+            name,
+            run: None,
+            requests,
+        }))
+    }
+
+    /// The container if it is served here; `None` otherwise (a container that vanished
+    /// meanwhile is logged and skipped). Host mode serves a container only while it runs.
     async fn inspect(&self, docker: &Docker, id: &str) -> Result<Option<Container>, DockerError> {
         let found = match docker.inspect_container(id, None).await {
             Ok(found) => found,
@@ -255,27 +345,33 @@ impl Watcher {
             .to_string();
         let state = found.state.unwrap_or_default();
         let pid = state.pid.and_then(|pid| u32::try_from(pid).ok());
-        let (Some(pid), Some(true)) = (pid.filter(|&pid| pid > 0), state.running) else {
-            debug!(container = %super::ContainerLabel(&name, id), "not running, skipped");
-            return Ok(None);
+        let run = match (pid.filter(|&pid| pid > 0), state.running) {
+            (Some(pid), Some(true)) => Some(Run {
+                pid,
+                started_at: state.started_at.unwrap_or_default(),
+            }),
+            _ => None,
         };
         let network_mode = found
             .host_config
             .and_then(|host| host.network_mode)
             .unwrap_or_default();
+        let config = found.config.unwrap_or_default();
         let requests = requests_of(
-            found
-                .config
-                .and_then(|config| config.env)
-                .as_deref()
-                .unwrap_or_default(),
+            config.env.as_deref().unwrap_or_default(),
+            &config.labels.unwrap_or_default(),
             &self.prefix,
+            &self.label_prefix,
         );
         let served = match &self.mode {
             Mode::NetworkContainer {
                 id: own_id,
                 name: own_name,
             } => joins(&network_mode, own_id, own_name),
+            Mode::Host if run.is_none() => {
+                debug!(container = %super::ContainerLabel(&name, id), "not running, skipped");
+                false
+            }
             Mode::Host => !requests.is_empty(),
         };
         if !served {
@@ -284,8 +380,7 @@ impl Watcher {
         Ok(Some(Container {
             id: found.id.unwrap_or_else(|| id.to_string()),
             name,
-            pid,
-            started_at: state.started_at.unwrap_or_default(),
+            run,
             requests,
         }))
     }
