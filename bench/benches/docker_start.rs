@@ -1,5 +1,13 @@
-//! Time from `docker start` of an app container to its listener accepting (host mode: Embassy
-//! on the host binds inside the container's namespace), p50/p99 over 50 starts.
+//! The start-up race, both modes.
+//!
+//! Host mode: time from `docker start` of an app container to its listener accepting (Embassy
+//! on the host binds inside the container's namespace, which exists only from `start`),
+//! p50/p99 over 50 starts.
+//!
+//! Network-container mode: how many apps whose very first action is to connect to their
+//! service are refused, out of 30 apps declaring it by label and 30 by variable (Embassy binds
+//! at `create`; labels are read without waiting for the engine's container lock, variables
+//! need an inspect, which waits for it while `docker start` runs).
 //!
 //! Run (as root, with dockerd running or startable): `cargo bench -p embassy-bench --bench
 //! docker_start`. Each round stops the container, then starts it while a thread watches
@@ -81,6 +89,59 @@ fn main() -> Result<()> {
     report("docker start -> listener accepting", &mut accept);
     report("docker start command returned", &mut command);
     report("app process seen -> listener accepting", &mut embassy_part);
+    drop(app);
+    drop(embassy);
+    network_container_first_connects(engine, &busybox)
+}
+
+const FIRST_CONNECT_APPS: usize = 30;
+
+/// Apps started with `docker run` beside Embassy's own container, each connecting first thing;
+/// prints how many were refused, by how the service was declared.
+fn network_container_first_connects(engine: &Engine, busybox: &str) -> Result<()> {
+    let gateway = bridge_gateway()?;
+    let web = Upstream::start_on("web-a", gateway.into());
+    let config = tempfile::tempdir()?;
+    write_services(
+        &config.path().join("services.json"),
+        &json!({ "web": [web.addr.to_string()] }),
+    );
+    let admin = tempfile::tempdir()?;
+    let embassy = engine.embassy_network_container(config.path(), admin.path())?;
+    let net = format!("container:{}", embassy.name);
+    for (how, flag, declaration) in [
+        ("label", "--label", "embassy.backend.web=web;8080/tcp"),
+        ("variable", "-e", "BACKEND_WEB=web;8080/tcp"),
+    ] {
+        let mut refused = 0;
+        for _ in 0..FIRST_CONNECT_APPS {
+            let app = engine.run(
+                "first-connect",
+                &[
+                    "--net",
+                    &net,
+                    flag,
+                    declaration,
+                    busybox,
+                    "sh",
+                    "-c",
+                    FIRST_CONNECT,
+                ],
+            )?;
+            app.wait_exit()?;
+            if app.first_connects() != ["first-connect:ok"] {
+                refused += 1;
+            }
+            app.remove()?;
+            // Released before the next app is created, so each one binds anew.
+            if !eventually(Duration::from_secs(20), || embassy.talk(PORT).is_err()) {
+                bail!("the listener outlived its app:\n{}", embassy.logs());
+            }
+        }
+        println!(
+            "network-container mode, declared by {how}: {refused} of {FIRST_CONNECT_APPS} first connects refused"
+        );
+    }
     Ok(())
 }
 

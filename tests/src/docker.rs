@@ -205,6 +205,49 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Embassy in a container of its own (network-container mode), reading `services.json` in
+    /// `config` (file discovery, polled every 100 ms) and serving its admin socket in `admin`
+    /// (shared with the host: tests ask the API there); returns once it has found its own
+    /// container without being told.
+    pub fn embassy_network_container(&self, config: &Path, admin: &Path) -> Result<Container> {
+        let embassy_image = self.embassy_image()?;
+        let volume = format!("{}:/etc/embassy", config.display());
+        let admin_volume = format!("{}:/run/embassy", admin.display());
+        let embassy = self.run(
+            "embassy",
+            &[
+                "-v",
+                "/var/run/docker.sock:/var/run/docker.sock",
+                "-v",
+                &volume,
+                "-v",
+                &admin_volume,
+                "-e",
+                "EMBASSY_LOG=info",
+                &embassy_image,
+                "/usr/bin/embassy",
+                "--docker",
+                "--discovery",
+                "file:///etc/embassy/services.json",
+                "--discovery-opt",
+                "poll_interval=100ms",
+            ],
+        )?;
+        embassy.wait_for_log(
+            &["network-container mode", &embassy.name],
+            Duration::from_secs(30),
+        )?;
+        Ok(embassy)
+    }
+}
+
+/// The app of the start-up race, run with `sh -c`: its very first action is to connect to
+/// 127.0.0.1:8080 and expect `web-a`'s greeting; it prints `first-connect:ok` or
+/// `first-connect:failed`, then exits.
+pub const FIRST_CONNECT: &str = "if echo ping | nc -w 3 127.0.0.1 8080 | grep -q web-a; \
+     then echo first-connect:ok; else echo first-connect:failed; fi";
+
 /// A container of the tests; `docker rm -f` when dropped.
 pub struct Container {
     engine: Engine,
@@ -230,6 +273,20 @@ impl Container {
         let mut lines = said.lines();
         let greeting = lines.next()?.to_string();
         (lines.next() == Some("ping")).then_some(greeting)
+    }
+
+    /// The `first-connect:` lines of a [`FIRST_CONNECT`] app's log, one per run.
+    pub fn first_connects(&self) -> Vec<String> {
+        self.logs()
+            .lines()
+            .filter(|line| line.starts_with("first-connect:"))
+            .map(String::from)
+            .collect()
+    }
+
+    /// Waits for the container to exit (`docker wait`).
+    pub fn wait_exit(&self) -> Result<()> {
+        self.engine.docker(["wait", &self.id]).map(drop)
     }
 
     /// The container's log (stdout and stderr).

@@ -56,46 +56,6 @@ fn reaches(container: &Container, port: u16, name: &str) -> bool {
     eventually(WAIT, || container.greeting(port).as_deref() == Some(name))
 }
 
-/// Embassy in a container of its own (network-container mode), reading `services.json` in
-/// `config` and serving its admin socket in `admin` (shared with the host: tests ask the API
-/// there); returns once it has found its own container.
-fn network_container(
-    engine: &Engine,
-    config: &std::path::Path,
-    admin: &std::path::Path,
-) -> Container {
-    let embassy_image = engine.embassy_image().expect("embassy image");
-    let volume = format!("{}:/etc/embassy", config.display());
-    let admin_volume = format!("{}:/run/embassy", admin.display());
-    let embassy = engine
-        .run(
-            "embassy",
-            &[
-                "-v",
-                "/var/run/docker.sock:/var/run/docker.sock",
-                "-v",
-                &volume,
-                "-v",
-                &admin_volume,
-                "-e",
-                "EMBASSY_LOG=info",
-                &embassy_image,
-                "/usr/bin/embassy",
-                "--docker",
-                "--discovery",
-                "file:///etc/embassy/services.json",
-                "--discovery-opt",
-                "poll_interval=100ms",
-            ],
-        )
-        .expect("embassy container");
-    // It found its own container without being told.
-    embassy
-        .wait_for_log(&["network-container mode", &embassy.name], WAIT)
-        .expect("mode detected");
-    embassy
-}
-
 /// Embassy in network-container mode with the service `web` (one upstream, `web-a`, on the
 /// bridge's gateway, where the containers reach it) and a busybox image for apps.
 struct NetworkContainer {
@@ -119,7 +79,9 @@ impl NetworkContainer {
         NetworkContainer {
             web,
             busybox: engine.busybox_image().expect("busybox image"),
-            embassy: network_container(engine, config.path(), admin.path()),
+            embassy: engine
+                .embassy_network_container(config.path(), admin.path())
+                .expect("embassy container"),
             admin,
             _config: config,
         }
@@ -487,11 +449,6 @@ fn a_second_owner_with_other_tunables_joins_and_they_apply_in_place_when_the_fir
         .expect("listener released");
 }
 
-/// The app of the start-up race: its very first action is to connect to its service; it prints
-/// `first-connect:ok` when the greeting came back, `first-connect:failed` otherwise, then exits.
-const FIRST_CONNECT: &str = "if echo ping | nc -w 3 127.0.0.1 8080 | grep -q web-a; \
-     then echo first-connect:ok; else echo first-connect:failed; fi";
-
 #[test]
 fn labels_declare_services_and_an_app_connecting_first_thing_is_never_refused() {
     let engine = engine();
@@ -499,18 +456,6 @@ fn labels_declare_services_and_an_app_connecting_first_thing_is_never_refused() 
     let (busybox, embassy) = (&setup.busybox, &setup.embassy);
     let socket = setup.admin.path().join("admin.sock");
     let net = format!("container:{}", embassy.name);
-    let outcomes = |app: &Container| -> Vec<String> {
-        app.logs()
-            .lines()
-            .filter(|line| line.starts_with("first-connect:"))
-            .map(String::from)
-            .collect()
-    };
-    let wait_exited = |app: &Container| {
-        engine
-            .docker(["wait", &app.id])
-            .expect("docker wait for the app");
-    };
     // Declared by a label only: served, and the label is not in the app's environment.
     for round in 0..20 {
         let app = engine
@@ -528,9 +473,9 @@ fn labels_declare_services_and_an_app_connecting_first_thing_is_never_refused() 
                 ],
             )
             .expect("app");
-        wait_exited(&app);
+        app.wait_exit().expect("docker wait for the app");
         assert_eq!(
-            outcomes(&app),
+            app.first_connects(),
             ["first-connect:ok"],
             "round {round}: the app's first connect\n{}",
             embassy.logs()
@@ -552,9 +497,9 @@ fn labels_declare_services_and_an_app_connecting_first_thing_is_never_refused() 
         // run succeeds too.
         if round % 5 == 0 {
             engine.docker(["restart", &app.id]).expect("docker restart");
-            wait_exited(&app);
+            app.wait_exit().expect("docker wait for the app");
             assert_eq!(
-                outcomes(&app),
+                app.first_connects(),
                 ["first-connect:ok", "first-connect:ok"],
                 "round {round}: after docker restart\n{}",
                 embassy.logs()
