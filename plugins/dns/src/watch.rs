@@ -60,14 +60,15 @@ pub async fn run(
             other => other,
         };
         let step = tracker.step(outcome, std::time::Instant::now());
+        // The report first: by the time a set changes, the status already says why.
+        if let Some((health, detail)) = step.report {
+            sink.report(health, &detail);
+        }
         if let Some((endpoints, excluded)) = step.set {
             let (count, left_out) = (endpoints.len(), excluded.len());
             if sink.update_explained(endpoints, excluded) {
                 debug!(service = %cut(&name), endpoints = count, left_out, "dns answer changed");
             }
-        }
-        if let Some((health, detail)) = step.report {
-            sink.report(health, &detail);
         }
         let wait = match step.next {
             Next::After(wait) => {
