@@ -324,12 +324,15 @@ fn a_name_never_resolved_starts_empty_whatever_the_hold() {
 fn descriptors_dns_cannot_serve_are_refused_naming_the_service() {
     let dns = Dnsmasq::start(TTL);
     let plugins = standard_plugin_dir(&[]);
-    for (service, expected) in [
+    // The system resolver (dns://) is opened too: the watch is refused before any query.
+    for (uri, service, expected) in [
         (
+            "dns://".to_string(),
             "redis.test",
             "dns service \"redis.test\" is neither an SRV name (_service._proto.name) nor HOST:PORT: add the port",
         ),
         (
+            dns.uri(),
             "_redis._tcp.svc.test[prod]",
             "dns service \"_redis._tcp.svc.test\": DNS records carry no tags",
         ),
@@ -338,7 +341,7 @@ fn descriptors_dns_cannot_serve_are_refused_naming_the_service() {
             "--plugin-dir".to_string(),
             plugins.path().display().to_string(),
             "--discovery".to_string(),
-            dns.uri(),
+            uri,
             "--service".to_string(),
             format!("{service};{}/tcp", free_port()),
         ]);

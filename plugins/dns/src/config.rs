@@ -26,7 +26,7 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ),
     (
         "attempts",
-        "tries of one query before it fails (default 2 for a given server, else resolv.conf's)",
+        "tries of one query before it fails, 1 to 10 (default 2 for a given server, else resolv.conf's)",
     ),
     (
         "backoff_max",

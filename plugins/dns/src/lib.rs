@@ -6,6 +6,13 @@
 //! - [`schedule`]: pure: when to resolve again, and what a failure or NXDOMAIN does to the set.
 //! - [`watch`]: the loop of one watch: resolve, push, sleep.
 //!
+//! A set lives until the next resolution, at the smallest TTL of the records that made it,
+//! clamped to `[min_ttl, max_ttl]`. A failed resolution (timeout, SERVFAIL, REFUSED, no
+//! server) keeps the last set and retries with backoff. NXDOMAIN or an empty answer keeps
+//! the last set too, until the name has been missing for `nxdomain_hold`: a record deleted
+//! and re-added, or a zone reloading, must not empty a service for a moment; a name that
+//! never resolved is empty at once (there is nothing to hold).
+//!
 //! Each opened backend owns one small tokio runtime and one resolver (hickory, no cache: each
 //! resolution asks the server, so the TTL it answers is the TTL we schedule by); every watch
 //! is one task on it. The host is reached only through its sink.
