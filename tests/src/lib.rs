@@ -29,6 +29,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub mod dns;
 pub mod docker;
 pub mod etcd;
 pub mod faults;
@@ -67,12 +68,13 @@ impl Artifacts {
     }
 }
 
-/// The standard plugins: round robin, least connections, file and etcd discovery.
+/// The standard plugins: round robin, least connections, file, etcd and DNS discovery.
 pub const STANDARD_PLUGINS: &[&str] = &[
     "embassy-plugin-round-robin",
     "embassy-plugin-least-conn",
     "embassy-plugin-file",
     "embassy-plugin-etcd",
+    "embassy-plugin-dns",
 ];
 
 /// Builds the binary and every plugin library (cargo is a no-op when they are fresh).

@@ -1,4 +1,4 @@
-//! What a user gets from a release build and from `scripts/install`: the six real plugins and
+//! What a user gets from a release build and from `scripts/install`: the seven real plugins and
 //! nothing a test put there, and an installed binary that finds its plugins by itself.
 
 use std::{
@@ -14,6 +14,7 @@ use serde_json::json;
 /// The plugins a release build of the workspace ships, by `embassy plugins` name.
 const REAL_PLUGINS: &[&str] = &[
     "consul",
+    "dns",
     "etcd",
     "file",
     "least-conn",

@@ -91,6 +91,7 @@ fn plugins_lists_one_line_per_plugin_and_fails_on_bad_files() {
     assert_eq!(
         summary,
         vec![
+            "dns discovery 0.1.0 dns",
             "etcd discovery 0.1.0 etcd,etcds",
             "file discovery 0.1.0 file",
             "least-conn balancer 0.1.0 -",
@@ -145,7 +146,14 @@ fn two_libraries_of_one_kind_load_side_by_side_and_a_duplicate_name_is_refused()
         .collect();
     assert_eq!(
         names,
-        vec!["panicking", "etcd", "file", "least-conn", "round-robin"],
+        vec![
+            "panicking",
+            "dns",
+            "etcd",
+            "file",
+            "least-conn",
+            "round-robin"
+        ],
         "{stdout}"
     );
     assert!(
@@ -215,7 +223,7 @@ fn plugins_built_against_contract_1_0_load_into_this_host_and_serve() {
         assert_eq!(contract, expected, "{name}: {stdout}");
         assert!(plugin_api.starts_with(expected), "{name}: {plugin_api}");
     }
-    assert_eq!(contracts.len(), 6, "{stdout}");
+    assert_eq!(contracts.len(), 7, "{stdout}");
 
     let (one, two) = (Upstream::start("one"), Upstream::start("two"));
     let port = free_port();
@@ -316,7 +324,7 @@ fn odd_entries_in_the_plugin_dir_are_reported_one_by_one() {
     assert_eq!(code, 1, "odd entries make the listing fail: {stderr}");
     assert_eq!(
         stdout.lines().count(),
-        4,
+        5,
         "the plugins still load: {stdout}"
     );
     let warned = |name: &str, why: &str| {
