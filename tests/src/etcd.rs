@@ -450,6 +450,15 @@ impl EtcdCluster {
     /// Starts `size` members at once (they wait for each other's quorum) and waits until every
     /// one serves.
     pub fn start(size: usize) -> Result<EtcdCluster> {
+        EtcdCluster::start_serving(size, false)
+    }
+
+    /// [`EtcdCluster::start`] with the v2 API enabled on every member.
+    pub fn start_v2(size: usize) -> Result<EtcdCluster> {
+        EtcdCluster::start_serving(size, true)
+    }
+
+    fn start_serving(size: usize, v2: bool) -> Result<EtcdCluster> {
         let mut members: Vec<Etcd> = (0..size)
             .map(|n| Etcd::new(format!("member{n}"), None))
             .collect();
@@ -460,6 +469,7 @@ impl EtcdCluster {
             .join(",");
         for member in &mut members {
             member.initial_cluster = Some(cluster.clone());
+            member.v2 = v2;
             member.spawn_process()?;
         }
         for member in &mut members {
@@ -472,6 +482,12 @@ impl EtcdCluster {
     pub fn uri(&self) -> String {
         let members: Vec<String> = self.members.iter().map(Etcd::member).collect();
         format!("etcd://{}", members.join(","))
+    }
+
+    /// The `--discovery` URI naming every member, for Embassy's v2 client.
+    pub fn uri_v2(&self) -> String {
+        let members: Vec<String> = self.members.iter().map(Etcd::member).collect();
+        format!("etcd2://{}", members.join(","))
     }
 
     /// The index of the member every running member calls leader, once they agree (at most

@@ -9,7 +9,8 @@
 //! its own connection while it polls.
 //!
 //! Requests go to one member at a time, the first configured to begin with; a failed request
-//! moves every watch to the next one.
+//! moves every watch to the next one. The v2 API has no equivalent of v3's "require leader":
+//! a member cut off from its cluster keeps answering from its last state.
 
 #[cfg(test)]
 use std::sync::Mutex;
@@ -199,8 +200,10 @@ pub(crate) async fn follow(backend: Arc<Backend>, request: WatchRequest, sink: A
 }
 
 impl Followed {
-    /// Reads every key under the directory (through the cluster's leader: a member cut off
-    /// from it fails the read, and the next member is asked); returns etcd's index then.
+    /// Reads every key under the directory; returns etcd's index then. The member answers
+    /// from its own store, as its watches do: a read through the leader (`quorum=true`) would
+    /// hang for the whole timeout while the cluster elects a new leader, turning a failover
+    /// into an outage.
     async fn load(&mut self, backend: &Backend) -> Result<i64, String> {
         let member = backend.member();
         let result = self.read(backend, member).await;
@@ -217,11 +220,7 @@ impl Followed {
     }
 
     async fn read(&mut self, backend: &Backend, member: usize) -> Result<i64, String> {
-        let request = backend.get(
-            member,
-            &self.dir,
-            &[("recursive", "true"), ("quorum", "true")],
-        )?;
+        let request = backend.get(member, &self.dir, &[("recursive", "true")])?;
         let response = backend.timed(request.send()).await?;
         let status = response.status();
         let index = keys_v2::index(
