@@ -38,6 +38,8 @@ pub struct Etcd {
     initial_cluster: Option<String>,
     /// Serves the v2 API beside v3 (`--enable-v2`).
     v2: bool,
+    /// The `Authorization` header of v2 writes once v2 auth is enabled (root's).
+    v2_auth: Option<String>,
 }
 
 impl Etcd {
@@ -80,6 +82,7 @@ impl Etcd {
             name,
             initial_cluster: None,
             v2: false,
+            v2_auth: None,
         }
     }
 
@@ -321,6 +324,49 @@ impl Etcd {
         self.v2_call("DELETE", &format!("{key}?recursive=true"), "")
     }
 
+    /// Enables v2 auth with user `name` allowed to read the keys under `prefix` (`/services`)
+    /// and nothing else (anonymous access revoked); from then on v2 writes are root's.
+    pub fn enable_v2_auth(&mut self, name: &str, password: &str, prefix: &str) {
+        let root_password = "root-test-password";
+        let put = |path: &str, body: &Value, auth: Option<&str>| match exchange(
+            self.admin_port,
+            auth,
+            "PUT",
+            path,
+            "application/json",
+            &body.to_string(),
+        ) {
+            Ok((200 | 201, _)) => {}
+            other => panic!("etcd PUT {path} {body}: {other:?}"),
+        };
+        put(
+            "/v2/auth/users/root",
+            &json!({"user": "root", "password": root_password}),
+            None,
+        );
+        put(
+            "/v2/auth/roles/reader",
+            &json!({"role": "reader", "permissions": {"kv": {"read": [format!("{prefix}/*")], "write": []}}}),
+            None,
+        );
+        put(
+            &format!("/v2/auth/users/{name}"),
+            &json!({"user": name, "password": password, "roles": ["reader"]}),
+            None,
+        );
+        put("/v2/auth/enable", &json!({}), None);
+        let root = format!(
+            "Basic {}",
+            base64(format!("root:{root_password}").as_bytes())
+        );
+        put(
+            "/v2/auth/roles/guest",
+            &json!({"role": "guest", "revoke": {"kv": {"read": ["/*"], "write": ["/*"]}}}),
+            Some(&root),
+        );
+        self.v2_auth = Some(root);
+    }
+
     /// One v2 write; panics with etcd's answer unless it took it.
     fn v2_call(&self, method: &str, key: &str, form: &str) -> i64 {
         let (key, query) = key.split_once('?').unwrap_or((key, ""));
@@ -335,7 +381,7 @@ impl Etcd {
         };
         let answer = exchange(
             self.admin_port,
-            None,
+            self.v2_auth.as_deref(),
             method,
             &path,
             "application/x-www-form-urlencoded",

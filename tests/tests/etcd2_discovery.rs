@@ -348,6 +348,56 @@ fn tls_with_a_client_certificate() {
     wait_serving(&embassy, ports[0], &[&a, &b]);
 }
 
+/// etcd's v2 auth: HTTP basic credentials from the options; a wrong password is an
+/// unreachable backend whose detail says why.
+#[test]
+fn username_and_password() {
+    let mut etcd = Etcd::start_v2(None);
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let prefix = "/services/redis";
+    etcd.v2_put(
+        &registrator_key(prefix, "redis", &a),
+        &a.addr.to_string(),
+        None,
+    );
+    etcd.enable_v2_auth("embassy", "s3cret", "/services");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "s3cret\n").expect("password file");
+    let password_file = format!("password_file={}", password_file.display());
+    let (allowed, ports) = embassy(
+        &etcd.uri_v2(),
+        &["username=embassy", &password_file],
+        &["/services/redis;PORT/tcp"],
+    );
+    wait_serving(&allowed, ports[0], &[&a]);
+    etcd.v2_put(
+        &registrator_key(prefix, "redis", &b),
+        &b.addr.to_string(),
+        None,
+    );
+    wait_serving(&allowed, ports[0], &[&a, &b]);
+
+    let (wrong, ports) = embassy(
+        &etcd.uri_v2(),
+        &["username=embassy", "password=wrong"],
+        &["/services/redis;PORT/tcp"],
+    );
+    let view = wrong
+        .wait_for_discovery(
+            &format!("tcp-{}", ports[0]),
+            "unreachable",
+            Duration::from_secs(10),
+        )
+        .expect("refused");
+    assert!(
+        discovery_detail(&view)
+            .contains("etcd error 110: The request requires user authentication"),
+        "{view}"
+    );
+    assert!(serving(&view).is_empty(), "{view}");
+}
+
 /// The member the watch is on is killed: it moves to another member, changes keep arriving,
 /// and the log names the member lost and the one taken over, never "etcd unreachable".
 #[test]
