@@ -149,6 +149,8 @@ enum WatchEnd {
         wanted: i64,
         current: i64,
     },
+    /// An event it cannot apply (an action etcd's docs do not name): read again at once.
+    Unknown(V2Error),
     Failed(String),
 }
 
@@ -187,6 +189,9 @@ pub(crate) async fn follow(backend: Arc<Backend>, request: WatchRequest, sink: A
         {
             WatchEnd::Cleared { wanted, current } => {
                 info!(service = %followed.service.request.service, index = wanted, current, "etcd event index cleared, reading the prefix again");
+            }
+            WatchEnd::Unknown(error) => {
+                info!(service = %followed.service.request.service, %error, "reading the prefix again");
             }
             WatchEnd::Failed(error) => {
                 let wait =
@@ -344,6 +349,7 @@ impl Followed {
             };
             let (index, change) = match keys_v2::event(&dir, &body) {
                 Ok(event) => event,
+                Err(error @ V2Error::Action(_)) => return WatchEnd::Unknown(error),
                 Err(error) => return failed(error.to_string()),
             };
             match change {

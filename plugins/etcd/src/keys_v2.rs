@@ -57,6 +57,8 @@ pub(crate) enum Change {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Node {
+    /// Absent on the root.
+    #[serde(default)]
     key: String,
     #[serde(default)]
     dir: bool,
@@ -250,18 +252,18 @@ mod tests {
             r#"{"action":"get","node":{"key":"/services/redis","value":"127.0.0.1:1","modifiedIndex":3,"createdIndex":3}}"#,
             "",
         );
-        // The root: everything.
+        // The root (etcd names it with no key): everything.
         check(
             "read",
             "",
-            r#"{"action":"get","node":{"dir":true,"key":"/","nodes":[{"key":"/a","value":"1.2.3.4:5","modifiedIndex":9}]}}"#,
-            "/a=1.2.3.4:5@9",
+            r#"{"action":"get","node":{"dir":true,"nodes":[{"key":"/a","value":"1.2.3.4:5","modifiedIndex":9},{"key":"/b","dir":true,"nodes":[{"key":"/b/c","value":"1.2.3.4:6","modifiedIndex":10}]}]}}"#,
+            "/a=1.2.3.4:5@9 /b/c=1.2.3.4:6@10",
         );
         check(
             "read",
             "/s",
-            r#"{"action":"get","node":{"dir":true,"nodes":[]}}"#,
-            "error: malformed answer from etcd: missing field `key` at line 1 column 46",
+            r#"{"action":"get","node":{"dir":true,"nodes":{"key":"/s/a"}}}"#,
+            "error: malformed answer from etcd: invalid type: map, expected a sequence at line 1 column 43",
         );
         check(
             "read",
