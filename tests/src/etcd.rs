@@ -1,7 +1,9 @@
 //! A real etcd (Debian's `etcd-server`) for tests, one member or an [`EtcdCluster`]: started
 //! on free loopback ports with a temporary data directory, stoppable and restartable on the
-//! same ports and data, killed when dropped. Keys are written through etcd's own JSON gateway (`/v3/kv/...`) with plain std I/O,
-//! so the tests need no etcd client of their own.
+//! same ports and data, killed when dropped. Keys are written through etcd's own JSON gateway
+//! (`/v3/kv/...`), or its v2 key space (`/v2/keys/...`, as registrator writes them) when
+//! started with [`Etcd::start_v2`], with plain std I/O, so the tests need no etcd client of
+//! their own.
 
 use std::{
     fs::File,
@@ -34,6 +36,10 @@ pub struct Etcd {
     /// The member's name and etcd's `--initial-cluster` (`None`: a cluster of this one).
     name: String,
     initial_cluster: Option<String>,
+    /// Serves the v2 API beside v3 (`--enable-v2`).
+    v2: bool,
+    /// The `Authorization` header of v2 writes once v2 auth is enabled (root's).
+    v2_auth: Option<String>,
 }
 
 impl Etcd {
@@ -45,6 +51,14 @@ impl Etcd {
     /// Starts etcd whose client port speaks TLS with `tls`'s certificates.
     pub fn start_with(tls: Option<TestPki>) -> Etcd {
         let mut etcd = Etcd::new("embassy-test".to_string(), tls);
+        etcd.spawn().unwrap_or_else(|error| panic!("{error:#}"));
+        etcd
+    }
+
+    /// Starts etcd serving its v2 API too (`--enable-v2`), its client port with TLS if given.
+    pub fn start_v2(tls: Option<TestPki>) -> Etcd {
+        let mut etcd = Etcd::new("embassy-test".to_string(), tls);
+        etcd.v2 = true;
         etcd.spawn().unwrap_or_else(|error| panic!("{error:#}"));
         etcd
     }
@@ -67,6 +81,8 @@ impl Etcd {
             token: None,
             name,
             initial_cluster: None,
+            v2: false,
+            v2_auth: None,
         }
     }
 
@@ -83,6 +99,16 @@ impl Etcd {
     /// The `--discovery` URI for Embassy.
     pub fn uri(&self) -> String {
         let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", self.member())
+    }
+
+    /// The `--discovery` URI for Embassy's v2 client.
+    pub fn uri_v2(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "etcd2s"
+        } else {
+            "etcd2"
+        };
         format!("{scheme}://{}", self.member())
     }
 
@@ -125,6 +151,7 @@ impl Etcd {
             .args(["--initial-cluster", &initial_cluster])
             .args(["--initial-cluster-token", "embassy-test"])
             .args(["--logger", "zap", "--log-level", "warn"])
+            .arg(format!("--enable-v2={}", self.v2))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -281,6 +308,98 @@ impl Etcd {
         self.token = answer["token"].as_str().map(str::to_string);
     }
 
+    /// Sets v2 key `key` (`/a/b`) to `value` as registrator does (`PUT /v2/keys/<key>`), with
+    /// a TTL in seconds if given; returns the change's index.
+    pub fn v2_put(&self, key: &str, value: &str, ttl: Option<u64>) -> i64 {
+        let mut form = format!("value={}", form_encode(value));
+        if let Some(ttl) = ttl {
+            form.push_str(&format!("&ttl={ttl}"));
+        }
+        self.v2_call("PUT", key, &form)
+    }
+
+    /// Deletes v2 key `key`, or directory `key` with everything under it; returns the
+    /// change's index.
+    pub fn v2_delete(&self, key: &str) -> i64 {
+        self.v2_call("DELETE", &format!("{key}?recursive=true"), "")
+    }
+
+    /// Enables v2 auth with user `name` allowed to read the keys under `prefix` (`/services`)
+    /// and nothing else (anonymous access revoked); from then on v2 writes are root's.
+    pub fn enable_v2_auth(&mut self, name: &str, password: &str, prefix: &str) {
+        let root_password = "root-test-password";
+        let put = |path: &str, body: &Value, auth: Option<&str>| match exchange(
+            self.admin_port,
+            auth,
+            "PUT",
+            path,
+            "application/json",
+            &body.to_string(),
+        ) {
+            Ok((200 | 201, _)) => {}
+            other => panic!("etcd PUT {path} {body}: {other:?}"),
+        };
+        put(
+            "/v2/auth/users/root",
+            &json!({"user": "root", "password": root_password}),
+            None,
+        );
+        put(
+            "/v2/auth/roles/reader",
+            &json!({"role": "reader", "permissions": {"kv": {"read": [format!("{prefix}/*")], "write": []}}}),
+            None,
+        );
+        put(
+            &format!("/v2/auth/users/{name}"),
+            &json!({"user": name, "password": password, "roles": ["reader"]}),
+            None,
+        );
+        put("/v2/auth/enable", &json!({}), None);
+        let root = format!(
+            "Basic {}",
+            base64(format!("root:{root_password}").as_bytes())
+        );
+        put(
+            "/v2/auth/roles/guest",
+            &json!({"role": "guest", "revoke": {"kv": {"read": ["/*"], "write": ["/*"]}}}),
+            Some(&root),
+        );
+        self.v2_auth = Some(root);
+    }
+
+    /// One v2 write; panics with etcd's answer unless it took it.
+    fn v2_call(&self, method: &str, key: &str, form: &str) -> i64 {
+        let (key, query) = key.split_once('?').unwrap_or((key, ""));
+        assert!(
+            key.starts_with('/') && !key.contains(['#', '%', ' ']),
+            "v2 key {key:?}: a path of plain segments"
+        );
+        let path = if query.is_empty() {
+            format!("/v2/keys{key}")
+        } else {
+            format!("/v2/keys{key}?{query}")
+        };
+        let answer = exchange(
+            self.admin_port,
+            self.v2_auth.as_deref(),
+            method,
+            &path,
+            "application/x-www-form-urlencoded",
+            form,
+        )
+        .unwrap_or_else(|error| panic!("etcd {method} {path}: {error:#}"));
+        match answer {
+            (200 | 201, body) => {
+                let answer: Value = serde_json::from_str(&body)
+                    .unwrap_or_else(|_| panic!("etcd {method} {path}: bad JSON {body:?}"));
+                answer["node"]["modifiedIndex"]
+                    .as_i64()
+                    .unwrap_or_else(|| panic!("no modifiedIndex in etcd's answer {answer}"))
+            }
+            (status, body) => panic!("etcd {method} {path} {form}: HTTP {status}: {body}"),
+        }
+    }
+
     /// POSTs `body` to the JSON gateway; panics with etcd's last answer if it takes none.
     fn call(&self, path: &str, body: &Value) -> Value {
         post(std::slice::from_ref(self), path, body).unwrap_or_else(|error| panic!("{error:#}"))
@@ -323,15 +442,27 @@ fn http(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, String)> {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    exchange(port, token, method, path, "application/json", &body)
+}
+
+/// One HTTP/1.0 exchange with etcd on 127.0.0.1:`port`: (status, body).
+fn exchange(
+    port: u16,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let body = body.map(Value::to_string).unwrap_or_default();
     let auth = token
         .map(|token| format!("Authorization: {token}\r\n"))
         .unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n\
              Content-Length: {}\r\n{auth}\r\n{body}",
         body.len()
     )?;
@@ -365,6 +496,15 @@ impl EtcdCluster {
     /// Starts `size` members at once (they wait for each other's quorum) and waits until every
     /// one serves.
     pub fn start(size: usize) -> Result<EtcdCluster> {
+        EtcdCluster::start_serving(size, false)
+    }
+
+    /// [`EtcdCluster::start`] with the v2 API enabled on every member.
+    pub fn start_v2(size: usize) -> Result<EtcdCluster> {
+        EtcdCluster::start_serving(size, true)
+    }
+
+    fn start_serving(size: usize, v2: bool) -> Result<EtcdCluster> {
         let mut members: Vec<Etcd> = (0..size)
             .map(|n| Etcd::new(format!("member{n}"), None))
             .collect();
@@ -375,6 +515,7 @@ impl EtcdCluster {
             .join(",");
         for member in &mut members {
             member.initial_cluster = Some(cluster.clone());
+            member.v2 = v2;
             member.spawn_process()?;
         }
         for member in &mut members {
@@ -387,6 +528,12 @@ impl EtcdCluster {
     pub fn uri(&self) -> String {
         let members: Vec<String> = self.members.iter().map(Etcd::member).collect();
         format!("etcd://{}", members.join(","))
+    }
+
+    /// The `--discovery` URI naming every member, for Embassy's v2 client.
+    pub fn uri_v2(&self) -> String {
+        let members: Vec<String> = self.members.iter().map(Etcd::member).collect();
+        format!("etcd2://{}", members.join(","))
     }
 
     /// The index of the member every running member calls leader, once they agree (at most
@@ -459,6 +606,19 @@ fn revision(answer: &Value) -> i64 {
         .unwrap_or_else(|| panic!("no revision in etcd's answer {answer}"))
 }
 
+/// `text` as a form value: everything but unreserved characters percent-encoded.
+fn form_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
@@ -493,5 +653,14 @@ mod tests {
         ] {
             assert_eq!(super::base64(input.as_bytes()), expected);
         }
+    }
+
+    #[test]
+    fn form_values_are_percent_encoded() {
+        assert_eq!(super::form_encode("127.0.0.1:6379"), "127.0.0.1%3A6379");
+        assert_eq!(
+            super::form_encode(r#"{"a": 1}&b"#),
+            "%7B%22a%22%3A%201%7D%26b"
+        );
     }
 }

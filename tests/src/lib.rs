@@ -326,6 +326,67 @@ pub fn distribution(port: u16, n: usize) -> Result<HashMap<String, usize>> {
     Ok(counts)
 }
 
+/// Connections opened through Embassy's `port` and echoed back to back on another thread until
+/// finished: a test asserts none failed while discovery changed things.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Traffic {
+    pub fn start(port: u16) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let (mut ok, mut failures) = (0, Vec::new());
+            // About 200 connections a second (gentle on ephemeral ports), for at most 2 minutes
+            // should a test hang before stopping it.
+            for _ in 0..24_000 {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                match Client::connect(port).and_then(|mut c| c.echo(b"ping")) {
+                    Ok(echo) if echo == b"ping" => ok += 1,
+                    Ok(other) => failures.push(format!("bad echo {other:?}")),
+                    Err(error) => failures.push(format!("{error:#}")),
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            (ok, failures)
+        });
+        Traffic {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the traffic; (connections that worked, failures).
+    pub fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("traffic thread")
+    }
+}
+
+/// Opens connections until one lands on `name`, at most 10 s of trying.
+pub fn reaches(port: u16, name: &str) -> bool {
+    eventually(Duration::from_secs(10), || {
+        Client::connect(port).is_ok_and(|c| c.upstream == name)
+    })
+}
+
+/// Until 12 connections in a row spread exactly over `names` (each reached), at most 10 s.
+pub fn settles_on(port: u16, names: &[&str]) -> bool {
+    eventually(Duration::from_secs(10), || {
+        distribution(port, 12).is_ok_and(|counts| {
+            counts.len() == names.len() && names.iter().all(|n| counts.contains_key(*n))
+        })
+    })
+}
+
 /// Writes a services file atomically (write then rename), as an operator's tooling would.
 pub fn write_services(path: &Path, json: &serde_json::Value) {
     let tmp = path.with_extension("tmp");

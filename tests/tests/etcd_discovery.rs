@@ -1,14 +1,7 @@
 //! The `etcd` discovery plugin through the real host against a real etcd: registrator
 //! formats, tags, live changes, an etcd outage, TLS and auth.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread,
-    time::Duration,
-};
+use std::time::Duration;
 
 use embassy_tests::{
     etcd::{Etcd, EtcdCluster},
@@ -91,66 +84,6 @@ fn embassy_listening(etcd: &Etcd, options: &[&str], services: &[&str]) -> (Embas
     // The libraries are loaded by now; the directory may go.
     drop(plugins);
     (embassy, ports)
-}
-
-/// Connections opened and echoed back to back on another thread until dropped.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<(usize, Vec<String>)>>,
-}
-
-impl Traffic {
-    fn start(port: u16) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let thread = thread::spawn(move || {
-            let (mut ok, mut failures) = (0, Vec::new());
-            // About 200 connections a second (gentle on ephemeral ports), for at most 2 minutes
-            // should a test hang before stopping it.
-            for _ in 0..24_000 {
-                if stopped.load(Ordering::Relaxed) {
-                    break;
-                }
-                match Client::connect(port).and_then(|mut c| c.echo(b"ping")) {
-                    Ok(echo) if echo == b"ping" => ok += 1,
-                    Ok(other) => failures.push(format!("bad echo {other:?}")),
-                    Err(error) => failures.push(format!("{error:#}")),
-                }
-                thread::sleep(Duration::from_millis(5));
-            }
-            (ok, failures)
-        });
-        Traffic {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops the traffic; (connections that worked, failures).
-    fn finish(mut self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .expect("running")
-            .join()
-            .expect("traffic thread")
-    }
-}
-
-/// Opens connections until one lands on `name`, at most 10 s of trying.
-fn reaches(port: u16, name: &str) -> bool {
-    eventually(Duration::from_secs(10), || {
-        Client::connect(port).is_ok_and(|c| c.upstream == name)
-    })
-}
-
-/// Until 12 connections in a row spread exactly over `names` (each reached), at most 10 s.
-fn settles_on(port: u16, names: &[&str]) -> bool {
-    eventually(Duration::from_secs(10), || {
-        distribution(port, 12).is_ok_and(|counts| {
-            counts.len() == names.len() && names.iter().all(|n| counts.contains_key(*n))
-        })
-    })
 }
 
 #[test]

@@ -92,7 +92,7 @@ fn plugins_lists_one_line_per_plugin_and_fails_on_bad_files() {
         summary,
         vec![
             "dns discovery 0.1.0 dns",
-            "etcd discovery 0.1.0 etcd,etcds",
+            "etcd discovery 0.1.0 etcd,etcds,etcd2,etcd2s",
             "file discovery 0.1.0 file",
             "least-conn balancer 0.1.0 -",
             "round-robin balancer 0.1.0 -"

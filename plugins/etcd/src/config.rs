@@ -1,4 +1,5 @@
-//! `etcd://` and `etcds://` URIs and their options, checked before anything connects.
+//! `etcd://`, `etcds://` (API v3) and `etcd2://`, `etcd2s://` (API v2) URIs and their options,
+//! checked before anything connects.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -10,6 +11,8 @@ use embassy_plugin_api::{
 /// Everything needed to reach the cluster, taken from the URI and the plugin options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdConfig {
+    /// Which of etcd's APIs the scheme asked for.
+    pub api: Api,
     /// `http://host:port` or `https://host:port`, one per cluster member given.
     pub endpoints: Vec<String>,
     pub tls: Option<TlsFiles>,
@@ -20,7 +23,15 @@ pub struct EtcdConfig {
     pub request_timeout: Duration,
 }
 
-/// PEM files for `etcds://`: the CA always, a client certificate and key when etcd asks.
+/// etcd's v3 gRPC API (`etcd://`) or its v2 HTTP key space (`etcd2://`, what registrator's
+/// `etcd://` backend writes to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    V2,
+    V3,
+}
+
+/// PEM files for `etcds://` and `etcd2s://`: the CA always, a client certificate and key when etcd asks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsFiles {
     pub ca: Option<PathBuf>,
@@ -30,7 +41,7 @@ pub struct TlsFiles {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0:?} is not an etcd URI: expected etcd://HOST:PORT[,HOST:PORT..] or etcds://...")]
+    #[error("{0:?} is not an etcd URI: expected etcd://HOST:PORT[,HOST:PORT..], etcds://..., etcd2://... or etcd2s://...")]
     Scheme(String),
     #[error("{uri:?}: member {member:?} is not host:port")]
     Member { uri: String, member: String },
@@ -38,10 +49,10 @@ pub enum ConfigError {
     Query { uri: String, pair: String },
     #[error(transparent)]
     Option(#[from] OptionError),
-    #[error("option {0} needs an etcds:// URI (TLS)")]
+    #[error("option {0} needs an etcds:// or etcd2s:// URI (TLS)")]
     TlsOnPlainUri(&'static str),
-    #[error("etcds:// needs option ca: the PEM file of the CA that signed etcd's certificate")]
-    NoCa,
+    #[error("{0}:// needs option ca: the PEM file of the CA that signed etcd's certificate")]
+    NoCa(&'static str),
     #[error("options cert and key go together: {0} is missing")]
     CertWithoutKey(&'static str),
     #[error("option {0} needs username as well")]
@@ -56,7 +67,7 @@ pub enum ConfigError {
 pub const OPTIONS: &[(&str, &str)] = &[
     (
         "ca",
-        "PEM file of the CA that signed etcd's certificate (etcds:// only, required there)",
+        "PEM file of the CA that signed etcd's certificate (etcds:// and etcd2s:// only, required there)",
     ),
     (
         "cert",
@@ -86,12 +97,15 @@ impl EtcdConfig {
     /// Parses `uri` (options may also ride in its query string) and `options`
     /// (`--discovery-opt`, which win over the query).
     pub fn parse(uri: &str, options: &Options) -> Result<EtcdConfig, ConfigError> {
-        let (scheme, rest) = if let Some(rest) = uri.strip_prefix("etcd://") {
-            ("http", rest)
-        } else if let Some(rest) = uri.strip_prefix("etcds://") {
-            ("https", rest)
-        } else {
-            return Err(ConfigError::Scheme(uri.to_string()));
+        let (uri_scheme, rest) = uri
+            .split_once("://")
+            .ok_or_else(|| ConfigError::Scheme(uri.to_string()))?;
+        let (uri_scheme, api, scheme) = match uri_scheme {
+            "etcd" => ("etcd", Api::V3, "http"),
+            "etcds" => ("etcds", Api::V3, "https"),
+            "etcd2" => ("etcd2", Api::V2, "http"),
+            "etcd2s" => ("etcd2s", Api::V2, "https"),
+            _ => return Err(ConfigError::Scheme(uri.to_string())),
         };
         let (members, query) = rest.split_once('?').unwrap_or((rest, ""));
         let members = members.trim_end_matches('/');
@@ -138,7 +152,7 @@ impl EtcdConfig {
         };
         let tls = if scheme == "https" {
             match (&files.ca, &files.cert, &files.key) {
-                (None, _, _) => return Err(ConfigError::NoCa),
+                (None, _, _) => return Err(ConfigError::NoCa(uri_scheme)),
                 (_, Some(_), None) => return Err(ConfigError::CertWithoutKey("key")),
                 (_, None, Some(_)) => return Err(ConfigError::CertWithoutKey("cert")),
                 _ => Some(files),
@@ -184,6 +198,7 @@ impl EtcdConfig {
         };
 
         Ok(EtcdConfig {
+            api,
             endpoints,
             tls,
             user,
@@ -216,7 +231,8 @@ mod tests {
                 });
                 let user = c.user.map_or("-".to_string(), |(u, p)| format!("{u}:{p}"));
                 format!(
-                    "{} {tls} {user} {:?} {:?}",
+                    "{:?} {} {tls} {user} {:?} {:?}",
+                    c.api,
                     c.endpoints.join(","),
                     c.backoff_max,
                     c.request_timeout
@@ -232,22 +248,22 @@ mod tests {
         check(
             "etcd://127.0.0.1:2379",
             &[],
-            "http://127.0.0.1:2379 - - 5s 5s",
+            "V3 http://127.0.0.1:2379 - - 5s 5s",
         );
         check(
             "etcd://127.0.0.1:2379,127.0.0.2:2379/",
             &[],
-            "http://127.0.0.1:2379,http://127.0.0.2:2379 - - 5s 5s",
+            "V3 http://127.0.0.1:2379,http://127.0.0.2:2379 - - 5s 5s",
         );
         check(
             "etcds://localhost:2379?ca=/pki/ca.pem&cert=/pki/c.pem&key=/pki/k.pem",
             &[],
-            "https://localhost:2379 tls(ca=/pki/ca.pem cert=/pki/c.pem key=/pki/k.pem) - 5s 5s",
+            "V3 https://localhost:2379 tls(ca=/pki/ca.pem cert=/pki/c.pem key=/pki/k.pem) - 5s 5s",
         );
         check(
             "etcds://localhost:2379?ca=/a.pem",
             &["ca=/b.pem"],
-            "https://localhost:2379 tls(ca=/b.pem cert=- key=-) - 5s 5s",
+            "V3 https://localhost:2379 tls(ca=/b.pem cert=- key=-) - 5s 5s",
         );
         check(
             "etcd://127.0.0.1:2379",
@@ -257,7 +273,18 @@ mod tests {
                 "backoff_max=500ms",
                 "timeout=2s",
             ],
-            "http://127.0.0.1:2379 - embassy:s3cret 500ms 2s",
+            "V3 http://127.0.0.1:2379 - embassy:s3cret 500ms 2s",
+        );
+        // API v2: the same members and options.
+        check(
+            "etcd2://127.0.0.1:2379,127.0.0.2:2379",
+            &["username=embassy", "password=s3cret"],
+            "V2 http://127.0.0.1:2379,http://127.0.0.2:2379 - embassy:s3cret 5s 5s",
+        );
+        check(
+            "etcd2s://localhost:2379?ca=/pki/ca.pem",
+            &["cert=/pki/c.pem", "key=/pki/k.pem", "timeout=1s"],
+            "V2 https://localhost:2379 tls(ca=/pki/ca.pem cert=/pki/c.pem key=/pki/k.pem) - 5s 1s",
         );
     }
 
@@ -266,7 +293,32 @@ mod tests {
         check(
             "consul://127.0.0.1:8500",
             &[],
-            "error: \"consul://127.0.0.1:8500\" is not an etcd URI: expected etcd://HOST:PORT[,HOST:PORT..] or etcds://...",
+            "error: \"consul://127.0.0.1:8500\" is not an etcd URI: expected etcd://HOST:PORT[,HOST:PORT..], etcds://..., etcd2://... or etcd2s://...",
+        );
+        check(
+            "etcd3://127.0.0.1:2379",
+            &[],
+            "error: \"etcd3://127.0.0.1:2379\" is not an etcd URI: expected etcd://HOST:PORT[,HOST:PORT..], etcds://..., etcd2://... or etcd2s://...",
+        );
+        check(
+            "127.0.0.1:2379",
+            &[],
+            "error: \"127.0.0.1:2379\" is not an etcd URI: expected etcd://HOST:PORT[,HOST:PORT..], etcds://..., etcd2://... or etcd2s://...",
+        );
+        check(
+            "etcd2://127.0.0.1:0",
+            &[],
+            "error: \"etcd2://127.0.0.1:0\": member \"127.0.0.1:0\" is not host:port",
+        );
+        check(
+            "etcd2://a:1",
+            &["ca=/x"],
+            "error: option ca needs an etcds:// or etcd2s:// URI (TLS)",
+        );
+        check(
+            "etcd2s://a:1",
+            &[],
+            "error: etcd2s:// needs option ca: the PEM file of the CA that signed etcd's certificate",
         );
         check(
             "etcd://127.0.0.1",
@@ -291,7 +343,7 @@ mod tests {
         check(
             "etcd://a:1",
             &["ca=/x"],
-            "error: option ca needs an etcds:// URI (TLS)",
+            "error: option ca needs an etcds:// or etcd2s:// URI (TLS)",
         );
         check(
             "etcds://a:1",
