@@ -103,7 +103,7 @@ fn nothing_to_serve_or_no_discovery_are_usage_errors() {
     assert_eq!(code, 1);
     assert!(
         stderr.contains(
-            "no discovery plugin serves 'zk://' (loaded: etcd (etcd, etcds, etcd2, etcd2s), file (file))"
+            "no discovery plugin serves 'zk://' (loaded: dns (dns), etcd (etcd, etcds, etcd2, etcd2s), file (file))"
         ),
         "{stderr}"
     );
