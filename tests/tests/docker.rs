@@ -544,4 +544,28 @@ fn labels_declare_services_and_an_app_connecting_first_thing_is_never_refused() 
         clash.talk(8080).is_err(),
         "a clashing declaration was served"
     );
+    drop(clash);
+
+    // A label and a variable of different names: the label is served at create, the variable
+    // joins when the inspect brings it, and both are the container's.
+    let both = engine
+        .run(
+            "both",
+            &[
+                "--net",
+                &net,
+                "--label",
+                "embassy.backend.web=web;8080/tcp",
+                "-e",
+                "BACKEND_ALSO=web;8081/tcp",
+                busybox,
+                "sleep",
+                "600",
+            ],
+        )
+        .expect("app declaring both ways");
+    assert!(reaches(&both, 8080, "web-a"), "{}", embassy.logs());
+    assert!(reaches(&both, 8081, "web-a"), "{}", embassy.logs());
+    let (_, body) = http_get_unix(&socket, "/v1/services/tcp-8081").expect("admin API");
+    assert!(body.contains("BACKEND_ALSO"), "{body}");
 }
