@@ -243,10 +243,11 @@ impl Engine {
 }
 
 /// The app of the start-up race, run with `sh -c`: its very first action is to connect to
-/// 127.0.0.1:8080 and expect `web-a`'s greeting; it prints `first-connect:ok` or
-/// `first-connect:failed`, then exits.
-pub const FIRST_CONNECT: &str = "if echo ping | nc -w 3 127.0.0.1 8080 | grep -q web-a; \
-     then echo first-connect:ok; else echo first-connect:failed; fi";
+/// 127.0.0.1:8080 and expect `web-a`'s greeting; it prints `first-connect:ok`, or
+/// `first-connect:failed` with what nc got or said (refused, reset, nothing), then exits.
+pub const FIRST_CONNECT: &str = "said=$(echo ping | nc -w 3 127.0.0.1 8080 2>&1); \
+     case \"$said\" in *web-a*) echo first-connect:ok;; \
+     *) echo \"first-connect:failed: $said\";; esac";
 
 /// A container of the tests; `docker rm -f` when dropped.
 pub struct Container {
